@@ -1,0 +1,31 @@
+"""gptcli: GPT-2-family language models from the shell, and the plain library under the commands.
+
+The public API is imported lazily so that `import gptcli` (and `gptcli --help`) never pays for torch.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__version__ = "0.1.0"
+
+_API = {
+    "load_model": "gptcli.models",
+    "LoadedModel": "gptcli.models",
+    "GptcliError": "gptcli.errors",
+    "UsageError": "gptcli.errors",
+    "next_token_distribution": "gptcli.inspect_",
+    "score_text": "gptcli.inspect_",
+    "tokenize": "gptcli.inspect_",
+}
+
+__all__ = ["__version__", *_API]
+
+
+def __getattr__(name: str) -> Any:
+    module = _API.get(name)
+    if module is None:
+        raise AttributeError(f"module 'gptcli' has no attribute {name!r}")
+    import importlib
+
+    return getattr(importlib.import_module(module), name)

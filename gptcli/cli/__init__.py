@@ -1,0 +1,91 @@
+"""The `gptcli` command line: a thin Typer layer over the library, and its one error boundary."""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Annotated
+
+import typer
+
+from gptcli import __version__
+
+# Importing a command module registers its commands on `app`.
+from gptcli.cli import complete as _complete  # noqa: F401
+from gptcli.cli import finetune as _finetune  # noqa: F401
+from gptcli.cli import inspect as _inspect  # noqa: F401
+from gptcli.cli._common import app
+from gptcli.errors import GptcliError
+
+__all__ = ["app", "main"]
+
+
+def _version(value: bool) -> None:
+    if value:
+        print(f"gptcli {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
+    ] = False,
+) -> None:
+    """Work with GPT-2-family language models from the shell: complete, inspect, score, fine-tune.
+
+    stdout carries only data (text, tables, JSON lines); notes and progress go to stderr.
+    """
+
+
+def _fail(message: str, code: int) -> int:
+    print(f"Error: {message}", file=sys.stderr, flush=True)
+    return code
+
+
+def _quiet_broken_pipe() -> int:
+    # The reader went away (`| head`): stop quietly. Point stdout at /dev/null so the interpreter's
+    # final flush does not raise a second BrokenPipeError on the way out.
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
+    return 141  # 128 + SIGPIPE, what a C tool killed by the signal reports
+
+
+def run(argv: list[str] | None = None) -> int:
+    """Run the CLI and return its exit code; every failure becomes one `Error:` line on stderr."""
+    debug = os.environ.get("GPTCLI_DEBUG", "") not in ("", "0")
+    try:
+        result = app(args=argv, prog_name="gptcli", standalone_mode=False)
+        return result if isinstance(result, int) else 0
+    except GptcliError as exc:
+        if debug:
+            raise
+        return _fail(str(exc), exc.exit_code)
+    except typer.TyperException as exc:  # bad usage caught by the parser: unknown option, bad value...
+        if debug:
+            raise
+        return _fail(exc.format_message(), exc.exit_code)
+    except BrokenPipeError:
+        return _quiet_broken_pipe()
+    except (KeyboardInterrupt, typer.Abort):
+        print(file=sys.stderr)
+        return 130
+    except Exception as exc:  # a bug or an environment failure: one line, the traceback on request
+        if debug:
+            raise
+        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        name = type(exc).__name__
+        return _fail(f"{name}: {detail} (set GPTCLI_DEBUG=1 for the traceback)" if detail else name, 1)
+
+
+def main() -> None:
+    """Console-script entry point."""
+    code = run()
+    try:
+        sys.stdout.flush()
+    except BrokenPipeError:
+        code = _quiet_broken_pipe()
+    sys.exit(code)

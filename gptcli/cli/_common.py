@@ -1,0 +1,156 @@
+"""What every command shares: the Typer app, option declarations, input reading and output helpers.
+
+This package is the only place that imports typer and rich. Library modules never print.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any
+
+import typer
+
+from gptcli.errors import UsageError
+
+if TYPE_CHECKING:
+    from rich.console import Console
+
+    from gptcli.models import LoadedModel
+
+app = typer.Typer(
+    name="gptcli",
+    help="Work with GPT-2-family language models from the shell.",
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    rich_markup_mode="rich",
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+ModelOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--model",
+        "-m",
+        help="Hub id or local folder saved with save_pretrained. [default: $GPTCLI_MODEL or gpt2]",
+        show_default=False,
+    ),
+]
+DeviceOpt = Annotated[str, typer.Option("--device", help="auto|cpu|cuda|cuda:N|mps (auto: CUDA, MPS, CPU).")]
+DtypeOpt = Annotated[
+    str, typer.Option("--dtype", help="auto|float32|bfloat16|float16 (auto: fp32 on CPU, bf16 on GPU).")
+]
+AllowPickleOpt = Annotated[
+    bool,
+    typer.Option("--allow-pickle", help="Allow pytorch_model.bin weights (loaded with weights_only=True)."),
+]
+TrustCodeOpt = Annotated[
+    bool,
+    typer.Option("--trust-remote-code", help="Allow a model folder's own Python code (auto_map) to run."),
+]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON (one object per line).")]
+
+
+def load(
+    model: str | None, device: str, dtype: str, allow_pickle: bool, trust_remote_code: bool
+) -> LoadedModel:
+    """Load a model with a spinner on stderr when it is a terminal."""
+    from gptcli.models import default_model_name, load_model
+
+    name = model or default_model_name()
+    with status(f"loading {name}"):
+        return load_model(
+            name, device=device, dtype=dtype, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code
+        )
+
+
+def stderr() -> Console:
+    from rich.console import Console
+
+    return Console(stderr=True, highlight=False, soft_wrap=True)
+
+
+def stdout() -> Console:
+    from rich.console import Console
+
+    return Console(highlight=False, soft_wrap=True)
+
+
+class _NoStatus:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+def status(message: str) -> Any:
+    """A spinner on stderr while something slow runs, only when a person is watching."""
+    if not sys.stderr.isatty():
+        return _NoStatus()
+    return stderr().status(message, spinner="dots")
+
+
+def note(message: str) -> None:
+    """A remark for the person at the terminal (stderr), never mixed into the data on stdout."""
+    print(f"note: {message}", file=sys.stderr, flush=True)
+
+
+def emit_json(obj: dict[str, Any]) -> None:
+    sys.stdout.write(json.dumps(obj, ensure_ascii=False) + "\n")
+    sys.stdout.flush()
+
+
+def read_stdin() -> str:
+    """All of stdin as text; refuses a terminal (nothing piped) and invalid UTF-8 with a clear message."""
+    if sys.stdin is None or sys.stdin.isatty():
+        raise UsageError("no input: pass the text as an argument or pipe it on stdin")
+    data = sys.stdin.buffer.read()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise UsageError(f"stdin is not valid UTF-8 (byte offset {exc.start})") from exc
+
+
+def read_file(path: Path) -> str:
+    try:
+        data = path.expanduser().read_bytes()
+    except OSError as exc:
+        raise UsageError(f"cannot read {path}: {exc.strerror or exc}") from exc
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise UsageError(f"{path} is not valid UTF-8 (byte offset {exc.start})") from exc
+
+
+def read_text(text: str | None, file: Path | None = None, *, strip_newline: bool = True) -> str:
+    """The command's input: TEXT, or -f FILE, or stdin when TEXT is absent or '-'.
+
+    One trailing newline is dropped from piped input, so `echo 今天天气 | gptcli ...` means "今天天气".
+    """
+    if file is not None:
+        if text not in (None, "-"):
+            raise UsageError("give the text as an argument or with -f/--file, not both")
+        return read_file(file)
+    if text is not None and text != "-":
+        return text
+    data = read_stdin()
+    if strip_newline and data.endswith("\n"):
+        data = data[:-1].removesuffix("\r")
+    return data
+
+
+def read_lines() -> list[str]:
+    """Every stdin line, for --each-line (the newline itself is not part of a prompt)."""
+    return read_stdin().splitlines()
+
+
+def is_tty(stream: Any = None) -> bool:
+    stream = stream or sys.stdout
+    try:
+        return stream.isatty() and os.environ.get("TERM") != "dumb"
+    except (AttributeError, ValueError):
+        return False

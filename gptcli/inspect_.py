@@ -1,0 +1,191 @@
+"""Looking inside the model: tokenization, next-token distributions and per-token scores (perplexity).
+
+All probabilities are computed as float32 log-softmax over the model's logits, so they match a direct
+transformers computation whatever dtype the weights are in.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from gptcli.errors import UsageError
+from gptcli.tokens import TokenText, encode_prompt, start_token_id
+
+if TYPE_CHECKING:
+    import torch
+    from transformers import PreTrainedTokenizerBase
+
+    from gptcli.models import LoadedModel
+
+
+def tokenize(tokenizer: PreTrainedTokenizerBase, text: str) -> list[dict[str, Any]]:
+    """The tokens of `text` (no special tokens added): [{"id", "token", "bytes"}]."""
+    names = TokenText(tokenizer)
+    ids = tokenizer.encode(text, add_special_tokens=False) if text else []
+    return [names.describe(i) for i in ids]
+
+
+def fit_context(ids: list[int], limit: int) -> tuple[list[int], int]:
+    """Keep the last `limit` ids; return them and how many were dropped from the left."""
+    if len(ids) <= limit:
+        return ids, 0
+    return ids[-limit:], len(ids) - limit
+
+
+def pad_id(tokenizer: PreTrainedTokenizerBase) -> int:
+    """The id used for padding; masked out, so any valid id works (GPT-2 has no pad token)."""
+    for candidate in (tokenizer.pad_token_id, tokenizer.eos_token_id, tokenizer.bos_token_id):
+        if candidate is not None:
+            return int(candidate)
+    return 0
+
+
+def left_pad(
+    rows: Sequence[Sequence[int]], pad: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Batch rows of ids with padding on the left: (input_ids, attention_mask, position_ids).
+
+    Left padding puts every row's last real token in the last column, where the next token is read.
+    Positions count real tokens only, so a padded row sees the same positions as when it runs alone.
+    """
+    import torch
+
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        if row:
+            ids[i, width - len(row) :] = torch.tensor(list(row), dtype=torch.long)
+            mask[i, width - len(row) :] = 1
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    return ids.to(device), mask.to(device), positions.to(device)
+
+
+@dataclass
+class Distribution:
+    """The top of the next-token distribution after one prompt."""
+
+    prompt: str
+    prompt_ids: list[int]
+    tokens: list[dict[str, Any]]
+    dropped: int = 0  # prompt tokens cut from the left to fit the context
+
+    def to_json(self, model: str) -> dict[str, Any]:
+        return {"model": model, "prompt": self.prompt, "tokens": self.tokens}
+
+
+def next_token_distribution(
+    lm: LoadedModel,
+    prompts: Sequence[str],
+    *,
+    k: int = 10,
+    temperature: float = 1.0,
+    batch_size: int = 16,
+) -> list[Distribution]:
+    """The k most likely next tokens after each prompt, prompts batched with left padding.
+
+    An empty prompt is conditioned on the start token (BOS, or EOS for GPT-2's <|endoftext|>).
+    """
+    import torch
+
+    if k < 1:
+        raise UsageError("-k must be at least 1")
+    if not temperature > 0 or math.isinf(temperature):
+        raise UsageError("--temperature must be a positive number")
+    if batch_size < 1:
+        raise UsageError("--batch-size must be at least 1")
+    names = TokenText(lm.tokenizer)
+    k = min(k, lm.model.config.vocab_size)
+    encoded = [fit_context(encode_prompt(lm.tokenizer, p), lm.context_length) for p in prompts]
+    results: list[Distribution] = []
+    with torch.inference_mode():
+        for start in range(0, len(encoded), batch_size):
+            chunk = encoded[start : start + batch_size]
+            ids, mask, positions = left_pad([ids for ids, _ in chunk], pad_id(lm.tokenizer), lm.device)
+            logits = lm.model(
+                input_ids=ids, attention_mask=mask, position_ids=positions, logits_to_keep=1
+            ).logits[:, -1, :]
+            logprobs = torch.log_softmax(logits.float() / temperature, dim=-1)
+            top = torch.topk(logprobs, k, dim=-1)
+            for row, (prompt_ids, dropped) in enumerate(chunk):
+                tokens = []
+                for rank, (lp, tid) in enumerate(zip(top.values[row].tolist(), top.indices[row].tolist()), 1):
+                    tokens.append({"rank": rank, **names.describe(tid), "prob": math.exp(lp), "logprob": lp})
+                results.append(Distribution(prompts[start + row], prompt_ids, tokens, dropped))
+    return results
+
+
+@dataclass
+class Score:
+    """How well the model predicted each token of a text."""
+
+    tokens: list[dict[str, Any]] = field(default_factory=list)  # {"id", "token", "bytes", "logprob", "rank"}
+    num_bytes: int = 0
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.tokens)
+
+    @property
+    def total_logprob(self) -> float:
+        return sum(t["logprob"] for t in self.tokens)
+
+    @property
+    def perplexity(self) -> float:
+        return math.exp(-self.total_logprob / self.num_tokens) if self.tokens else float("nan")
+
+    @property
+    def bits_per_byte(self) -> float:
+        return -self.total_logprob / math.log(2) / self.num_bytes if self.num_bytes else float("nan")
+
+    def to_json(self, model: str) -> dict[str, Any]:
+        return {
+            "model": model,
+            "tokens": self.tokens,
+            "perplexity": self.perplexity,
+            "bits_per_byte": self.bits_per_byte,
+            "num_tokens": self.num_tokens,
+        }
+
+
+def score_text(lm: LoadedModel, text: str, *, stride: int | None = None) -> Score:
+    """Log-probability and rank of every token of `text`, each predicted from the tokens before it.
+
+    The text is preceded by the start token so its first token is scored too. Texts longer than the
+    context are scored with a sliding window (as in the transformers perplexity guide): each window
+    is `context` tokens long, starts `stride` tokens after the previous one, and scores only the
+    tokens the previous window did not, so every token is scored once with at least
+    `context - stride` tokens of history.
+    """
+    import torch
+
+    context = lm.context_length
+    stride = stride or max(1, context // 2)
+    if not 0 < stride <= context:
+        raise UsageError(f"--stride must be between 1 and the context length ({context})")
+    names = TokenText(lm.tokenizer)
+    text_ids = lm.tokenizer.encode(text, add_special_tokens=False) if text else []
+    ids = [start_token_id(lm.tokenizer), *text_ids]
+    score = Score(num_bytes=len(text.encode("utf-8")))
+    scored_to = 1  # ids[0] is the start token: context, not a prediction
+    begin = 0
+    with torch.inference_mode():
+        while scored_to < len(ids):
+            end = min(begin + context, len(ids))
+            window = torch.tensor([ids[begin:end]], device=lm.device)
+            logits = lm.model(input_ids=window).logits[0].float()
+            # logits[j] predicts ids[begin + j + 1]: targets scored_to..end-1 use rows scored_to-1-begin..
+            rows = logits[scored_to - 1 - begin : end - 1 - begin]
+            logprobs = torch.log_softmax(rows, dim=-1)
+            targets = torch.tensor(ids[scored_to:end], device=lm.device)
+            chosen = logprobs.gather(1, targets[:, None])[:, 0]
+            ranks = (logprobs > chosen[:, None]).sum(dim=-1) + 1
+            for tid, lp, rank in zip(targets.tolist(), chosen.tolist(), ranks.tolist()):
+                score.tokens.append({**names.describe(tid), "logprob": lp, "rank": rank})
+            scored_to = end
+            # The next window must hold at least the token before the first one it scores.
+            begin = min(begin + stride, scored_to - 1)
+    return score

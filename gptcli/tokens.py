@@ -1,0 +1,214 @@
+"""What tokens stand for: their exact bytes, a readable piece, prompt encoding, and UTF-8-safe detokenizing.
+
+Two tokenizer families matter for GPT-2 models:
+- byte-level BPE (GPT-2 itself): a token is a run of bytes, and a CJK character is often split across
+  two or three tokens, so a single token may not be valid UTF-8 on its own;
+- BERT-style WordPiece (Chinese GPT-2s such as uer/gpt2-chinese-*): a token is text, "##" marks a word
+  continuation, [CLS]/[SEP] frame the input, and the stock decoder puts spaces between CJK characters.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from functools import cache
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+_BYTE_FALLBACK = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")
+
+
+@cache
+def _byte_decoder() -> dict[str, int]:
+    """GPT-2's byte-level alphabet, reversed: the printable character that stands for each byte."""
+    printable = [
+        *range(ord("!"), ord("~") + 1),
+        *range(ord("¡"), ord("¬") + 1),
+        *range(ord("®"), ord("ÿ") + 1),
+    ]
+    chars = list(printable)
+    extra = 0
+    for b in range(256):
+        if b not in printable:
+            printable.append(b)
+            chars.append(256 + extra)
+            extra += 1
+    return {chr(c): b for b, c in zip(printable, chars, strict=True)}
+
+
+def tokenizer_kind(tokenizer: PreTrainedTokenizerBase) -> str:
+    """'bytelevel', 'wordpiece' or 'other', from the tokenizer's decoder."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    decoder = type(getattr(backend, "decoder", None)).__name__
+    if decoder == "ByteLevel":
+        return "bytelevel"
+    if decoder == "WordPiece" or "Bert" in type(tokenizer).__name__:
+        return "wordpiece"
+    return "other"
+
+
+class TokenText:
+    """Exact bytes and readable pieces of a tokenizer's tokens, cached per id."""
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase) -> None:
+        self.tokenizer = tokenizer
+        self.kind = tokenizer_kind(tokenizer)
+        self.special_ids = set(tokenizer.all_special_ids)
+        self._bytes: dict[int, bytes] = {}
+
+    def bytes(self, token_id: int) -> bytes:
+        """The bytes this token adds to the text (special tokens: the UTF-8 of their name)."""
+        cached = self._bytes.get(token_id)
+        if cached is not None:
+            return cached
+        token = self.tokenizer.convert_ids_to_tokens(int(token_id))
+        token = "" if token is None else str(token)
+        if token_id in self.special_ids:
+            data = token.encode("utf-8")
+        elif self.kind == "bytelevel":
+            table = _byte_decoder()
+            if all(ch in table for ch in token):
+                data = bytes(table[ch] for ch in token)
+            else:  # an added token stored as plain text
+                data = token.encode("utf-8")
+        elif self.kind == "wordpiece":
+            data = token.removeprefix("##").encode("utf-8")
+        elif match := _BYTE_FALLBACK.match(token):
+            data = bytes([int(match.group(1), 16)])
+        else:  # sentencepiece-style: '▁' marks a space
+            data = token.replace("▁", " ").encode("utf-8")
+        self._bytes[token_id] = data
+        return data
+
+    def piece(self, token_id: int) -> str:
+        """A one-line readable form: the text if the bytes are valid UTF-8, else `<e4 bb>`."""
+        return readable(self.bytes(token_id))
+
+    def describe(self, token_id: int) -> dict[str, Any]:
+        """{"id", "token", "bytes"} as the --json outputs give it (bytes in hex)."""
+        data = self.bytes(token_id)
+        return {"id": int(token_id), "token": readable(data), "bytes": data.hex()}
+
+
+_ESCAPES = {"\n": "\\n", "\t": "\\t", "\r": "\\r", "\\": "\\\\"}
+
+
+def readable(data: bytes) -> str:
+    """Bytes as one line of text: invalid UTF-8 as `<e4 bb>`, control characters escaped."""
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        return "<" + " ".join(f"{b:02x}" for b in data) + ">"
+    return "".join(
+        _ESCAPES.get(ch, ch if ch.isprintable() or ch == " " else f"\\x{ord(ch):02x}") for ch in text
+    )
+
+
+def encode_prompt(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
+    """Token ids of a prompt, the way the model saw text in training; never empty.
+
+    BERT-style tokenizers frame text as [CLS] text [SEP]; a model that continues text was trained on
+    [CLS] text ..., so the trailing [SEP] (which would mean "the end") is dropped. An empty prompt
+    becomes the model's BOS token (EOS when there is none: GPT-2 uses <|endoftext|> for both).
+    """
+    ids = list(tokenizer.encode(text, add_special_tokens=True)) if text else []
+    sep = tokenizer.sep_token_id
+    if ids and sep is not None and ids[-1] == sep:
+        ids.pop()
+    if not ids:
+        ids = [start_token_id(tokenizer)]
+    return ids
+
+
+def start_token_id(tokenizer: PreTrainedTokenizerBase) -> int:
+    """The token that stands for "start of text": BOS, else CLS, else EOS."""
+    for candidate in (tokenizer.bos_token_id, tokenizer.cls_token_id, tokenizer.eos_token_id):
+        if candidate is not None:
+            return int(candidate)
+    return 0
+
+
+def _is_cjk(ch: str) -> bool:
+    """CJK ideographs, kana, hangul and CJK/full-width punctuation: scripts written without spaces."""
+    code = ord(ch)
+    return (
+        0x2E80 <= code <= 0x9FFF  # radicals, punctuation, kana, CJK unified ideographs
+        or 0xAC00 <= code <= 0xD7AF  # hangul syllables
+        or 0xF900 <= code <= 0xFAFF  # compatibility ideographs
+        or 0xFE30 <= code <= 0xFE4F  # CJK compatibility forms
+        or 0xFF00 <= code <= 0xFFEF  # full-width forms
+        or 0x20000 <= code <= 0x3FFFF  # extension planes
+    )
+
+
+class Detokenizer:
+    """Turns token ids into text incrementally, never emitting half a character.
+
+    `push(id)` returns the text that became final with that token ("" while bytes of a character are
+    still incomplete); `flush()` returns whatever is left at the end. The concatenation of all chunks
+    equals `decode(tokenizer, ids)`, the one-shot decode of the same ids.
+    """
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase) -> None:
+        self.tokenizer = tokenizer
+        self.kind = tokenizer_kind(tokenizer)
+        self.ids: list[int] = []
+        self.emitted = ""
+        self._special = set(tokenizer.all_special_ids)
+        self._stream: Any = None
+        backend = getattr(tokenizer, "backend_tokenizer", None)
+        if self.kind != "wordpiece" and backend is not None:
+            from tokenizers.decoders import DecodeStream
+
+            self._backend = backend
+            self._stream = DecodeStream(skip_special_tokens=True)
+        self._last_char = ""  # wordpiece: last character emitted, to decide on a joining space
+
+    def push(self, token_id: int) -> str:
+        token_id = int(token_id)
+        self.ids.append(token_id)
+        if self.kind == "wordpiece":
+            chunk = self._wordpiece(token_id)
+        elif self._stream is not None:
+            chunk = self._stream.step(self._backend, token_id) or ""
+        else:  # slow tokenizers: decode everything again and hold back a trailing replacement char
+            full = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+            chunk = full[len(self.emitted) :] if full.startswith(self.emitted) else ""
+            if chunk.endswith("\ufffd"):
+                chunk = ""
+        self.emitted += chunk
+        return chunk
+
+    def flush(self) -> str:
+        """Text held back at the end (incomplete bytes decode as U+FFFD, as in the one-shot decode)."""
+        if self.kind == "wordpiece":
+            return ""
+        full = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        rest = full[len(self.emitted) :] if full.startswith(self.emitted) else ""
+        self.emitted += rest
+        return rest
+
+    def _wordpiece(self, token_id: int) -> str:
+        if token_id in self._special:
+            return ""
+        token = self.tokenizer.convert_ids_to_tokens(token_id) or ""
+        if token.startswith("##"):
+            text = token[2:]
+        else:
+            text = token
+            # WordPiece drops the spaces of the text; put one back only between two non-CJK words.
+            if self._last_char and not _is_cjk(self._last_char) and text and not _is_cjk(text[0]):
+                text = " " + text
+        if text:
+            self._last_char = text[-1]
+        return text
+
+
+def decode(tokenizer: PreTrainedTokenizerBase, ids: Iterable[int]) -> str:
+    """One-shot decode of generated ids, without special tokens, with the same rules as Detokenizer."""
+    detok = Detokenizer(tokenizer)
+    if detok.kind != "wordpiece":
+        return tokenizer.decode(list(ids), skip_special_tokens=True)
+    return "".join(detok.push(i) for i in ids)

@@ -1,0 +1,74 @@
+"""Shared fixtures: tiny real models built once per test run, and a way to run the CLI in-process."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+import tiny
+
+# The hub is unreachable here and in CI: make every test fail fast instead of waiting on retries.
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+os.environ.pop("GPTCLI_MODEL", None)
+
+
+@pytest.fixture(scope="session")
+def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """{'bpe': byte-level BPE GPT-2, 'bert': BERT-tokenizer GPT-2, 'short': 24-position context}."""
+    return tiny.build_all(tmp_path_factory.mktemp("models"))
+
+
+@pytest.fixture(scope="session")
+def bpe_model(models: dict[str, Path]) -> Path:
+    return models["bpe"]
+
+
+@pytest.fixture(scope="session")
+def bert_model(models: dict[str, Path]) -> Path:
+    return models["bert"]
+
+
+@dataclass
+class Result:
+    code: int
+    out: str
+    err: str
+
+
+@pytest.fixture
+def cli(capsysbinary: pytest.CaptureFixture[bytes], monkeypatch: pytest.MonkeyPatch):
+    """Run `gptcli ARGS` in this process; returns Result(code, out, err). `stdin` is text or bytes."""
+    import io
+
+    from gptcli.cli import run
+
+    def invoke(*args: str, stdin: str | bytes | None = None) -> Result:
+        data = stdin.encode("utf-8") if isinstance(stdin, str) else stdin
+        if data is not None:
+            fake = io.TextIOWrapper(io.BytesIO(data), encoding="utf-8")
+            monkeypatch.setattr(sys, "stdin", fake)
+        code = run([str(a) for a in args])
+        captured = capsysbinary.readouterr()
+        return Result(code, captured.out.decode("utf-8"), captured.err.decode("utf-8"))
+
+    return invoke
+
+
+def run_gptcli(
+    *args: str, stdin: bytes | None = None, env: dict[str, str] | None = None, timeout: float = 60
+):
+    """Run gptcli in a real subprocess (for pipes, signals and start-up behaviour)."""
+    full_env = {**os.environ, **(env or {})}
+    return subprocess.run(
+        [sys.executable, "-m", "gptcli", *map(str, args)],
+        input=stdin,
+        capture_output=True,
+        env=full_env,
+        timeout=timeout,
+    )
