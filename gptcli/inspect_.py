@@ -112,7 +112,9 @@ def next_token_distribution(
             top = torch.topk(logprobs, k, dim=-1)
             for row, (prompt_ids, dropped) in enumerate(chunk):
                 tokens = []
-                for rank, (lp, tid) in enumerate(zip(top.values[row].tolist(), top.indices[row].tolist()), 1):
+                for rank, (lp, tid) in enumerate(
+                    zip(top.values[row].tolist(), top.indices[row].tolist(), strict=True), 1
+                ):
                     tokens.append({"rank": rank, **names.describe(tid), "prob": math.exp(lp), "logprob": lp})
                 results.append(Distribution(prompts[start + row], prompt_ids, tokens, dropped))
     return results
@@ -183,7 +185,7 @@ def score_text(lm: LoadedModel, text: str, *, stride: int | None = None) -> Scor
             targets = torch.tensor(ids[scored_to:end], device=lm.device)
             chosen = logprobs.gather(1, targets[:, None])[:, 0]
             ranks = (logprobs > chosen[:, None]).sum(dim=-1) + 1
-            for tid, lp, rank in zip(targets.tolist(), chosen.tolist(), ranks.tolist()):
+            for tid, lp, rank in zip(targets.tolist(), chosen.tolist(), ranks.tolist(), strict=True):
                 score.tokens.append({**names.describe(tid), "logprob": lp, "rank": rank})
             scored_to = end
             # The next window must hold at least the token before the first one it scores.

@@ -215,8 +215,9 @@ def check_model_folder(path: Path, *, allow_pickle: bool, trust_remote_code: boo
         raise GptcliError(f"no weights in {path}: expected model.safetensors")
     if not allow_pickle:
         raise GptcliError(
-            f"{path / pickles[0]} is a pickle file, which can run code when loaded; gptcli loads safetensors "
-            "only. Convert it to safetensors, or pass --allow-pickle to load it with torch's weights_only loader"
+            f"{path / pickles[0]} is a pickle file, which can run code when loaded; gptcli loads "
+            "safetensors only. Convert it to safetensors, or pass --allow-pickle to load it with "
+            "torch's weights_only loader"
         )
     return False
 
