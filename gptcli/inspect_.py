@@ -165,7 +165,7 @@ def score_text(lm: LoadedModel, text: str, *, stride: int | None = None) -> Scor
     import torch
 
     context = lm.context_length
-    stride = stride or max(1, context // 2)
+    stride = max(1, context // 2) if stride is None else stride
     if not 0 < stride <= context:
         raise UsageError(f"--stride must be between 1 and the context length ({context})")
     names = TokenText(lm.tokenizer)

@@ -14,6 +14,7 @@ import json
 import os
 import re
 import socket
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -157,11 +158,21 @@ def hub_reachable(timeout: float = 1.5) -> bool:
         return False
     url = urlparse(constants.ENDPOINT)
     port = url.port or (443 if url.scheme == "https" else 80)
-    try:
-        with socket.create_connection((url.hostname or "", port), timeout=timeout):
-            return True
-    except OSError:
-        return False
+    result: list[bool] = []
+
+    def probe() -> None:
+        try:
+            with socket.create_connection((url.hostname or "", port), timeout=timeout):
+                result.append(True)
+        except OSError:
+            result.append(False)
+
+    # The connect timeout does not cover the DNS lookup, which can hang for many seconds on a
+    # machine without network: run the probe in a daemon thread and stop waiting after `timeout`.
+    thread = threading.Thread(target=probe, daemon=True)
+    thread.start()
+    thread.join(timeout)
+    return bool(result and result[0])
 
 
 def _download(repo_id: str, *, allow_pickle: bool) -> Path:

@@ -193,13 +193,28 @@ def score(
 
 
 def _heat_map(tokens: list[dict[str, Any]]) -> None:
-    """The text with each token's background going from green (expected) to red (surprising)."""
+    """The text with each token's background going from green (expected) to red (surprising).
+
+    Byte pieces of one character are coloured together, by the least likely of them, so a split
+    CJK character shows as itself rather than as replacement characters.
+    """
     from rich.text import Text
 
     text = Text()
+    pending, worst = b"", 0.0
     for t in tokens:
-        p = math.exp(t["logprob"])
+        pending += bytes.fromhex(t["bytes"])
+        worst = min(worst, t["logprob"])
+        try:
+            piece = pending.decode("utf-8")
+        except UnicodeDecodeError:
+            if len(pending) < 4:  # wait for the rest of the character
+                continue
+            piece = pending.decode("utf-8", errors="replace")
+        p = math.exp(worst)
         red, green = round(255 * (1 - p) ** 2), round(200 * p**0.5)
-        piece = bytes.fromhex(t["bytes"]).decode("utf-8", errors="replace")
         text.append(piece, style=f"black on rgb({red},{green},60)")
+        pending, worst = b"", 0.0
+    if pending:
+        text.append(pending.decode("utf-8", errors="replace"), style="black on rgb(255,0,60)")
     stdout().print(text)
