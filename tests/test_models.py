@@ -9,9 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from conftest import run_gptcli
 from gptcli.errors import GptcliError, UsageError
 from gptcli.models import load_model, resolve_device, resolve_dtype, resolve_model_path
+
+from conftest import run_gptcli
 
 
 def copy_model(src: Path, dst: Path) -> Path:
@@ -104,7 +105,7 @@ def test_bad_names_are_usage_errors(name: str, message: str, unreachable_hub: Pa
 
 
 def test_folder_without_config(tmp_path: Path) -> None:
-    with pytest.raises(GptcliError, match="no config.json in"):
+    with pytest.raises(GptcliError, match=r"no config\.json in"):
         load_model(str(tmp_path), device="cpu")
 
 
