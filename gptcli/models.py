@@ -13,27 +13,24 @@ from __future__ import annotations
 import json
 import os
 import re
-import socket
-import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
-from urllib.parse import urlparse
 
 from gptcli.errors import GptcliError, UsageError
+from gptcli.hub import cached_snapshot, download, first_line, hub_reachable
 
 if TYPE_CHECKING:
     import torch
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 DEFAULT_MODEL = "gpt2"
+BUILTIN = "builtin"
 DEVICES = ("auto", "cpu", "cuda", "cuda:N", "mps")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 # A hub id is "name" or "owner/name" made of letters, digits, '-', '_' and '.', never '..'.
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
-# Files a causal LM needs from a hub repo; pickle weights are fetched only when the caller allows them.
-_HUB_FILES = ["*.json", "*.safetensors", "*.txt", "*.model", "*.tiktoken"]
 _PICKLE_WEIGHTS = ("pytorch_model.bin", "pytorch_model.bin.index.json")
 
 
@@ -47,15 +44,11 @@ class LoadedModel:
     model: PreTrainedModel
     device: torch.device
     dtype: torch.dtype
+    notice: str | None = None  # something the user should hear about, e.g. a fallback to the builtin
 
     @property
     def context_length(self) -> int:
         return context_length(self.model.config)
-
-
-def default_model_name() -> str:
-    """The model used when `-m` is not given: $GPTCLI_MODEL, else gpt2."""
-    return os.environ.get("GPTCLI_MODEL") or DEFAULT_MODEL
 
 
 def context_length(config: Any) -> int:
@@ -122,6 +115,39 @@ def _looks_like_path(name: str) -> bool:
     return name.startswith((".", "/", "~")) or os.sep in name.replace("/", "", 1) or "\\" in name
 
 
+def is_hub_id(name: str) -> bool:
+    """Whether `name` can only mean a hub repo: "name" or "owner/name", no path tricks."""
+    return not _looks_like_path(name) and bool(_HUB_ID.match(name)) and ".." not in name
+
+
+def builtin_path() -> Path:
+    """The folder of the small model that ships inside the package."""
+    return Path(__file__).parent / "builtin"
+
+
+def resolve(name: str | None, *, allow_pickle: bool = False) -> tuple[str, Path, str | None]:
+    """Which model to use and where its files are: (name, folder, notice for the user or None).
+
+    Precedence, lowest to highest: gpt2, $GPTCLI_MODEL, the name passed in (-m). Only when the
+    default applies and gpt2 is neither cached nor downloadable does the builtin model stand in;
+    an explicit gpt2 that cannot be had is an error, never a silent substitution.
+    """
+    if name is None and os.environ.get("GPTCLI_MODEL"):
+        name = os.environ["GPTCLI_MODEL"]
+    if name is not None:
+        return name, resolve_model_path(name, allow_pickle=allow_pickle), None
+    cached = cached_snapshot(DEFAULT_MODEL)
+    if cached is not None:
+        return DEFAULT_MODEL, cached, None
+    if hub_reachable():
+        return DEFAULT_MODEL, download(DEFAULT_MODEL, allow_pickle=allow_pickle, probed=True), None
+    notice = (
+        f"{DEFAULT_MODEL} is not in the local cache and the hub is unreachable, so the built-in model "
+        f"answers; run `gptcli pull {DEFAULT_MODEL}` once online to use {DEFAULT_MODEL}"
+    )
+    return BUILTIN, resolve_model_path(BUILTIN), notice
+
+
 def resolve_model_path(name: str, *, allow_pickle: bool = False) -> Path:
     """Find the folder that holds `name`: a local folder, or a hub id in the cache (downloaded if online).
 
@@ -129,79 +155,28 @@ def resolve_model_path(name: str, *, allow_pickle: bool = False) -> Path:
     """
     if not name or not name.strip():
         raise UsageError("empty model name: pass -m with a hub id (e.g. gpt2) or a model folder")
+    if name == BUILTIN:
+        if not (builtin_path() / "config.json").is_file():
+            raise GptcliError(f"the built-in model is missing from this installation ({builtin_path()})")
+        return builtin_path()
     local = Path(name).expanduser()
     if local.is_dir():
         return local.resolve()
     if local.exists():
         raise UsageError(f"{name} is a file, not a model folder (a folder saved with save_pretrained)")
-    if _looks_like_path(name) or not _HUB_ID.match(name) or ".." in name:
+    if not is_hub_id(name):
         raise UsageError(f"no model folder at {name}")
-    cached = _cached_snapshot(name)
+    cached = cached_snapshot(name)
     if cached is not None:
         return cached
-    return _download(name, allow_pickle=allow_pickle)
-
-
-def _cached_snapshot(repo_id: str) -> Path | None:
-    """The cache folder of `repo_id` if its config.json is in the local Hugging Face cache."""
-    from huggingface_hub import try_to_load_from_cache
-
-    found = try_to_load_from_cache(repo_id, "config.json")
-    return Path(found).parent if isinstance(found, str) else None
-
-
-def hub_reachable(timeout: float = 1.5) -> bool:
-    """Whether a TCP connection to the hub endpoint opens within `timeout` seconds."""
-    from huggingface_hub import constants
-
-    if constants.HF_HUB_OFFLINE:
-        return False
-    url = urlparse(constants.ENDPOINT)
-    port = url.port or (443 if url.scheme == "https" else 80)
-    result: list[bool] = []
-
-    def probe() -> None:
-        try:
-            with socket.create_connection((url.hostname or "", port), timeout=timeout):
-                result.append(True)
-        except OSError:
-            result.append(False)
-
-    # The connect timeout does not cover the DNS lookup, which can hang for many seconds on a
-    # machine without network: run the probe in a daemon thread and stop waiting after `timeout`.
-    thread = threading.Thread(target=probe, daemon=True)
-    thread.start()
-    thread.join(timeout)
-    return bool(result and result[0])
-
-
-def _download(repo_id: str, *, allow_pickle: bool) -> Path:
-    from huggingface_hub import constants, snapshot_download
-
-    if not hub_reachable():
-        why = "HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE else f"{constants.ENDPOINT} is unreachable"
-        raise GptcliError(
-            f"model {repo_id!r} is not in the local cache ({constants.HF_HUB_CACHE}) and {why}: "
-            "pass -m with a local model folder, or connect once so it can be downloaded "
-            "(later runs work offline, also with HF_HUB_OFFLINE=1)"
-        )
-    patterns = _HUB_FILES + (["*.bin"] if allow_pickle else [])
-    try:
-        return Path(snapshot_download(repo_id, allow_patterns=patterns))
-    except Exception as exc:  # the hub's errors are many; the user needs the one line
-        raise GptcliError(f"could not download {repo_id!r} from the hub: {_first_line(exc)}") from exc
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip() or type(exc).__name__
-    return text.splitlines()[0]
+    return download(name, allow_pickle=allow_pickle)
 
 
 def _read_json(path: Path) -> dict[str, Any]:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise GptcliError(f"{path} is not valid JSON: {_first_line(exc)}") from exc
+        raise GptcliError(f"{path} is not valid JSON: {first_line(exc)}") from exc
     if not isinstance(data, dict):
         raise GptcliError(f"{path} is not valid JSON: expected an object")
     return data
@@ -260,17 +235,17 @@ def load_tokenizer(path: Path, *, trust_remote_code: bool = False) -> PreTrained
     try:
         return AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=trust_remote_code)
     except Exception as exc:
-        raise GptcliError(f"could not load the tokenizer in {path}: {_first_line(exc)}") from exc
+        raise GptcliError(f"could not load the tokenizer in {path}: {first_line(exc)}") from exc
 
 
 def load_tokenizer_only(
     name: str | None = None, *, trust_remote_code: bool = False
-) -> PreTrainedTokenizerBase:
-    """The tokenizer of model `name`, without loading weights (for `gptcli tokenize`)."""
-    path = resolve_model_path(name or default_model_name())
+) -> tuple[str, PreTrainedTokenizerBase, str | None]:
+    """(name, tokenizer, notice) of model `name`, without loading weights (for `gptcli tokenize`)."""
+    name, path, notice = resolve(name)
     if not trust_remote_code:
         _refuse_remote_code(path)
-    return load_tokenizer(path, trust_remote_code=trust_remote_code)
+    return name, load_tokenizer(path, trust_remote_code=trust_remote_code), notice
 
 
 def load_model(
@@ -281,11 +256,10 @@ def load_model(
     allow_pickle: bool = False,
     trust_remote_code: bool = False,
 ) -> LoadedModel:
-    """Load tokenizer and causal LM `name` (hub id or folder; default $GPTCLI_MODEL or gpt2) for inference."""
-    name = name or default_model_name()
+    """Load tokenizer and causal LM `name` (hub id, folder or "builtin"; see `resolve`) for inference."""
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)
-    path = resolve_model_path(name, allow_pickle=allow_pickle)
+    name, path, notice = resolve(name, allow_pickle=allow_pickle)
     safetensors = check_model_folder(path, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
     tokenizer = load_tokenizer(path, trust_remote_code=trust_remote_code)
 
@@ -301,10 +275,10 @@ def load_model(
         )
     except Exception as exc:
         weights = next(iter(sorted(path.glob("*.safetensors"))), path / _PICKLE_WEIGHTS[0])
-        raise GptcliError(f"could not load the model weights from {weights}: {_first_line(exc)}") from exc
+        raise GptcliError(f"could not load the model weights from {weights}: {first_line(exc)}") from exc
     model.to(torch_device)
     model.eval()
-    return LoadedModel(name, path, tokenizer, model, torch_device, torch_dtype)
+    return LoadedModel(name, path, tokenizer, model, torch_device, torch_dtype, notice)
 
 
 def model_info(lm: LoadedModel) -> dict[str, Any]:

@@ -13,6 +13,7 @@ from gptcli import __version__
 # Importing a command module registers its commands on `app`.
 from gptcli.cli import complete as _complete  # noqa: F401
 from gptcli.cli import finetune as _finetune  # noqa: F401
+from gptcli.cli import hub as _hub  # noqa: F401
 from gptcli.cli import inspect as _inspect  # noqa: F401
 from gptcli.cli._common import app
 from gptcli.errors import GptcliError

@@ -58,13 +58,15 @@ def load(
     model: str | None, device: str, dtype: str, allow_pickle: bool, trust_remote_code: bool
 ) -> LoadedModel:
     """Load a model with a spinner on stderr when it is a terminal."""
-    from gptcli.models import default_model_name, load_model
+    from gptcli.models import load_model
 
-    name = model or default_model_name()
-    with status(f"loading {name}"):
-        return load_model(
-            name, device=device, dtype=dtype, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code
+    with status(f"loading {model or 'the model'}"):
+        lm = load_model(
+            model, device=device, dtype=dtype, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code
         )
+    if lm.notice:
+        note(lm.notice)
+    return lm
 
 
 def stderr() -> Console:

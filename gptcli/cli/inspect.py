@@ -70,11 +70,13 @@ def tokenize(
     by their bytes, e.g. <e4 bb>.
     """
     from gptcli.inspect_ import tokenize as tokenize_text
-    from gptcli.models import default_model_name, load_tokenizer_only
+    from gptcli.models import load_tokenizer_only
 
     source = read_text(text)
-    name = model or default_model_name()
-    tokens = tokenize_text(load_tokenizer_only(name, trust_remote_code=trust_remote_code), source)
+    name, tokenizer, notice = load_tokenizer_only(model, trust_remote_code=trust_remote_code)
+    if notice:
+        note(notice)
+    tokens = tokenize_text(tokenizer, source)
     if json_:
         emit_json({"model": name, "text": source, "tokens": tokens})
     elif count:

@@ -1,0 +1,93 @@
+"""The Hugging Face hub and its local cache: what is cached, whether the hub answers, downloads.
+
+Every network step is bounded: a machine without network learns so in about a second, never in the
+~48 s that huggingface_hub's retries take.
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+from gptcli.errors import GptcliError
+
+# Files a causal LM needs from a hub repo; pickle weights are fetched only when the caller allows them.
+_HUB_FILES = ["*.json", "*.safetensors", "*.txt", "*.model", "*.tiktoken"]
+
+
+def cached_snapshot(repo_id: str) -> Path | None:
+    """The cache folder of `repo_id` if its config.json is in the local Hugging Face cache."""
+    from huggingface_hub import try_to_load_from_cache
+
+    found = try_to_load_from_cache(repo_id, "config.json")
+    return Path(found).parent if isinstance(found, str) else None
+
+
+def hub_reachable(timeout: float = 1.5) -> bool:
+    """Whether a TCP connection to the hub endpoint opens within `timeout` seconds."""
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return False
+    url = urlparse(constants.ENDPOINT)
+    port = url.port or (443 if url.scheme == "https" else 80)
+    result: list[bool] = []
+
+    def probe() -> None:
+        try:
+            with socket.create_connection((url.hostname or "", port), timeout=timeout):
+                result.append(True)
+        except OSError:
+            result.append(False)
+
+    # The connect timeout does not cover the DNS lookup, which can hang for many seconds on a
+    # machine without network: run the probe in a daemon thread and stop waiting after `timeout`.
+    thread = threading.Thread(target=probe, daemon=True)
+    thread.start()
+    thread.join(timeout)
+    return bool(result and result[0])
+
+
+def download(repo_id: str, *, allow_pickle: bool = False, probed: bool = False) -> Path:
+    """Fetch a model repo's files into the cache (safetensors, configs, tokenizer); return its folder."""
+    from huggingface_hub import constants, snapshot_download
+
+    if not probed and not hub_reachable():
+        why = "HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE else f"{constants.ENDPOINT} is unreachable"
+        raise GptcliError(
+            f"model {repo_id!r} is not in the local cache ({constants.HF_HUB_CACHE}) and {why}: "
+            "pass -m with a local model folder, or connect once so it can be downloaded "
+            "(later runs work offline, also with HF_HUB_OFFLINE=1)"
+        )
+    patterns = _HUB_FILES + (["*.bin"] if allow_pickle else [])
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=patterns))
+    except Exception as exc:  # the hub's errors are many; the user needs the one line
+        raise GptcliError(f"could not download {repo_id!r} from the hub: {first_line(exc)}") from exc
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (library errors can be long)."""
+    text = str(exc).strip() or type(exc).__name__
+    return text.splitlines()[0]
+
+
+def cached_models() -> list[dict[str, Any]]:
+    """Models in the local Hugging Face cache: [{"id", "size", "path"}], largest first."""
+    from huggingface_hub import scan_cache_dir
+
+    try:
+        info = scan_cache_dir()
+    except Exception:  # no cache folder yet, or one we cannot read: nothing is cached
+        return []
+    found = []
+    for repo in info.repos:
+        if repo.repo_type != "model":
+            continue
+        newest = max(repo.revisions, key=lambda r: r.last_modified, default=None)
+        path = str(newest.snapshot_path) if newest else str(repo.repo_path)
+        found.append({"id": repo.repo_id, "size": repo.size_on_disk, "path": path})
+    return sorted(found, key=lambda m: -m["size"])
