@@ -1,1 +1,273 @@
-"""The `complete` command (being written)."""
+"""The `complete` command: stream a continuation of a prompt to stdout."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated
+
+import typer
+
+from gptcli.cli._common import (
+    AllowPickleOpt,
+    DeviceOpt,
+    DtypeOpt,
+    JsonOpt,
+    ModelOpt,
+    TrustCodeOpt,
+    app,
+    emit_json,
+    load,
+    note,
+    read_lines,
+    read_text,
+)
+from gptcli.errors import UsageError
+
+if TYPE_CHECKING:
+    from gptcli.generate import Completion, Settings
+
+_DECODING = "Decoding (a model's generation_config.json replaces these defaults)"
+
+_EXAMPLES = """\
+[bold]Examples[/bold]
+
+  gptcli complete "今天天气" -m uer/gpt2-chinese-cluecorpussmall
+  gptcli complete "Once upon a time" -n 200 --seed 42 --stop "\\n\\n"
+  echo "The capital of France is" | gptcli complete --greedy -n 5
+  cat prompts.txt | gptcli complete --each-line --greedy | jq -r .text
+"""
+
+
+@app.command(epilog=_EXAMPLES)
+def complete(
+    prompt: Annotated[
+        str | None, typer.Argument(help="The prompt; read from stdin when absent or '-'.", show_default=False)
+    ] = None,
+    file: Annotated[Path | None, typer.Option("--file", "-f", help="Read the prompt from this file.")] = None,
+    model: ModelOpt = None,
+    max_new_tokens: Annotated[
+        int | None,
+        typer.Option(
+            "--max-new-tokens",
+            "-n",
+            help="Most tokens to generate. \\[default: 64]",
+            rich_help_panel=_DECODING,
+        ),
+    ] = None,
+    temperature: Annotated[
+        float | None,
+        typer.Option(
+            help="Divide the logits by this; 0 means greedy. \\[default: 0.8]", rich_help_panel=_DECODING
+        ),
+    ] = None,
+    top_k: Annotated[
+        int | None,
+        typer.Option(
+            "--top-k",
+            help="Sample from the K most likely tokens; 0: off. \\[default: 50]",
+            rich_help_panel=_DECODING,
+        ),
+    ] = None,
+    top_p: Annotated[
+        float | None,
+        typer.Option(
+            "--top-p",
+            help="Keep the likeliest tokens whose probabilities add up to this; 1: off. \\[default: 0.95]",
+            rich_help_panel=_DECODING,
+        ),
+    ] = None,
+    min_p: Annotated[
+        float | None,
+        typer.Option(
+            "--min-p",
+            help="Drop tokens less likely than this times the most likely one. \\[default: off]",
+            rich_help_panel=_DECODING,
+        ),
+    ] = None,
+    repetition_penalty: Annotated[
+        float | None,
+        typer.Option(
+            "--repetition-penalty",
+            help="Make tokens already in the text less likely (>1) or more (<1). \\[default: 1.0]",
+            rich_help_panel=_DECODING,
+        ),
+    ] = None,
+    greedy: Annotated[
+        bool | None,
+        typer.Option(
+            "--greedy/--sample",
+            help="Always pick the most likely token (deterministic), or sample. \\[default: sample]",
+            show_default=False,
+            rich_help_panel=_DECODING,
+        ),
+    ] = None,
+    seed: Annotated[
+        int | None,
+        typer.Option(
+            help="Seed for sampling; sample k uses SEED+k. \\[default: random]", rich_help_panel=_DECODING
+        ),
+    ] = None,
+    stop: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--stop", help="End before this text (repeatable).", show_default=False, rich_help_panel=_DECODING
+        ),
+    ] = None,
+    ignore_eos: Annotated[
+        bool,
+        typer.Option(
+            "--ignore-eos", help="Keep going past the end-of-text token.", rich_help_panel=_DECODING
+        ),
+    ] = False,
+    num_samples: Annotated[
+        int, typer.Option("--num-samples", "-N", help="Completions per prompt.", rich_help_panel=_DECODING)
+    ] = 1,
+    echo: Annotated[
+        bool,
+        typer.Option("--echo", help="Print the prompt before the continuation."),
+    ] = False,
+    json_: JsonOpt = False,
+    logprobs: Annotated[
+        int | None,
+        typer.Option(
+            "--logprobs",
+            metavar="K",
+            help="Add each token's logprob and its K most likely alternatives (implies --json).",
+            show_default=False,
+        ),
+    ] = None,
+    each_line: Annotated[
+        bool,
+        typer.Option(
+            "--each-line",
+            help="Every input line is a prompt; one JSON line per prompt, in input order.",
+        ),
+    ] = False,
+    batch_size: Annotated[
+        int,
+        typer.Option("--batch-size", help="Prompts decoded together with --each-line."),
+    ] = 16,
+    verbose: Annotated[
+        bool,
+        typer.Option(
+            "--verbose",
+            "-v",
+            help="Settings and speed (time to first token, tokens/s) on stderr.",
+        ),
+    ] = False,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "auto",
+    allow_pickle: AllowPickleOpt = False,
+    trust_remote_code: TrustCodeOpt = False,
+) -> None:
+    """Continue PROMPT: the text streams to stdout as it is generated and ends with one newline.
+
+    Generation ends at the end-of-text token, a --stop text (not printed), -n tokens or the context.
+
+    Values in the model's generation_config.json replace the defaults shown; flags replace both.
+    """
+    from gptcli.generate import TextChunk, check_flags, resolve_settings, stream
+
+    flags = {
+        "max_new_tokens": max_new_tokens,
+        "temperature": temperature,
+        "top_k": top_k,
+        "top_p": top_p,
+        "min_p": min_p,
+        "repetition_penalty": repetition_penalty,
+        "greedy": greedy,
+        "seed": seed,
+        "stop": tuple(stop) if stop else None,
+        "ignore_eos": ignore_eos or None,
+        "num_samples": num_samples,
+        "logprobs": logprobs,
+    }
+    check_flags(**flags)
+    if batch_size < 1:
+        raise UsageError(f"--batch-size must be at least 1 (got {batch_size})")
+    if each_line:
+        if prompt not in (None, "-"):
+            raise UsageError("--each-line reads prompts from stdin or -f; do not pass PROMPT too")
+        prompts = read_text(None, file, strip_newline=False).splitlines() if file else read_lines()
+    else:
+        prompts = [read_text(prompt, file)]
+    lm = load(model, device, dtype, allow_pickle, trust_remote_code)
+    settings = resolve_settings(lm.model.generation_config, **flags)
+    if verbose:
+        _describe(settings)
+    as_json = json_ or each_line or logprobs is not None
+    events = stream(lm, prompts, settings, batch_size=batch_size if each_line else 1)
+    line_open = False  # part of a plain-text sample is on stdout
+    try:
+        for event in events:
+            if isinstance(event, TextChunk):
+                if not as_json:
+                    if echo and not line_open:
+                        _write(prompts[event.index])
+                    _write(event.text)
+                    line_open = True
+                continue
+            if as_json:
+                emit_json(event.to_json(lm.name))
+            else:
+                _write(("" if line_open or not echo else event.prompt) + "\n")
+                line_open = False
+            _report(event, lm.context_length, each_line=each_line, verbose=verbose)
+    except KeyboardInterrupt:
+        # Stop generating, keep what was printed, and end its line so the shell prompt starts clean.
+        events.close()
+        if line_open:
+            _write("\n")
+        raise typer.Exit(130) from None
+
+
+def _write(text: str) -> None:
+    sys.stdout.write(text)
+    sys.stdout.flush()
+
+
+def _report(done: Completion, context: int, *, each_line: bool, verbose: bool) -> None:
+    """Notes on stderr for a finished sample: a cut prompt or a full context (once per prompt), speed."""
+    where = f"prompt {done.index + 1}" if each_line else "the prompt"
+    if done.sample == 0 and done.dropped:
+        note(
+            f"{where} has more tokens than the context ({context}); "
+            f"cut {done.dropped} from the start, kept the last {len(done.prompt_ids)}"
+        )
+    if done.context_full and done.sample == 0:
+        note(f"stopped at the model's context limit ({context} tokens) for {where}; -n asked for more")
+    if verbose:
+        print(
+            f"{where}{f' sample {done.sample + 1}' if done.sample else ''}: "
+            f"{len(done.prompt_ids)} prompt tokens, {len(done.token_ids)} new tokens, "
+            f"first token {done.first_token_seconds * 1000:.0f} ms, "
+            f"{done.tokens_per_second:.1f} tokens/s, finish {done.finish_reason}"
+            + (f", seed {done.seed}" if done.seed is not None else ""),
+            file=sys.stderr,
+            flush=True,
+        )
+
+
+def _describe(settings: Settings) -> None:
+    """The decoding settings in effect and where each came from (-v)."""
+    if settings.sampling:
+        parts = [
+            f"temperature {settings.temperature}",
+            f"top-k {settings.top_k or 'off'}",
+            f"top-p {settings.top_p if settings.top_p < 1 else 'off'}",
+            f"min-p {settings.min_p or 'off'}",
+        ]
+        names = ["temperature", "top_k", "top_p", "min_p"]
+    else:
+        parts, names = ["greedy"], ["greedy"]
+    parts += [
+        f"repetition penalty {settings.repetition_penalty}",
+        f"max new tokens {settings.max_new_tokens}",
+    ]
+    names += ["repetition_penalty", "max_new_tokens"]
+    shown = [
+        f"{part} ({settings.sources.get(name)})" if settings.sources.get(name) != "default" else part
+        for part, name in zip(parts, names, strict=True)
+    ]
+    print(f"settings: {', '.join(shown)}", file=sys.stderr, flush=True)

@@ -1,0 +1,629 @@
+"""Sampling and the decode loop: prompts in, text chunks and finished completions out.
+
+`stream()` is a generator of events: `TextChunk`s as text becomes final and one `Completion` per sample.
+It never prints and knows nothing of terminals; the CLI decides what to show.
+
+Decoding follows transformers' definitions so results can be checked against `model.generate`:
+repetition penalty, then (when sampling) temperature, top-k, top-p and min-p, the order and the
+formulas of its logits processors. Greedy decoding applies only the repetition penalty, as `generate`
+does with `do_sample=False`.
+"""
+
+from __future__ import annotations
+
+import math
+import secrets
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field, fields
+from typing import TYPE_CHECKING, Any
+
+from gptcli.errors import UsageError
+from gptcli.inspect_ import fit_context, left_pad, pad_id
+from gptcli.tokens import Detokenizer, TokenText, decode, encode_prompt
+
+if TYPE_CHECKING:
+    import torch
+
+    from gptcli.models import LoadedModel
+
+# Where a setting's value came from, for `-v` and for error messages.
+DEFAULT, GENERATION_CONFIG, FLAG = "default", "generation_config.json", "flag"
+
+# How each setting is spelled on the command line, for error messages.
+_FLAGS = {
+    "max_new_tokens": "-n/--max-new-tokens",
+    "temperature": "--temperature",
+    "top_k": "--top-k",
+    "top_p": "--top-p",
+    "min_p": "--min-p",
+    "repetition_penalty": "--repetition-penalty",
+    "greedy": "--greedy",
+    "seed": "--seed",
+    "stop": "--stop",
+    "ignore_eos": "--ignore-eos",
+    "num_samples": "-N/--num-samples",
+    "logprobs": "--logprobs",
+}
+
+
+@dataclass(frozen=True)
+class Settings:
+    """How to decode. `resolve_settings` builds one from our defaults, generation_config.json and flags."""
+
+    max_new_tokens: int = 64
+    temperature: float = 0.8
+    top_k: int = 50  # 0: off
+    top_p: float = 0.95  # 1.0: off
+    min_p: float | None = None  # None or 0: off
+    repetition_penalty: float = 1.0  # 1.0: off
+    greedy: bool = False
+    seed: int | None = None  # None: a fresh random seed per run
+    stop: tuple[str, ...] = ()
+    ignore_eos: bool = False
+    num_samples: int = 1
+    logprobs: int | None = None  # None: no logprobs; K: the chosen token's and K alternatives
+    sources: dict[str, str] = field(default_factory=dict, compare=False, repr=False)
+
+    @property
+    def sampling(self) -> bool:
+        """Whether tokens are drawn at random (temperature 0 means greedy, as in most tools)."""
+        return not self.greedy and self.temperature > 0
+
+    def validate(self) -> None:
+        """Raise UsageError for a value that cannot work, naming the flag or file it came from."""
+        for f in fields(self):
+            if f.name != "sources":
+                _check(f.name, getattr(self, f.name), self.sources.get(f.name, FLAG))
+
+
+def _check(name: str, value: Any, source: str = FLAG) -> None:
+    where = f"{name} in {GENERATION_CONFIG}" if source == GENERATION_CONFIG else _FLAGS.get(name, name)
+
+    def bad(rule: str) -> UsageError:
+        return UsageError(f"{where} {rule} (got {value!r})")
+
+    if name in ("max_new_tokens", "num_samples") and value < 1:
+        raise bad("must be at least 1")
+    if name == "temperature" and not (0 <= value < math.inf):
+        raise bad("must be a number >= 0 (0 means greedy)")
+    if name == "top_k" and value < 0:
+        raise bad("must be >= 0 (0 turns top-k off)")
+    if name == "top_p" and not 0 < value <= 1:
+        raise bad("must be in (0, 1] (1 turns top-p off)")
+    if name == "min_p" and value is not None and not 0 <= value <= 1:
+        raise bad("must be in [0, 1] (0 turns min-p off)")
+    if name == "repetition_penalty" and not (0 < value < math.inf):
+        raise bad("must be a positive number (1 turns it off)")
+    if name == "logprobs" and value is not None and value < 0:
+        raise bad("must be >= 0 (the number of alternatives per token)")
+    if name == "stop" and any(not s for s in value):
+        raise bad("must not be empty")
+    if name == "seed" and value is not None and not 0 <= value < 2**63:
+        raise bad("must be between 0 and 2**63 - 1")
+
+
+def check_flags(**flags: Any) -> None:
+    """Validate explicit flag values (None: not given) before anything slow, like loading a model."""
+    for name, value in flags.items():
+        if value is not None:
+            _check(name, value)
+
+
+def generation_config_values(generation_config: Any) -> dict[str, Any]:
+    """The decoding values a model's generation_config.json sets, as Settings fields.
+
+    In transformers 5 every unset field is None, so anything else came from the file (or, for token ids,
+    from config.json). `do_sample: false` makes greedy the default; `stop_strings` become stop texts.
+    """
+    if generation_config is None:
+        return {}
+    values: dict[str, Any] = {}
+    for name in ("max_new_tokens", "temperature", "top_k", "top_p", "min_p", "repetition_penalty"):
+        value = getattr(generation_config, name, None)
+        if value is not None:
+            values[name] = value
+    do_sample = getattr(generation_config, "do_sample", None)
+    if do_sample is not None:
+        values["greedy"] = not do_sample
+    stops = getattr(generation_config, "stop_strings", None)
+    if stops:
+        values["stop"] = (stops,) if isinstance(stops, str) else tuple(stops)
+    return values
+
+
+def resolve_settings(generation_config: Any = None, **flags: Any) -> Settings:
+    """Our defaults, replaced by the model's generation_config.json, replaced by explicit flags (not None)."""
+    values = {f.name: f.default for f in fields(Settings) if f.name != "sources"}
+    sources = dict.fromkeys(values, DEFAULT)
+    for layer, source in ((generation_config_values(generation_config), GENERATION_CONFIG), (flags, FLAG)):
+        for name, value in layer.items():
+            if name not in values:
+                raise TypeError(f"unknown setting {name!r}")
+            if value is not None:
+                values[name] = tuple(value) if name == "stop" else value
+                sources[name] = source
+    settings = Settings(**values, sources=sources)
+    settings.validate()
+    return settings
+
+
+# --- Sampling: the same definitions as transformers' logits processors -------------------------------
+
+
+def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
+    """Make tokens already in the text less likely: positive logits divided by `penalty`, negative ones
+    multiplied, once per token however often it occurred (RepetitionPenaltyLogitsProcessor).
+
+    Args:
+        logits: [batch, vocab].
+        seen: [batch, vocab] bool, True for tokens in the prompt or generated so far.
+    """
+    import torch
+
+    penalized = torch.where(logits < 0, logits * penalty, logits / penalty)
+    return torch.where(seen, penalized, logits)
+
+
+def top_k_filter(logits: torch.Tensor, k: int) -> torch.Tensor:
+    """Keep the k highest logits (ties with the k-th included), -inf elsewhere (TopKLogitsWarper)."""
+    import torch
+
+    k = min(max(k, 1), logits.size(-1))
+    threshold = torch.topk(logits, k).values[..., -1, None]
+    return logits.masked_fill(logits < threshold, -math.inf)
+
+
+def top_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
+    """Keep the smallest set of most likely tokens whose probabilities add up to at least p
+    (TopPLogitsWarper; the most likely token always stays)."""
+    import torch
+
+    sorted_logits, order = torch.sort(logits, descending=False)
+    cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+    remove = cumulative <= (1 - p)
+    remove[..., -1:] = False
+    remove = remove.scatter(-1, order, remove)
+    return logits.masked_fill(remove, -math.inf)
+
+
+def min_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
+    """Drop tokens less likely than p times the most likely one (MinPLogitsWarper)."""
+    import torch
+
+    probs = torch.softmax(logits, dim=-1)
+    remove = probs < p * probs.amax(dim=-1, keepdim=True)
+    return logits.masked_fill(remove, -math.inf)
+
+
+def process_logits(
+    logits: torch.Tensor, settings: Settings, seen: torch.Tensor | None = None
+) -> torch.Tensor:
+    """The scores tokens are picked from: penalty, then for sampling temperature, top-k, top-p, min-p."""
+    if seen is not None and settings.repetition_penalty != 1.0:
+        logits = apply_repetition_penalty(logits, seen, settings.repetition_penalty)
+    if not settings.sampling:
+        return logits
+    if settings.temperature != 1.0:
+        logits = logits / settings.temperature
+    if settings.top_k:
+        logits = top_k_filter(logits, settings.top_k)
+    if settings.top_p < 1.0:
+        logits = top_p_filter(logits, settings.top_p)
+    if settings.min_p:
+        logits = min_p_filter(logits, settings.min_p)
+    return logits
+
+
+# --- Events -------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TextChunk:
+    """Text of sample `sample` of prompt `index` that became final (whole characters, before any stop)."""
+
+    index: int
+    sample: int
+    text: str
+
+
+@dataclass
+class Completion:
+    """One finished sample."""
+
+    index: int  # which prompt
+    sample: int  # which sample of that prompt (-N)
+    prompt: str
+    prompt_ids: list[int]  # as the model saw them, after any cut
+    text: str
+    token_ids: list[int]  # every generated id, a final EOS and the tokens of a stop text included
+    finish_reason: str  # "eos", "stop" or "length"
+    dropped: int = 0  # prompt tokens cut from the left to fit the context
+    context_full: bool = False  # "length" because the context filled up, not because of -n
+    seed: int | None = None  # reproduces this sample alone (None: greedy)
+    seconds: float = 0.0
+    first_token_seconds: float = 0.0
+    logprobs: list[dict[str, Any]] | None = None
+
+    @property
+    def tokens_per_second(self) -> float:
+        return len(self.token_ids) / self.seconds if self.seconds > 0 else 0.0
+
+    def to_json(self, model: str) -> dict[str, Any]:
+        obj: dict[str, Any] = {
+            "model": model,
+            "prompt": self.prompt,
+            "text": self.text,
+            "token_ids": self.token_ids,
+            "finish_reason": self.finish_reason,
+            "usage": {"prompt_tokens": len(self.prompt_ids), "completion_tokens": len(self.token_ids)},
+            "seconds": round(self.seconds, 6),
+            "tokens_per_second": round(self.tokens_per_second, 3),
+            "seed": self.seed,
+        }
+        if self.logprobs is not None:
+            obj["logprobs"] = self.logprobs
+        return obj
+
+
+# --- Stop texts ---------------------------------------------------------------------------------------
+
+
+class StopScanner:
+    """Finds stop texts in streamed text, holding back any tail that could be the start of one.
+
+    A stop text can span tokens ("\\n\\n" as "\\n" + "\\n"), so text that might begin a stop text is not
+    released until the next tokens show whether it does: nothing of a stop text is ever printed.
+    """
+
+    def __init__(self, stops: Iterable[str]) -> None:
+        self.stops = tuple(s for s in stops if s)
+        self.pending = ""
+
+    def feed(self, text: str) -> tuple[str, bool]:
+        """Return (text safe to release, whether a stop text was found); after a stop, drop the rest."""
+        if not self.stops:
+            return text, False
+        self.pending += text
+        hits = [at for s in self.stops if (at := self.pending.find(s)) >= 0]
+        if hits:
+            released, self.pending = self.pending[: min(hits)], ""
+            return released, True
+        hold = max((_overlap(self.pending, s) for s in self.stops), default=0)
+        cut = len(self.pending) - hold
+        released, self.pending = self.pending[:cut], self.pending[cut:]
+        return released, False
+
+    def flush(self) -> str:
+        released, self.pending = self.pending, ""
+        return released
+
+
+def _overlap(text: str, stop: str) -> int:
+    """Length of the longest end of `text` that is a proper beginning of `stop`."""
+    for k in range(min(len(stop) - 1, len(text)), 0, -1):
+        if text.endswith(stop[:k]):
+            return k
+    return 0
+
+
+def cut_at_stop(text: str, stops: Iterable[str]) -> str:
+    """`text` up to the first stop text, if any."""
+    hits = [at for s in stops if s and (at := text.find(s)) >= 0]
+    return text[: min(hits)] if hits else text
+
+
+# --- The decode loop ----------------------------------------------------------------------------------
+
+
+class KVStepper:
+    """The model run one step at a time over a KV cache, returning float32 logits of the last position.
+
+    The loop only calls `prefill` and `step`; a static, pre-allocated cache (for torch.compile or CUDA
+    graphs) can replace the DynamicCache here without touching it. `max_length` is the most positions
+    the batch will hold, what such a cache would allocate.
+    """
+
+    def __init__(self, model: Any, batch_size: int, max_length: int) -> None:
+        from transformers import DynamicCache
+
+        self.model = model
+        self.batch_size = batch_size
+        self.max_length = max_length
+        self.cache = DynamicCache(config=model.config)
+        self.mask: torch.Tensor | None = None
+
+    def prefill(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, position_ids: torch.Tensor
+    ) -> torch.Tensor:
+        self.mask = attention_mask
+        return self._forward(input_ids, position_ids)
+
+    def step(self, next_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+        """Feed one new token per row ([batch, 1]) at `position_ids` ([batch, 1])."""
+        import torch
+
+        if self.mask is not None:
+            ones = torch.ones((self.mask.shape[0], 1), dtype=self.mask.dtype, device=self.mask.device)
+            self.mask = torch.cat([self.mask, ones], dim=1)
+        return self._forward(next_ids, position_ids)
+
+    def _forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+        out = self.model(
+            input_ids=input_ids,
+            attention_mask=self.mask,
+            position_ids=position_ids,
+            cache=self.cache,
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        self.cache = out.cache
+        # float32 whatever the weights: the reference numerics for sampling, penalties and logprobs.
+        return out.logits[:, -1, :].float()
+
+
+@dataclass
+class _Row:
+    """One sample being decoded: its prompt, its text so far, and how it ended."""
+
+    index: int
+    sample: int
+    prompt: str
+    prompt_ids: list[int]
+    dropped: int
+    seed: int | None
+    detok: Detokenizer
+    stops: StopScanner
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[dict[str, Any]] | None = None
+    finish_reason: str | None = None
+    context_full: bool = False
+    first_token_at: float = 0.0
+    done_at: float = 0.0
+
+
+def encode_for_context(
+    tokenizer: Any, prompt: str, context: int, max_new_tokens: int
+) -> tuple[list[int], int]:
+    """The prompt's ids, cut from the left when they fill the context, keeping room to generate.
+
+    Room is -n tokens, at most half the context (a long prompt still matters more than a long answer).
+    Returns the ids and how many were dropped.
+    """
+    ids = encode_prompt(tokenizer, prompt)
+    if len(ids) < context:
+        return ids, 0
+    room = max(1, min(max_new_tokens, context // 2))
+    return fit_context(ids, context - room)
+
+
+def eos_ids(lm: LoadedModel) -> set[int]:
+    """The ids that end generation: generation_config's eos_token_id (one or a list), else the tokenizer's."""
+    for source in (lm.model.generation_config, lm.model.config, lm.tokenizer):
+        value = getattr(source, "eos_token_id", None)
+        if value is not None:
+            return {int(v) for v in (value if isinstance(value, (list, tuple)) else [value])}
+    return set()
+
+
+def stream(
+    lm: LoadedModel,
+    prompts: Sequence[str],
+    settings: Settings | None = None,
+    *,
+    batch_size: int = 1,
+) -> Iterator[TextChunk | Completion]:
+    """Complete each prompt `settings.num_samples` times, yielding text as it becomes final.
+
+    Rows (prompt × sample) are decoded `batch_size` at a time with left padding. Completions come in
+    input order (prompt, then sample); the TextChunks of rows in one batch interleave.
+
+    Sample k of every prompt draws from its own generator seeded with seed + k, so a sample's tokens do
+    not depend on the batch it ran in or on how the output is shown.
+    """
+    settings = settings or resolve_settings(lm.model.generation_config)
+    settings.validate()
+    if batch_size < 1:
+        raise UsageError(f"--batch-size must be at least 1 (got {batch_size})")
+    seed = settings.seed
+    if seed is None and settings.sampling:
+        seed = secrets.randbits(31)
+    eos = set() if settings.ignore_eos else eos_ids(lm)
+    names = TokenText(lm.tokenizer) if settings.logprobs is not None else None
+    pending: list[_Row] = []
+    for index, prompt in enumerate(prompts):
+        ids, dropped = encode_for_context(lm.tokenizer, prompt, lm.context_length, settings.max_new_tokens)
+        for sample in range(settings.num_samples):
+            pending.append(
+                _Row(
+                    index=index,
+                    sample=sample,
+                    prompt=prompt,
+                    prompt_ids=ids,
+                    dropped=dropped,
+                    seed=None if seed is None else seed + sample,
+                    detok=Detokenizer(lm.tokenizer),
+                    stops=StopScanner(settings.stop),
+                    logprobs=[] if names is not None else None,
+                )
+            )
+            if len(pending) == batch_size:
+                yield from _decode(lm, pending, settings, eos, names)
+                pending = []
+    if pending:
+        yield from _decode(lm, pending, settings, eos, names)
+
+
+def complete(
+    lm: LoadedModel, prompts: str | Sequence[str], settings: Settings | None = None, *, batch_size: int = 16
+) -> list[Completion]:
+    """Every completion of `prompts` (one prompt or many), in input order."""
+    if isinstance(prompts, str):
+        prompts = [prompts]
+    return [e for e in stream(lm, prompts, settings, batch_size=batch_size) if isinstance(e, Completion)]
+
+
+def _decode(
+    lm: LoadedModel,
+    rows: list[_Row],
+    settings: Settings,
+    eos: set[int],
+    names: TokenText | None,
+) -> Iterator[TextChunk | Completion]:
+    """Decode one batch of rows to the end; the generator yields outside inference mode."""
+    import torch
+
+    device = lm.device
+    context = lm.context_length
+    pad = pad_id(lm.tokenizer)
+    lengths = [len(r.prompt_ids) for r in rows]
+    started = time.perf_counter()
+    with torch.inference_mode():
+        input_ids, mask, positions = left_pad([r.prompt_ids for r in rows], pad, device)
+        # Without padding the mask is all ones: leave it out so attention can take its causal fast path.
+        stepper = KVStepper(lm.model, len(rows), input_ids.shape[1] + min(settings.max_new_tokens, context))
+        logits = stepper.prefill(input_ids, mask if min(lengths) < max(lengths) else None, positions)
+        next_pos = torch.tensor(lengths, device=device)
+        seen = None
+        if settings.repetition_penalty != 1.0:
+            seen = torch.zeros(logits.shape, dtype=torch.bool, device=device)
+            for i, ids in enumerate(r.prompt_ids for r in rows):
+                seen[i, ids] = True
+        generators = []
+        if settings.sampling:
+            for row in rows:
+                generator = torch.Generator(device=device)
+                generator.manual_seed(row.seed or 0)
+                generators.append(generator)
+    released = 0
+    while True:
+        active = [r.finish_reason is None for r in rows]
+        with torch.inference_mode():
+            next_ids, chosen, top = _pick(logits, settings, seen, generators, active, pad)
+            if seen is not None:
+                seen.scatter_(1, next_ids[:, None], True)
+        now = time.perf_counter()
+        for i, (row, token) in enumerate(zip(rows, next_ids.tolist(), strict=True)):
+            if not active[i]:
+                continue
+            if not row.token_ids:
+                row.first_token_at = now
+            row.token_ids.append(token)
+            if row.logprobs is not None and names is not None and chosen is not None:
+                row.logprobs.append(_logprob_entry(names, token, chosen[i], top[i] if top else []))
+            text = _advance(row, token, eos, settings.max_new_tokens, context)
+            if text:
+                yield TextChunk(row.index, row.sample, text)
+            if row.finish_reason is not None:
+                row.done_at = now
+        while released < len(rows) and rows[released].finish_reason is not None:
+            yield _finish(lm, rows[released], settings, started)
+            released += 1
+        if released == len(rows):
+            return
+        with torch.inference_mode():
+            # Rows that are done keep stepping with the pad token until the batch ends; clamping their
+            # position keeps it inside the position table.
+            logits = stepper.step(next_ids[:, None], next_pos.clamp(max=context - 1)[:, None])
+            next_pos += 1
+
+
+def _pick(
+    logits: torch.Tensor,
+    settings: Settings,
+    seen: torch.Tensor | None,
+    generators: list[torch.Generator],
+    active: list[bool],
+    pad: int,
+) -> tuple[torch.Tensor, list[float] | None, list[list[tuple[int, float]]] | None]:
+    """The next token of every row (pad for finished rows), and raw logprobs when asked for."""
+    import torch
+
+    scores = process_logits(logits, settings, seen)
+    if settings.sampling:
+        probs = torch.softmax(scores, dim=-1)
+        picks = [
+            torch.multinomial(probs[i], 1, generator=generators[i])
+            if active[i]
+            else torch.tensor([pad], device=probs.device)
+            for i in range(len(active))
+        ]
+        next_ids = torch.cat(picks)
+    else:
+        next_ids = scores.argmax(dim=-1)
+        if not all(active):
+            keep = torch.tensor(active, device=next_ids.device)
+            next_ids = torch.where(keep, next_ids, torch.full_like(next_ids, pad))
+    if settings.logprobs is None:
+        return next_ids, None, None
+    # Logprobs are the model's own distribution (before temperature, penalty and filters), so they
+    # are comparable across settings and equal to what `gptcli topk` shows.
+    logprobs = torch.log_softmax(logits, dim=-1)
+    chosen = logprobs.gather(1, next_ids[:, None])[:, 0].tolist()
+    top = None
+    if settings.logprobs > 0:
+        best = torch.topk(logprobs, min(settings.logprobs, logprobs.shape[-1]), dim=-1)
+        top = [
+            list(zip(ids, lps, strict=True))
+            for ids, lps in zip(best.indices.tolist(), best.values.tolist(), strict=True)
+        ]
+    return next_ids, chosen, top
+
+
+def _logprob_entry(
+    names: TokenText, token: int, logprob: float, top: list[tuple[int, float]]
+) -> dict[str, Any]:
+    return {
+        **names.describe(token),
+        "logprob": logprob,
+        "top_logprobs": [{**names.describe(t), "logprob": lp} for t, lp in top],
+    }
+
+
+def _advance(row: _Row, token: int, eos: set[int], max_new_tokens: int, context: int) -> str:
+    """Take one generated token into the row: the text it releases, and whether the row is done."""
+    text = ""
+    if token in eos:
+        row.finish_reason = "eos"
+    else:
+        text, hit = row.stops.feed(row.detok.push(token))
+        if hit:
+            row.finish_reason = "stop"
+            return text
+        if len(row.token_ids) >= max_new_tokens:
+            row.finish_reason = "length"
+        elif len(row.prompt_ids) + len(row.token_ids) >= context:
+            row.finish_reason = "length"
+            row.context_full = True
+        else:
+            return text
+    # The end: release the bytes held back for an incomplete character, then the held stop prefix.
+    tail, hit = row.stops.feed(row.detok.flush())
+    if hit:
+        row.finish_reason = "stop"
+        row.context_full = False
+        return text + tail
+    return text + tail + row.stops.flush()
+
+
+def _finish(lm: LoadedModel, row: _Row, settings: Settings, started: float) -> Completion:
+    # The text is the one-shot decode of the ids, not the sum of the streamed chunks: the two agree
+    # (Detokenizer's promise, checked by the tests), and the one-shot decode is the reference.
+    text = decode(lm.tokenizer, row.token_ids)
+    if row.finish_reason == "stop":
+        text = cut_at_stop(text, settings.stop)
+    return Completion(
+        index=row.index,
+        sample=row.sample,
+        prompt=row.prompt,
+        prompt_ids=row.prompt_ids,
+        text=text,
+        token_ids=row.token_ids,
+        finish_reason=row.finish_reason or "length",
+        dropped=row.dropped,
+        context_full=row.context_full,
+        seed=row.seed,
+        seconds=row.done_at - started,
+        first_token_seconds=row.first_token_at - started,
+        logprobs=row.logprobs,
+    )
