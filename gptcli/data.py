@@ -1,0 +1,420 @@
+"""Training text -> token ids on disk -> batches of packed blocks.
+
+Inputs are .txt files (each file one document), .jsonl files (one document per line, the text in a
+field), or '-' for stdin (one document). Everything is tokenized once, in batches, with an EOS token after
+every document, and written as a flat array of token ids (uint16 when the vocabulary fits) that later
+runs open as a numpy memmap: resuming, or a second run on the same data, does not tokenize again.
+
+Packing: block i is tokens[i*B : i*B + B + 1], so consecutive blocks share one token and every token of
+the stream is predicted exactly once (inputs are the first B ids, targets the last B).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import os
+import re
+import sys
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from gptcli.errors import GptcliError, UsageError
+
+if TYPE_CHECKING:
+    import numpy as np
+    from transformers import PreTrainedTokenizerBase
+
+CACHE_FORMAT = 1
+# Long documents are cut into pieces of about this many characters so the fast tokenizer can work on
+# them in parallel, and so one huge file never becomes one huge Python list of ids.
+PIECE_CHARS = 1 << 16
+BATCH_CHARS = 1 << 22
+# A cut just after "x\n" followed by a non-space character: GPT-2's pre-tokenizer puts a token boundary
+# on both sides of such a newline, so tokenizing the pieces separately gives the same ids as the whole.
+_SAFE_CUT = re.compile(r"\S\n(?=\S)")
+_PROBE = "Hello there.\nSecond line, with 42 numbers.\n今天天气很好。\n  indented\nlast line\n"
+
+
+@dataclass
+class Blocks:
+    """Packed blocks of `block_size + 1` tokens taken from a token stream at the given start offsets."""
+
+    tokens: np.ndarray
+    starts: np.ndarray
+    block_size: int
+
+    def __len__(self) -> int:
+        return len(self.starts)
+
+    def read(self, which: np.ndarray) -> np.ndarray:
+        """The blocks numbered `which`, as an int64 array of shape (len(which), block_size + 1)."""
+        import numpy as np
+
+        offsets = self.starts[which][:, None] + np.arange(self.block_size + 1)
+        return self.tokens[offsets].astype(np.int64)
+
+
+@dataclass
+class TokenCache:
+    """Where the token ids of a run live (OUTDIR/data) and what they were made from."""
+
+    folder: Path
+    fingerprint: str
+    dtype: str
+    train_tokens: int
+    val_tokens: int
+    documents: int
+    reused: bool
+
+    def open(self, split: str) -> np.ndarray:
+        """The ids of `split` ('train' or 'val') as a read-only memmap."""
+        import numpy as np
+
+        count = self.train_tokens if split == "train" else self.val_tokens
+        if count == 0:
+            return np.zeros(0, dtype=self.dtype)
+        return np.memmap(self.folder / f"{split}.bin", dtype=self.dtype, mode="r", shape=(count,))
+
+
+# ---- reading ---------------------------------------------------------------------------------------
+
+
+def _decode(data: bytes, where: str) -> str:
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise UsageError(f"{where} is not valid UTF-8 (byte offset {exc.start})") from exc
+
+
+def _read_bytes(path: str, stdin: bytes | None) -> bytes:
+    if path == "-":
+        if stdin is None:
+            raise UsageError("'-' given as data but nothing was read from stdin")
+        return stdin
+    try:
+        return Path(path).expanduser().read_bytes()
+    except IsADirectoryError as exc:
+        raise UsageError(f"{path} is a directory: pass the .txt or .jsonl files in it") from exc
+    except OSError as exc:
+        raise UsageError(f"cannot read {path}: {exc.strerror or exc}") from exc
+
+
+def read_stdin_bytes() -> bytes:
+    """All of stdin; refuses a terminal, where nothing was piped."""
+    if sys.stdin is None or sys.stdin.isatty():
+        raise UsageError("'-' means read the text from stdin, but nothing is piped into it")
+    return sys.stdin.buffer.read()
+
+
+def read_documents(
+    paths: Iterable[str], text_field: str = "text", stdin: bytes | None = None
+) -> Iterator[str]:
+    """Yield the documents of every input in order: a .txt file or stdin whole, a .jsonl file per line.
+
+    Raises UsageError naming the file and byte offset of invalid UTF-8, and the line of bad JSON.
+    """
+    for path in paths:
+        data = _read_bytes(path, stdin)
+        where = "stdin" if path == "-" else path
+        if not path.endswith(".jsonl"):
+            yield _decode(data, where)
+            continue
+        offset = 0
+        for number, line in enumerate(data.split(b"\n"), 1):
+            text = _jsonl_line(line, where, offset)
+            offset += len(line) + 1
+            if not text.strip():
+                continue
+            try:
+                record = json.loads(text)
+            except json.JSONDecodeError as exc:
+                raise UsageError(f"{where} line {number} is not valid JSON: {exc.msg}") from exc
+            value = record.get(text_field) if isinstance(record, dict) else None
+            if not isinstance(value, str):
+                raise UsageError(
+                    f"{where} line {number} has no string field {text_field!r} (use --text-field NAME)"
+                )
+            yield value
+
+
+def _jsonl_line(line: bytes, where: str, offset: int) -> str:
+    try:
+        return line.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise UsageError(f"{where} is not valid UTF-8 (byte offset {offset + exc.start})") from exc
+
+
+def split_document(text: str, piece_chars: int = PIECE_CHARS) -> list[str]:
+    """Cut `text` into pieces of at least `piece_chars` characters, only at newlines between words."""
+    pieces, start = [], 0
+    while len(text) - start > piece_chars:
+        cut = _SAFE_CUT.search(text, start + piece_chars)
+        if cut is None:
+            break
+        pieces.append(text[start : cut.end()])
+        start = cut.end()
+    pieces.append(text[start:])
+    return pieces
+
+
+def _encode(tokenizer: PreTrainedTokenizerBase, texts: list[str]) -> list[list[int]]:
+    # No special tokens: BERT-style tokenizers would wrap every piece in [CLS] ... [SEP].
+    return tokenizer(texts, add_special_tokens=False, return_attention_mask=False)["input_ids"]
+
+
+def splits_exactly(tokenizer: PreTrainedTokenizerBase) -> bool:
+    """Whether tokenizing pieces cut by `split_document` gives the ids of the whole (true for GPT-2's BPE)."""
+    pieces = split_document(_PROBE, piece_chars=1)
+    whole = _encode(tokenizer, [_PROBE])[0]
+    return len(pieces) > 1 and whole == list(itertools.chain.from_iterable(_encode(tokenizer, pieces)))
+
+
+# ---- tokenizing into the cache -----------------------------------------------------------------------
+
+
+def token_dtype(vocab_size: int) -> str:
+    return "uint16" if vocab_size <= 1 << 16 else "uint32"
+
+
+def tokenize_to_file(
+    documents: Iterable[str],
+    tokenizer: PreTrainedTokenizerBase,
+    eos_id: int,
+    path: Path,
+    dtype: str,
+    piece_chars: int = PIECE_CHARS,
+) -> tuple[int, int]:
+    """Tokenize `documents` in batches, an EOS after each, appending the ids to `path`.
+
+    Returns (tokens written, non-empty documents).
+    """
+    import numpy as np
+
+    exact = splits_exactly(tokenizer)
+    tokens = documents_seen = 0
+    batch: list[str] = []
+    ends: list[bool] = []  # whether batch[i] is the last piece of its document
+    size = 0
+
+    def flush(out: Any) -> int:
+        ids = _encode(tokenizer, batch)
+        flat = itertools.chain.from_iterable(
+            itertools.chain(piece, [eos_id]) if end else piece for piece, end in zip(ids, ends, strict=True)
+        )
+        array = np.fromiter(flat, dtype=np.int64)
+        if len(array) and array.max() > np.iinfo(dtype).max:
+            raise GptcliError(f"token id {array.max()} does not fit the cache's {dtype}")
+        array.astype(dtype).tofile(out)
+        batch.clear()
+        ends.clear()
+        return len(array)
+
+    with open(path, "wb") as out:
+        for document in documents:
+            if not document:
+                continue
+            documents_seen += 1
+            pieces = split_document(document, piece_chars) if exact else [document]
+            for number, piece in enumerate(pieces, 1):
+                batch.append(piece)
+                ends.append(number == len(pieces))
+                size += len(piece)
+            if size >= BATCH_CHARS or len(batch) >= 1024:
+                tokens += flush(out)
+                size = 0
+        if batch:
+            tokens += flush(out)
+        out.flush()
+        os.fsync(out.fileno())
+    return tokens, documents_seen
+
+
+def _input_stamp(path: str, stdin: bytes | None) -> Any:
+    if path == "-":
+        return ["-", hashlib.sha256(stdin or b"").hexdigest()]
+    try:
+        stat = Path(path).expanduser().stat()
+    except OSError as exc:
+        raise UsageError(f"cannot read {path}: {exc.strerror or exc}") from exc
+    # Size and modification time, as make and rsync do: hashing gigabytes on every resume costs minutes.
+    return [str(Path(path).expanduser().resolve()), stat.st_size, stat.st_mtime_ns]
+
+
+def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    text = backend.to_str() if backend is not None else json.dumps(sorted(tokenizer.get_vocab().items()))
+    return hashlib.sha256(f"{type(tokenizer).__name__}\n{text}".encode()).hexdigest()
+
+
+def prepare_tokens(
+    train_paths: list[str],
+    val_paths: list[str],
+    tokenizer: PreTrainedTokenizerBase,
+    eos_id: int,
+    folder: Path,
+    *,
+    text_field: str = "text",
+) -> TokenCache:
+    """Tokenize the inputs into `folder` (train.bin, val.bin, meta.json), or reuse what is there.
+
+    The cache is reused only when the inputs (path, size, mtime; stdin by content), the text field, the
+    tokenizer and the EOS id are all the same; otherwise it is rebuilt.
+    """
+    if not train_paths:
+        raise UsageError("no training data: pass one or more .txt/.jsonl files, or '-' for stdin")
+    if (train_paths + val_paths).count("-") > 1:
+        raise UsageError("stdin ('-') can be read only once")
+    stdin = read_stdin_bytes() if "-" in train_paths + val_paths else None
+    dtype = token_dtype(len(tokenizer))
+    recipe = {
+        "format": CACHE_FORMAT,
+        "train": [_input_stamp(p, stdin) for p in train_paths],
+        "val": [_input_stamp(p, stdin) for p in val_paths],
+        "text_field": text_field,
+        "tokenizer": tokenizer_fingerprint(tokenizer),
+        "eos": eos_id,
+        "dtype": dtype,
+    }
+    fingerprint = hashlib.sha256(json.dumps(recipe).encode()).hexdigest()[:16]
+    cached = _read_meta(folder, fingerprint)
+    if cached is not None:
+        return cached
+
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "meta.json").unlink(missing_ok=True)  # the old bins are about to change under it
+    counts = {}
+    documents = 0
+    for split, paths in (("train", train_paths), ("val", val_paths)):
+        temp = folder / f".{split}.bin.tmp-{os.getpid()}"
+        docs = read_documents(paths, text_field, stdin)
+        counts[split], found = tokenize_to_file(docs, tokenizer, eos_id, temp, dtype)
+        documents += found
+        if counts[split] == 0 and (split == "train" or paths):
+            temp.unlink()
+            names = ", ".join("stdin" if p == "-" else p for p in paths)
+            which = "training" if split == "train" else "validation (--val)"
+            raise UsageError(f"no text in the {which} data: {names} holds no documents")
+        os.replace(temp, folder / f"{split}.bin")
+    meta = {
+        "fingerprint": fingerprint,
+        "dtype": dtype,
+        "train_tokens": counts["train"],
+        "val_tokens": counts["val"],
+        "documents": documents,
+        "recipe": recipe,
+    }
+    _write_json_atomic(folder / "meta.json", meta)
+    return TokenCache(folder, fingerprint, dtype, counts["train"], counts["val"], documents, reused=False)
+
+
+def _read_meta(folder: Path, fingerprint: str) -> TokenCache | None:
+    try:
+        meta = json.loads((folder / "meta.json").read_text(encoding="utf-8"))
+        if meta.get("fingerprint") != fingerprint:
+            return None
+        itemsize = 2 if meta["dtype"] == "uint16" else 4
+        for split in ("train", "val"):
+            size = (folder / f"{split}.bin").stat().st_size
+            if size != meta[f"{split}_tokens"] * itemsize:
+                return None
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return TokenCache(
+        folder,
+        fingerprint,
+        meta["dtype"],
+        meta["train_tokens"],
+        meta["val_tokens"],
+        meta["documents"],
+        reused=True,
+    )
+
+
+def _write_json_atomic(path: Path, obj: Any) -> None:
+    temp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(temp, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(temp, path)
+
+
+# ---- blocks, validation split, batch order --------------------------------------------------------
+
+
+def make_blocks(tokens: np.ndarray, block_size: int, what: str) -> Blocks:
+    """All whole blocks of `tokens`; refuses (rather than pads) data shorter than one block."""
+    import numpy as np
+
+    count = (len(tokens) - 1) // block_size
+    if count < 1:
+        raise UsageError(
+            f"the {what} data has {len(tokens)} tokens, fewer than one block of {block_size} + 1: "
+            f"refusing to pad it; pass --block-size {max(len(tokens) - 1, 1)} or less, or more text"
+        )
+    return Blocks(tokens, np.arange(count, dtype=np.int64) * block_size, block_size)
+
+
+def split_validation(blocks: Blocks, fraction: float) -> tuple[Blocks, Blocks | None]:
+    """Set aside every 1/fraction-th block for validation, spread over the whole corpus.
+
+    Spreading the held-out blocks keeps them representative when files differ (a tail split would hold
+    out only the last file). Returns (train, val); val is None when too little data for one block.
+    """
+    import numpy as np
+
+    index = np.arange(len(blocks))
+    is_val = np.floor((index + 1) * fraction) > np.floor(index * fraction)
+    if not is_val.any():
+        return blocks, None
+    if is_val.all():
+        raise UsageError(f"--val-split {fraction} leaves no training data")
+    train = Blocks(blocks.tokens, blocks.starts[~is_val], blocks.block_size)
+    val = Blocks(blocks.tokens, blocks.starts[is_val], blocks.block_size)
+    return train, val
+
+
+class BatchOrder:
+    """Which training block is sample number i: every epoch a fresh shuffle, fixed by seed and epoch.
+
+    The order depends only on (seed, number of blocks), never on the number of processes, so a run can
+    resume from a sample count and N processes can split every global batch among themselves.
+    """
+
+    def __init__(self, blocks: int, seed: int) -> None:
+        self.blocks = blocks
+        self.seed = seed
+        self._epoch = -1
+        self._perm: np.ndarray | None = None
+
+    def _permutation(self, epoch: int) -> np.ndarray:
+        import numpy as np
+
+        if epoch != self._epoch:
+            self._perm = np.random.default_rng([self.seed, epoch]).permutation(self.blocks)
+            self._epoch = epoch
+        assert self._perm is not None
+        return self._perm
+
+    def take(self, start: int, count: int) -> np.ndarray:
+        """Block numbers of samples start, start+1, ..., start+count-1."""
+        import numpy as np
+
+        out = np.empty(count, dtype=np.int64)
+        for i in range(count):
+            epoch, pos = divmod(start + i, self.blocks)
+            out[i] = self._permutation(epoch)[pos]
+        return out
+
+
+def shard_start(samples_seen: int, micro_step: int, rank: int, world: int, batch_size: int) -> int:
+    """First sample of what `rank` reads at `micro_step` of the global batch that starts at `samples_seen`.
+
+    A global batch is laid out as [micro_step][rank][batch_size], so micro-step k of N processes covers
+    exactly the samples of micro-step k of one process with N times the batch size.
+    """
+    return samples_seen + (micro_step * world + rank) * batch_size

@@ -1,0 +1,526 @@
+"""Fine-tune (or train from scratch) a causal LM: a TrainConfig and one training loop, top to bottom.
+
+The shape is nanoGPT's train.py, as functions: DDP when torchrun starts us, rank 0 alone logs and writes,
+gradient accumulation without needless all-reduces (no_sync), autocast that is off in fp32, a GradScaler
+only for fp16, a validation loss under torch.no_grad(), and a checkpoint with everything needed to
+continue the run as if it had never stopped (model, optimizer, scaler, step, RNG states, data position).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from gptcli import __version__
+from gptcli.errors import GptcliError, UsageError
+
+if TYPE_CHECKING:
+    import torch
+
+    from gptcli.data import BatchOrder, Blocks
+    from gptcli.distributed import Dist
+
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+
+@dataclass
+class TrainConfig:
+    """A training run. The `gptcli finetune` options map one to one onto these fields."""
+
+    data: list[str] = field(default_factory=list)
+    """Training text: .txt files (one document each), .jsonl files (one per line), '-' for stdin."""
+    out_dir: Path = Path("finetuned")
+    """Where the checkpoint, metrics.jsonl, loss.png, the token cache and finally the trained model go."""
+    model: str | None = None
+    """Base model, a hub id or a folder [default: $GPTCLI_MODEL or gpt2]. With from_scratch: only the
+    default tokenizer."""
+    text_field: str = "text"
+    """The field of each .jsonl line that holds the text."""
+    val: list[str] = field(default_factory=list)
+    """Validation text files; when empty, `val_split` of the training blocks is held out instead."""
+    val_split: float = 0.05
+    """Fraction of training blocks held out for validation when `val` is empty (0: no validation)."""
+    block_size: int | None = None
+    """Tokens per training sequence [default: the model's context, at most 1024]."""
+
+    steps: int | None = None
+    """Optimizer steps to run. Give this or `epochs`; neither means one epoch."""
+    epochs: float | None = None
+    """Passes over the training blocks (fractions allowed); sets `steps`."""
+    batch_size: int = 8
+    """Sequences per process per micro-step."""
+    grad_accum: int = 1
+    """Micro-steps per optimizer step. Global batch = batch_size x grad_accum x processes."""
+    lr: float = 5e-5
+    """Peak learning rate (AdamW)."""
+    min_lr: float | None = None
+    """Learning rate at the end of the cosine decay [default: lr / 10]."""
+    warmup: int | None = None
+    """Linear warm-up steps [default: 5% of the steps, at most 1000; 0 turns it off]."""
+    weight_decay: float = 0.1
+    """AdamW decoupled weight decay, applied to matrices and embeddings only (not biases or norms)."""
+    betas: tuple[float, float] = (0.9, 0.95)
+    """AdamW betas; 0.95 as in GPT-3 and nanoGPT, steadier than 0.999 with small batches."""
+    clip: float = 1.0
+    """Clip the gradient norm to this (0: no clipping)."""
+    dropout: float | None = None
+    """Override the model's dropout probabilities [default: keep the model's; 0 when from scratch]."""
+    seed: int = 1337
+    """Seeds weight init, data order and dropout; the same seed gives the same run."""
+
+    device: str = "auto"
+    """auto|cpu|cuda|cuda:N|mps. Under torchrun each process takes cuda:LOCAL_RANK."""
+    precision: str = "auto"
+    """auto|fp32|bf16|fp16 autocast. auto: bf16 on CUDA GPUs that have it, else fp16; fp32 elsewhere."""
+    compile: bool = False
+    """torch.compile the model (faster steps on GPUs after a slow first one)."""
+
+    eval_every: int = 200
+    """Steps between validation losses (also at the last step)."""
+    eval_batches: int = 20
+    """Validation batches (of batch_size per process) per evaluation; the same blocks every time."""
+    save_every: int = 500
+    """Steps between checkpoints (also at the last step, and on Ctrl-C or SIGTERM)."""
+    log_every: int = 10
+    """Steps between metrics.jsonl lines and progress updates; the loss is the mean since the last one."""
+    resume: bool = False
+    """Continue the run in out_dir from its checkpoint (start fresh when it has none)."""
+    overwrite: bool = False
+    """Write into out_dir even if it holds other files; our own old run files there are deleted."""
+
+    from_scratch: bool = False
+    """New random weights instead of a pretrained model."""
+    n_layer: int | None = None
+    """From scratch: transformer blocks [default: from model_config, else 6]."""
+    n_head: int | None = None
+    """From scratch: attention heads [default: from model_config, else 6]."""
+    n_embd: int | None = None
+    """From scratch: embedding width [default: from model_config, else 384]."""
+    context: int | None = None
+    """From scratch: positions the model attends to [default: from model_config, else 256]."""
+    model_config: Path | None = None
+    """From scratch: a config.json to start from (GPT-2 unless it names another model_type)."""
+    tokenizer: str | None = None
+    """From scratch: tokenizer hub id or folder [default: the tokenizer of `model`]."""
+
+    allow_pickle: bool = False
+    """Allow a base model with pickle (pytorch_model.bin) weights, loaded with weights_only=True."""
+    trust_remote_code: bool = False
+    """Allow the base model's own Python code (auto_map) to run."""
+
+    def check(self) -> None:
+        """Refuse values that cannot work, with the option to fix."""
+        positive = {
+            "--batch-size": self.batch_size,
+            "--grad-accum": self.grad_accum,
+            "--eval-every": self.eval_every,
+            "--eval-batches": self.eval_batches,
+            "--save-every": self.save_every,
+            "--log-every": self.log_every,
+        }
+        for name, value in positive.items():
+            if value < 1:
+                raise UsageError(f"{name} must be at least 1")
+        for name, value in {"--steps": self.steps, "--block-size": self.block_size}.items():
+            if value is not None and value < 1:
+                raise UsageError(f"{name} must be at least 1")
+        if self.steps is not None and self.epochs is not None:
+            raise UsageError("give --steps or --epochs, not both")
+        if self.epochs is not None and not self.epochs > 0:
+            raise UsageError("--epochs must be positive")
+        if not 0 <= self.val_split < 1:
+            raise UsageError("--val-split must be at least 0 and below 1")
+        if not self.lr > 0 or (self.min_lr is not None and not 0 <= self.min_lr <= self.lr):
+            raise UsageError("--lr must be positive and --min-lr between 0 and --lr")
+        if self.warmup is not None and self.warmup < 0:
+            raise UsageError("--warmup must be 0 or more")
+        if self.clip < 0 or self.weight_decay < 0:
+            raise UsageError("--clip and --weight-decay must be 0 or more")
+        if self.dropout is not None and not 0 <= self.dropout < 1:
+            raise UsageError("--dropout must be at least 0 and below 1")
+        if self.precision not in PRECISIONS:
+            raise UsageError(f"unknown --precision {self.precision!r}: use one of {', '.join(PRECISIONS)}")
+        scratch_only = {
+            "--n-layer": self.n_layer,
+            "--n-head": self.n_head,
+            "--n-embd": self.n_embd,
+            "--context": self.context,
+            "--config": self.model_config,
+            "--tokenizer": self.tokenizer,
+        }
+        given = [name for name, value in scratch_only.items() if value is not None]
+        if given and not self.from_scratch:
+            raise UsageError(f"{', '.join(given)} only apply with --from-scratch")
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON values (paths as strings), for gptcli-run.json and the checkpoint."""
+        out = asdict(self)
+        out["out_dir"] = str(self.out_dir)
+        out["model_config"] = str(self.model_config) if self.model_config else None
+        out["betas"] = list(self.betas)
+        return out
+
+
+@dataclass
+class TrainEvent:
+    """What the loop reports, on rank 0 only.
+
+    kind: "start" (metrics: parameters, train_tokens, val_tokens, global_batch, block_size),
+    "log" (step, loss, lr, tokens, tokens_per_second, eta_seconds, and val_loss / mfu when known),
+    "save" (a checkpoint was written), "note" (a remark in `message`), "end".
+    """
+
+    kind: str
+    step: int
+    total_steps: int
+    metrics: dict[str, Any] = field(default_factory=dict)
+    message: str = ""
+
+
+@dataclass
+class TrainResult:
+    """How a run ended."""
+
+    out_dir: Path
+    step: int
+    total_steps: int
+    tokens: int
+    loss: float | None
+    val_loss: float | None
+    seconds: float
+    interrupted: bool
+    main: bool = True
+    """Whether this process is rank 0, the one that reports (False on the other torchrun ranks)."""
+
+
+EventHandler = Callable[[TrainEvent], None]
+
+
+def train(config: TrainConfig, on_event: EventHandler | None = None) -> TrainResult:
+    """Train as `config` says; report progress through `on_event`; return how it ended.
+
+    Under torchrun every process calls this; only rank 0 calls `on_event` and writes files.
+    Raises GptcliError for what the user can fix (bad data, foreign out_dir, a loss that became NaN).
+    """
+    from gptcli import distributed
+
+    config.check()
+    ddp = distributed.setup(config.device)
+    try:
+        return _train(config, ddp, on_event if ddp.is_main else None)
+    finally:
+        ddp.close()
+
+
+def _train(cfg: TrainConfig, ddp: Dist, on_event: EventHandler | None) -> TrainResult:
+    import torch
+    import torch.nn.functional as F
+
+    from gptcli.checkpoint import (
+        MetricsLog,
+        claim_out_dir,
+        export_model,
+        load_checkpoint,
+        plot_losses,
+        rng_state,
+        save_checkpoint,
+        set_rng_state,
+    )
+    from gptcli.distributed import StopRequest
+    from gptcli.train_setup import (
+        build_model,
+        load_data,
+        model_flops_per_token,
+        peak_flops,
+        resolve_precision,
+    )
+
+    def report(kind: str, metrics: dict[str, Any] | None = None, message: str = "") -> None:
+        if on_event is not None:
+            on_event(TrainEvent(kind, step, total_steps, metrics or {}, message))
+
+    started = time.perf_counter()
+    step = total_steps = 0
+    device = ddp.device
+    precision = resolve_precision(cfg.precision, device)
+    if device.type == "cuda":
+        torch.set_float32_matmul_precision("high")  # TF32 matmuls for whatever autocast leaves in fp32
+
+    # The output folder, the model and the data.
+    out = cfg.out_dir.expanduser()
+    about = {"version": __version__, "config": cfg.to_dict()}
+    resume_from = ddp.on_main(
+        lambda: claim_out_dir(out, resume=cfg.resume, overwrite=cfg.overwrite, describe=about)
+    )
+    torch.manual_seed(cfg.seed)  # the same initial weights on every rank
+    tokenizer, model, notice = build_model(cfg)
+    train_data, val_data, notes = load_data(cfg, ddp, tokenizer, model.config, out)
+    notes = ([notice] if notice else []) + notes
+    global_batch = cfg.batch_size * cfg.grad_accum * ddp.world
+    total_steps = cfg.steps or max(1, math.ceil((cfg.epochs or 1.0) * len(train_data.blocks) / global_batch))
+    warmup = min(total_steps // 20, 1000) if cfg.warmup is None else cfg.warmup
+    min_lr = cfg.lr / 10 if cfg.min_lr is None else cfg.min_lr
+    block_size = train_data.blocks.block_size
+
+    model.to(device)
+    model.train()
+    optimizer = make_optimizer(model, cfg, device)
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == torch.float16)
+
+    # Resume: weights, optimizer moments, scaler, position in the data, RNG streams, pending loss sum.
+    samples_seen = tokens_seen = pending_steps = 0
+    pending_loss = 0.0
+    torch.manual_seed(cfg.seed + ddp.rank)  # different dropout masks on each rank, as in nanoGPT
+    if resume_from is not None:
+        state = load_checkpoint(resume_from)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scaler.load_state_dict(state["scaler"])
+        step, samples_seen, tokens_seen = state["step"], state["samples_seen"], state["tokens_seen"]
+        pending_loss, pending_steps = state["pending_loss"], state["pending_steps"]
+        rng = state["rng"]
+        if len(rng) != ddp.world:
+            notes.append(f"the checkpoint was written by {len(rng)} process(es), this run has {ddp.world}")
+        set_rng_state(rng[ddp.rank % len(rng)], device)
+        notes.append(f"resumed from step {step} ({resume_from})")
+        del state
+
+    raw_model = model
+    if cfg.compile:
+        model = torch.compile(model)
+    if ddp.enabled:
+        from torch.nn.parallel import DistributedDataParallel
+
+        model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    autocast = torch.autocast(device.type, dtype=precision) if precision != torch.float32 else nullcontext()
+    metrics = (
+        MetricsLog(out / "metrics.jsonl", keep_until=step if resume_from else None) if ddp.is_main else None
+    )
+    params = sum(p.numel() for p in raw_model.parameters())
+    flops_per_token = model_flops_per_token(raw_model.config, params, block_size)
+    peak = peak_flops(device)
+
+    report(
+        "start",
+        {
+            "parameters": params,
+            "train_tokens": len(train_data.blocks) * block_size,
+            "val_tokens": len(val_data) * block_size if val_data else 0,
+            "global_batch": global_batch,
+            "block_size": block_size,
+            "processes": ddp.world,
+            "device": str(device),
+            "precision": str(precision).removeprefix("torch."),
+            "start_step": step,
+        },
+    )
+    for note in notes:
+        report("note", message=note)
+
+    # The loop. Tensors stay on the device between log steps: no .item() (a GPU sync) until then.
+    loss_sum = torch.tensor(pending_loss, device=device)
+    interval_steps, interval_start = pending_steps, time.perf_counter()
+    last_loss = last_val = None
+    last_saved = step if resume_from else None
+    with StopRequest() as stop:
+        while step < total_steps:
+            lr = lr_at(step, cfg.lr, min_lr, warmup, total_steps)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            for micro in range(cfg.grad_accum):
+                start = _shard_start(samples_seen, micro, ddp, cfg.batch_size)
+                x, y = get_batch(train_data.blocks, train_data.order, start, cfg.batch_size, device)
+                # Only the last micro-step all-reduces gradients; the others just accumulate locally.
+                last = micro == cfg.grad_accum - 1
+                with nullcontext() if last or not ddp.enabled else model.no_sync():
+                    with autocast:
+                        logits = model(input_ids=x, use_cache=False).logits
+                    loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten()) / cfg.grad_accum
+                    scaler.scale(loss).backward()
+                loss_sum += loss.detach()
+            if cfg.clip > 0:
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.clip)
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            samples_seen += global_batch
+            tokens_seen += global_batch * block_size
+            interval_steps += 1
+
+            done = step == total_steps
+            evaluate = val_data is not None and (step % cfg.eval_every == 0 or done)
+            save = step % cfg.save_every == 0 or done
+            log = step % cfg.log_every == 0 or evaluate or done
+            stopping = ddp.any(stop.requested)
+            if not (log or save or stopping):
+                continue
+
+            mean_loss = ddp.mean(loss_sum).item() / interval_steps
+            if not math.isfinite(mean_loss):
+                what = "infinite" if math.isinf(mean_loss) else "NaN"
+                raise GptcliError(
+                    non_finite_message(f"the training loss became {what}", step, last_saved, out)
+                )
+            if log:
+                now = time.perf_counter()
+                seconds_per_step = (now - interval_start) / interval_steps
+                record: dict[str, Any] = {
+                    "step": step,
+                    "loss": mean_loss,
+                    "lr": lr,
+                    "tokens": tokens_seen,
+                    "tokens_per_second": global_batch * block_size / seconds_per_step,
+                }
+                if peak:
+                    per_device = record["tokens_per_second"] / ddp.world
+                    record["mfu"] = flops_per_token * per_device / peak
+                if evaluate:
+                    assert val_data is not None
+                    last_val = record["val_loss"] = estimate_val_loss(raw_model, val_data, cfg, ddp, autocast)
+                last_loss = mean_loss
+                if metrics is not None:
+                    metrics.write(record)
+                report("log", {**record, "eta_seconds": seconds_per_step * (total_steps - step)})
+                loss_sum.zero_()
+                interval_steps = 0
+            if save or stopping:
+                if not all_finite(raw_model):  # never let a checkpoint replace a good one with NaN weights
+                    raise GptcliError(
+                        non_finite_message("the weights became NaN or infinite", step, last_saved, out)
+                    )
+                state = {
+                    "format": 1,
+                    "step": step,
+                    "samples_seen": samples_seen,  # the data position: the batch order is a function of it
+                    "tokens_seen": tokens_seen,
+                    "pending_loss": ddp.mean(loss_sum).item(),  # so the next logged mean is the same
+                    "pending_steps": interval_steps,
+                    "rng": ddp.gather(rng_state(device)),  # every rank's dropout stream
+                    "model": raw_model.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "scaler": scaler.state_dict(),
+                    "schedule": {"lr": cfg.lr, "min_lr": min_lr, "warmup": warmup, "steps": total_steps},
+                    "config": cfg.to_dict(),
+                }
+                if ddp.is_main:
+                    save_checkpoint(state, out)
+                    report("save", {"step": step})
+                last_saved = step
+                del state
+            if stopping:
+                break
+            interval_start = time.perf_counter()  # evaluation and saving are not training speed
+
+    interrupted = step < total_steps
+    if ddp.is_main:
+        export_model(raw_model, tokenizer, out)
+        plot_losses(out / "metrics.jsonl", out / "loss.png")
+    if metrics is not None:
+        metrics.close()
+    result = TrainResult(
+        out,
+        step,
+        total_steps,
+        tokens_seen,
+        last_loss,
+        last_val,
+        time.perf_counter() - started,
+        interrupted,
+        ddp.is_main,
+    )
+    report("end", {"loss": last_loss, "val_loss": last_val, "tokens": tokens_seen, "seconds": result.seconds})
+    return result
+
+
+def lr_at(step: int, lr: float, min_lr: float, warmup: int, total: int) -> float:
+    """Learning rate for optimizer step `step` (0-based): linear warm-up, then cosine decay to min_lr."""
+    if step < warmup:
+        return lr * (step + 1) / (warmup + 1)
+    if step >= total:
+        return min_lr
+    progress = (step - warmup) / max(1, total - warmup)
+    return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (lr - min_lr)
+
+
+def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
+    """AdamW with weight decay on matrices and embeddings only; the fused kernel on CUDA."""
+    import torch
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, fused=device.type == "cuda" or None)
+
+
+def get_batch(
+    blocks: Blocks, order: BatchOrder, start: int, batch_size: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inputs and next-token targets for samples start .. start+batch_size-1 of the training order."""
+    import torch
+
+    tokens = torch.from_numpy(blocks.read(order.take(start, batch_size)))
+    if device.type == "cuda":  # pinned memory lets the copy overlap with compute
+        tokens = tokens.pin_memory()
+    tokens = tokens.to(device, non_blocking=True)
+    return tokens[:, :-1], tokens[:, 1:]
+
+
+def estimate_val_loss(model: Any, val: Blocks, cfg: TrainConfig, ddp: Dist, autocast: Any) -> float:
+    """Mean loss per token over the first eval_batches x batch_size x processes validation blocks.
+
+    Always the same blocks, split among the processes, so successive values (and runs with different
+    numbers of processes) compare.
+    """
+    import numpy as np
+    import torch
+    import torch.nn.functional as F
+
+    count = min(len(val), cfg.eval_batches * cfg.batch_size * ddp.world)
+    mine = np.arange(ddp.rank, count, ddp.world)
+    total = torch.zeros(2, dtype=torch.float64, device=ddp.device)
+    model.eval()
+    with torch.no_grad():
+        for i in range(0, len(mine), cfg.batch_size):
+            tokens = torch.from_numpy(val.read(mine[i : i + cfg.batch_size])).to(ddp.device)
+            x, y = tokens[:, :-1], tokens[:, 1:]
+            with autocast:
+                logits = model(input_ids=x, use_cache=False).logits
+            total[0] += F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="sum")
+            total[1] += y.numel()
+    model.train()
+    loss_sum, tokens = ddp.sum(total).tolist()
+    return loss_sum / tokens
+
+
+def non_finite_message(what: str, step: int, last_saved: int | None, out: Path) -> str:
+    """Why the run stopped and what was kept, for a loss or weights that are no longer finite."""
+    kept = (
+        f"the last good checkpoint (step {last_saved}) is kept in {out / 'checkpoint.pt'}"
+        if last_saved is not None
+        else "no checkpoint had been written yet"
+    )
+    return (
+        f"{what} by step {step}, so the run stopped; {kept}. "
+        "Try a lower --lr (and --precision bf16 or fp32 if this was fp16), then --resume"
+    )
+
+
+def all_finite(model: torch.nn.Module) -> bool:
+    import torch
+
+    return bool(torch.stack([p.isfinite().all() for p in model.parameters()]).all())
+
+
+def _shard_start(samples_seen: int, micro: int, ddp: Dist, batch_size: int) -> int:
+    from gptcli.data import shard_start
+
+    return shard_start(samples_seen, micro, ddp.rank, ddp.world, batch_size)

@@ -1,0 +1,239 @@
+"""What a training run sets up before its loop: precision, the model and tokenizer, the data, FLOPs."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from gptcli.errors import GptcliError, UsageError
+
+if TYPE_CHECKING:
+    import torch
+    from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
+
+    from gptcli.data import BatchOrder, Blocks
+    from gptcli.distributed import Dist
+    from gptcli.train import TrainConfig
+
+# Config attributes that hold dropout probabilities, across the causal LMs transformers ships.
+_DROPOUT_FIELDS = (
+    "resid_pdrop",
+    "embd_pdrop",
+    "attn_pdrop",
+    "hidden_dropout",
+    "attention_dropout",
+    "hidden_dropout_prob",
+    "attention_probs_dropout_prob",
+    "embed_dropout",
+    "resid_dropout",
+    "dropout",
+)
+# Defaults of a --from-scratch model: nanoGPT's "baby GPT" (about 10M parameters with GPT-2's vocabulary).
+SCRATCH_DEFAULTS = {"n_layer": 6, "n_head": 6, "n_embd": 384, "context": 256}
+# Dense bf16 tensor-core peaks (FLOP/s) for MFU, matched against torch.cuda.get_device_name().
+_PEAK_BF16 = (
+    ("H200", 989e12),
+    ("H100", 989e12),
+    ("A100", 312e12),
+    ("A10G", 70e12),
+    ("A10", 125e12),
+    ("L40S", 362e12),
+    ("L4", 121e12),
+    ("4090", 165e12),
+    ("3090", 71e12),
+    ("V100", 125e12),
+    ("T4", 65e12),
+)
+
+
+@dataclass
+class TrainData:
+    """The training blocks and the order in which samples are drawn from them."""
+
+    blocks: Blocks
+    order: BatchOrder
+
+
+def resolve_precision(spec: str, device: torch.device) -> torch.dtype:
+    """auto|fp32|bf16|fp16 -> the autocast dtype (float32 means no autocast)."""
+    import torch
+
+    from gptcli.models import resolve_dtype
+
+    dtype = resolve_dtype(spec, device)
+    if dtype == torch.bfloat16 and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise GptcliError("this GPU has no bf16 support: use --precision fp16 (or fp32)")
+    return dtype
+
+
+def build_model(cfg: TrainConfig) -> tuple[PreTrainedTokenizerBase, PreTrainedModel, str | None]:
+    """The tokenizer and fp32 model to train (a pretrained one loaded safely, or new random weights),
+    and a notice for the user when the default model had to stand in."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from gptcli.models import check_model_folder, load_tokenizer, resolve
+
+    if cfg.from_scratch:
+        _, path, notice = resolve(cfg.tokenizer or cfg.model)
+        tokenizer = load_tokenizer(path, trust_remote_code=cfg.trust_remote_code)
+        config = scratch_config(cfg, tokenizer)
+        return tokenizer, AutoModelForCausalLM.from_config(config, dtype=torch.float32), notice
+
+    _, path, notice = resolve(cfg.model, allow_pickle=cfg.allow_pickle)
+    safetensors = check_model_folder(
+        path, allow_pickle=cfg.allow_pickle, trust_remote_code=cfg.trust_remote_code
+    )
+    tokenizer = load_tokenizer(path, trust_remote_code=cfg.trust_remote_code)
+    try:
+        config = AutoConfig.from_pretrained(
+            path, local_files_only=True, trust_remote_code=cfg.trust_remote_code
+        )
+        _set_dropout(config, cfg.dropout)
+        # Master weights in fp32 whatever the checkpoint holds: autocast does the low-precision compute.
+        model = AutoModelForCausalLM.from_pretrained(
+            path,
+            config=config,
+            dtype=torch.float32,
+            local_files_only=True,
+            use_safetensors=safetensors,
+            trust_remote_code=cfg.trust_remote_code,
+        )
+    except Exception as exc:
+        raise GptcliError(f"could not load the model in {path} for training: {exc}") from exc
+    return tokenizer, model, notice
+
+
+def scratch_config(cfg: TrainConfig, tokenizer: PreTrainedTokenizerBase) -> PretrainedConfig:
+    """The config of a new model: --config JSON (or GPT-2's), then --n-layer/--n-head/--n-embd/--context."""
+    from transformers import AutoConfig
+
+    values: dict[str, Any] = {}
+    if cfg.model_config is not None:
+        values = _read_config(cfg.model_config, cfg.trust_remote_code)
+    model_type = values.pop("model_type", "gpt2")
+    try:
+        config = AutoConfig.for_model(model_type, **values)
+    except (ValueError, TypeError) as exc:
+        raise UsageError(f"{cfg.model_config}: {exc}") from exc
+    # Generic names: transformers maps them onto n_layer/n_head/n_embd/n_positions for GPT-2.
+    sizes = {
+        "num_hidden_layers": ("n_layer", cfg.n_layer),
+        "num_attention_heads": ("n_head", cfg.n_head),
+        "hidden_size": ("n_embd", cfg.n_embd),
+        "max_position_embeddings": ("context", cfg.context),
+    }
+    for attribute, (option, value) in sizes.items():
+        if value is not None:
+            setattr(config, attribute, value)
+        elif cfg.model_config is None:
+            setattr(config, attribute, SCRATCH_DEFAULTS[option])
+    if config.hidden_size % config.num_attention_heads:
+        raise UsageError(
+            f"--n-embd {config.hidden_size} must be a multiple of --n-head {config.num_attention_heads}"
+        )
+    if not values.get("vocab_size"):
+        config.vocab_size = len(tokenizer)
+    elif config.vocab_size < len(tokenizer):
+        raise UsageError(
+            f"vocab_size {config.vocab_size} in {cfg.model_config} is below the tokenizer's {len(tokenizer)}"
+        )
+    for key in ("bos_token_id", "eos_token_id"):
+        if getattr(config, key, None) is None:
+            setattr(config, key, getattr(tokenizer, key))
+    # Dropout helps fine-tuning on little data; training from zero on a corpus learns faster without it.
+    _set_dropout(config, 0.0 if cfg.dropout is None and cfg.model_config is None else cfg.dropout)
+    return config
+
+
+def _read_config(path: Path, trust_remote_code: bool) -> dict[str, Any]:
+    try:
+        values = json.loads(Path(path).expanduser().read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise UsageError(f"cannot read --config {path}: {exc}") from exc
+    if not isinstance(values, dict):
+        raise UsageError(f"--config {path} must hold a JSON object")
+    if values.get("auto_map") and not trust_remote_code:
+        raise GptcliError(
+            f"{path} asks to run its own Python code (auto_map); pass --trust-remote-code to allow it"
+        )
+    return values
+
+
+def _set_dropout(config: PretrainedConfig, p: float | None) -> None:
+    if p is None:
+        return
+    for name in _DROPOUT_FIELDS:
+        if isinstance(getattr(config, name, None), float | int) and not isinstance(
+            getattr(config, name), bool
+        ):
+            setattr(config, name, p)
+
+
+def eos_id(tokenizer: PreTrainedTokenizerBase, config: PretrainedConfig) -> int:
+    """The token put after every document: the tokenizer's EOS, else the model's, else the separator."""
+    for candidate in (tokenizer.eos_token_id, getattr(config, "eos_token_id", None), tokenizer.sep_token_id):
+        if isinstance(candidate, list):
+            candidate = candidate[0] if candidate else None
+        if isinstance(candidate, int):
+            return candidate
+    raise GptcliError("the tokenizer has no end-of-text (EOS) token to put between documents")
+
+
+def load_data(
+    cfg: TrainConfig, ddp: Dist, tokenizer: PreTrainedTokenizerBase, config: PretrainedConfig, out: Path
+) -> tuple[TrainData, Blocks | None, list[str]]:
+    """Tokenize (rank 0, once; cached in OUTDIR/data) and pack the data; return train, val and notes."""
+    from gptcli.data import BatchOrder, make_blocks, prepare_tokens, split_validation
+    from gptcli.models import context_length
+
+    context = context_length(config)
+    block_size = cfg.block_size or min(context, 1024)
+    if block_size > context:
+        raise UsageError(
+            f"--block-size {block_size} is longer than the model's context ({context} positions)"
+        )
+    eos = eos_id(tokenizer, config)
+    cache = ddp.on_main(
+        lambda: prepare_tokens(cfg.data, cfg.val, tokenizer, eos, out / "data", text_field=cfg.text_field)
+    )
+    notes = []
+    if cache.reused:
+        notes.append(f"reusing the tokenized data in {cache.folder} ({cache.train_tokens:,} tokens)")
+    else:
+        documents = f"{cache.documents:,} document{'s' if cache.documents != 1 else ''}"
+        notes.append(f"tokenized {documents}: {cache.train_tokens:,} training tokens")
+    blocks = make_blocks(cache.open("train"), block_size, "training")
+    val: Blocks | None = None
+    if cfg.val:
+        val = make_blocks(cache.open("val"), block_size, "validation")
+    elif cfg.val_split > 0:
+        blocks, val = split_validation(blocks, cfg.val_split)
+        if val is None:
+            notes.append(
+                f"no validation loss: {len(blocks)} blocks of {block_size} tokens are too few to hold out "
+                f"{cfg.val_split:g} of them (pass --val FILE)"
+            )
+    return TrainData(blocks, BatchOrder(len(blocks), cfg.seed)), val, notes
+
+
+def model_flops_per_token(config: PretrainedConfig, params: int, block_size: int) -> float:
+    """Training FLOPs per token, as in nanoGPT (PaLM appendix B): 6N + 12·layers·width·context."""
+    layers = getattr(config, "num_hidden_layers", 0) or 0
+    width = getattr(config, "hidden_size", 0) or 0
+    return 6 * params + 12 * layers * width * block_size
+
+
+def peak_flops(device: torch.device) -> float | None:
+    """The GPU's dense bf16 peak, for MFU; None off CUDA (MFU means little on a CPU)."""
+    if device.type != "cuda":
+        return None
+    import torch
+
+    name = torch.cuda.get_device_name(device)
+    for key, flops in _PEAK_BF16:
+        if key in name:
+            return flops
+    return 312e12  # unknown GPU: report against an A100, as nanoGPT does
