@@ -140,8 +140,10 @@ def scratch_config(cfg: TrainConfig, tokenizer: PreTrainedTokenizerBase) -> Pret
         raise UsageError(
             f"vocab_size {config.vocab_size} in {cfg.model_config} is below the tokenizer's {len(tokenizer)}"
         )
-    for key in ("bos_token_id", "eos_token_id"):
-        if getattr(config, key, None) is None:
+    # The tokenizer's special ids, unless the JSON names them: GPT2Config's defaults (50256) would point
+    # outside any vocabulary but GPT-2's own.
+    for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        if key not in values:
             setattr(config, key, getattr(tokenizer, key))
     # Dropout helps fine-tuning on little data; training from zero on a corpus learns faster without it.
     _set_dropout(config, 0.0 if cfg.dropout is None and cfg.model_config is None else cfg.dropout)

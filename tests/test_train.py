@@ -1,0 +1,317 @@
+"""`gptcli finetune` and gptcli.train on the tiny fixture models: real training runs, real processes."""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from gptcli.train import TrainConfig, lr_at, train
+
+import tiny
+
+# Tiny models train fastest on one thread, and two test processes sharing two cores do not fight over
+# them; subprocesses get the same setting so their numbers match the in-process runs bit for bit.
+ONE_THREAD = {"OMP_NUM_THREADS": "1", "GPTCLI_DEBUG": "1"}
+SMALL = ["--batch-size", "4", "--block-size", "32", "--log-every", "1"]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture
+def corpus(tmp_path: Path) -> Path:
+    path = tmp_path / "corpus.txt"
+    path.write_text(tiny.TEXT * 4, encoding="utf-8")  # about 2,700 tokens: 84 blocks of 32
+    return path
+
+
+def metrics(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def checkpoint_step(out: Path) -> int:
+    import torch
+
+    return torch.load(out / "checkpoint.pt", map_location="cpu", weights_only=True)["step"]
+
+
+def corpus_loss(model, tokenizer, text: str) -> float:
+    import torch
+
+    ids = torch.tensor([tokenizer(text, add_special_tokens=False)["input_ids"][:120]])
+    with torch.no_grad():
+        return model(input_ids=ids, labels=ids).loss.item()
+
+
+def test_loss_falls_and_the_output_is_a_model_folder(cli, bpe_model: Path, corpus: Path, tmp_path: Path):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from gptcli.models import load_model
+
+    out = tmp_path / "out"
+    args = ["--steps", "40", "--lr", "3e-3", "--eval-every", "20", "--seed", "0"]
+    result = cli("finetune", corpus, "-m", bpe_model, "-o", out, *SMALL, "--batch-size", "8", *args)
+    assert result.code == 0, result.err
+    assert result.out == ""  # stdout is for data; all talk goes to stderr
+    assert "trained 40 steps" in result.err and f"model in {out}" in result.err
+
+    records = metrics(out)
+    assert [r["step"] for r in records] == list(range(1, 41))
+    assert {"step", "loss", "lr", "tokens", "tokens_per_second"} <= set(records[0])
+    assert records[-1]["tokens"] == 40 * 8 * 32
+    first, last = sum(r["loss"] for r in records[:5]) / 5, sum(r["loss"] for r in records[-5:]) / 5
+    assert last < first - 3, (first, last)
+    vals = [r["val_loss"] for r in records if "val_loss" in r]
+    assert len(vals) == 2 and vals[1] < vals[0]
+    assert (out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    # The folder loads with plain transformers and with gptcli's loader, and holds the trained weights.
+    assert {"model.safetensors", "config.json", "generation_config.json", "tokenizer.json"} <= {
+        p.name for p in out.iterdir()
+    }
+    assert not list(out.glob("*.bin"))
+    trained = AutoModelForCausalLM.from_pretrained(out)
+    state = torch.load(out / "checkpoint.pt", map_location="cpu", weights_only=True)["model"]
+    for name, tensor in trained.state_dict().items():
+        assert torch.equal(tensor, state[name]), name
+    lm = load_model(str(out), device="cpu")
+    base = AutoModelForCausalLM.from_pretrained(bpe_model)
+    assert corpus_loss(lm.model, lm.tokenizer, tiny.TEXT) < corpus_loss(base, lm.tokenizer, tiny.TEXT) - 2
+    prompt = lm.tokenizer("今天天气", return_tensors="pt")
+    greedy = lm.model.generate(**prompt, max_new_tokens=8, do_sample=False)
+    ids = prompt["input_ids"]
+    with torch.no_grad():  # the reference: argmax, one token at a time, no cache
+        for _ in range(8):
+            ids = torch.cat([ids, trained(input_ids=ids).logits[:, -1:].argmax(-1)], dim=1)
+    assert greedy.tolist() == ids.tolist()
+
+
+def test_resume_after_sigkill_gives_the_same_losses(bpe_model: Path, corpus: Path, tmp_path: Path):
+    """Kill a real run with SIGKILL between two saves; resuming it must retrace the uninterrupted run.
+
+    Dropout stays on (the fixture's 0.1), so this also checks that the RNG streams are restored.
+    """
+    common = dict(data=[str(corpus)], model=str(bpe_model), steps=30, batch_size=4, block_size=32)
+    common |= dict(lr=1e-3, save_every=10, log_every=1, eval_every=15, seed=5)
+    reference = train(TrainConfig(out_dir=tmp_path / "ref", **common))
+    assert not reference.interrupted
+
+    out = tmp_path / "killed"
+    argv = [sys.executable, "-m", "gptcli", "finetune", str(corpus), "-m", str(bpe_model), "-o", str(out)]
+    argv += ["--steps", "30", "--batch-size", "4", "--block-size", "32", "--lr", "1e-3", "--save-every", "10"]
+    argv += ["--log-every", "1", "--eval-every", "15", "--seed", "5"]
+    proc = subprocess.Popen(argv, env={**os.environ, **ONE_THREAD}, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and proc.poll() is None:
+            if (out / "metrics.jsonl").exists() and any(r["step"] >= 13 for r in _safe_metrics(out)):
+                break
+            time.sleep(0.005)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait(timeout=30)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr.read() if proc.stderr else ""
+    saved, logged = checkpoint_step(out), max(r["step"] for r in _safe_metrics(out))
+    assert saved % 10 == 0 and 10 <= saved <= logged < 30
+    assert not (out / "model.safetensors").exists()  # it never finished
+
+    resumed = train(TrainConfig(out_dir=out, resume=True, **common))
+    assert resumed.step == 30 and not resumed.interrupted
+    expected, got = metrics(tmp_path / "ref"), metrics(out)
+    assert [r["step"] for r in got] == list(range(1, 31))  # the killed run's extra lines were dropped
+    for want, have in zip(expected, got, strict=True):
+        assert have["loss"] == pytest.approx(want["loss"], rel=1e-6, abs=1e-6), have["step"]
+        assert have.get("val_loss") == pytest.approx(want.get("val_loss"), rel=1e-6)
+        assert have["lr"] == want["lr"] and have["tokens"] == want["tokens"]
+
+
+def _safe_metrics(out: Path) -> list[dict]:
+    records = []
+    for line in (out / "metrics.jsonl").read_text().splitlines():
+        with contextlib.suppress(ValueError):  # a line being written right now
+            records.append(json.loads(line))
+    return records
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_ctrl_c_or_sigterm_saves_a_checkpoint_and_exits_130(cli, bpe_model, corpus, tmp_path, sig):
+    out = tmp_path / "out"
+
+    def interrupt_after_step_3() -> None:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if (out / "metrics.jsonl").exists() and any(r["step"] >= 3 for r in _safe_metrics(out)):
+                os.kill(os.getpid(), sig)
+                return
+            time.sleep(0.005)
+
+    watcher = threading.Thread(target=interrupt_after_step_3, daemon=True)
+    watcher.start()
+    result = cli("finetune", corpus, "-m", bpe_model, "-o", out, *SMALL, "--steps", "5000")
+    watcher.join()
+    assert result.code == 130, result.err
+    step = checkpoint_step(out)
+    assert 3 <= step < 5000 and max(r["step"] for r in metrics(out)) <= step
+    assert f"interrupted at step {step}/5000" in result.err and "--resume" in result.err
+    assert (out / "model.safetensors").exists()
+
+
+def test_two_processes_under_torchrun_match_one_process(bpe_model: Path, corpus: Path, tmp_path: Path):
+    """2 gloo processes x batch 2 see the same sequences per step as 1 process x batch 4."""
+    common = ["--steps", "6", "--grad-accum", "2", "--block-size", "32", "--lr", "3e-3", "--dropout", "0"]
+    common += ["--log-every", "1", "--eval-every", "3", "--eval-batches", "2", "--device", "cpu"]
+    two = tmp_path / "two"
+    argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    argv += [
+        "-m",
+        "gptcli",
+        "finetune",
+        str(corpus),
+        "-m",
+        str(bpe_model),
+        "-o",
+        str(two),
+        "--batch-size",
+        "2",
+    ]
+    proc = subprocess.Popen(
+        argv + common, env={**os.environ, **ONE_THREAD}, stderr=subprocess.PIPE, text=True
+    )
+
+    one = tmp_path / "one"  # meanwhile, the single process in this one
+    cfg = TrainConfig(data=[str(corpus)], model=str(bpe_model), out_dir=one, steps=6, batch_size=4)
+    cfg.grad_accum, cfg.block_size, cfg.lr, cfg.dropout, cfg.device = 2, 32, 3e-3, 0.0, "cpu"
+    cfg.log_every, cfg.eval_every, cfg.eval_batches = 1, 3, 2
+    train(cfg)
+
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    assert err.count("trained 6 steps") == 1 and "2 processes" in err  # rank 0 alone reports
+    expected, got = metrics(one), metrics(two)
+    assert [r["step"] for r in got] == list(range(1, 7))  # rank 0 alone writes
+    for want, have in zip(expected, got, strict=True):
+        assert have["loss"] == pytest.approx(want["loss"], abs=1e-4), have["step"]
+        assert have.get("val_loss") == pytest.approx(want.get("val_loss"), abs=1e-4)
+        assert have["tokens"] == want["tokens"]
+    assert expected[-1]["loss"] < expected[0]["loss"]  # it trained, so the match means something
+
+
+def test_a_nan_loss_stops_and_keeps_the_last_good_checkpoint(cli, bpe_model, corpus, tmp_path):
+    out = tmp_path / "out"
+    # lr 1e30: the first Adam step turns every weight into ~1e30, and the next loss overflows.
+    args = ["--steps", "20", "--lr", "1e30", "--warmup", "0", "--save-every", "1"]
+    result = cli("finetune", corpus, "-m", bpe_model, "-o", out, *SMALL, *args)
+    assert result.code == 1
+    assert "the training loss became NaN by step 2" in result.err
+    assert "last good checkpoint (step 1) is kept" in result.err
+    assert checkpoint_step(out) == 1
+    assert not (out / "model.safetensors").exists()
+
+
+def test_from_scratch_with_a_config_file_and_overrides(cli, bpe_model: Path, corpus: Path, tmp_path: Path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    config = tmp_path / "small.json"
+    config.write_text(json.dumps({"model_type": "gpt2", "n_layer": 1, "n_head": 2, "n_embd": 16}))
+    out = tmp_path / "out"
+    args = [
+        "--from-scratch",
+        "--tokenizer",
+        bpe_model,
+        "--config",
+        config,
+        "--n-layer",
+        "2",
+        "--context",
+        "48",
+    ]
+    result = cli("finetune", corpus, "-o", out, *args, "--steps", "3", "--block-size", "48")
+    assert result.code == 0, result.err
+    model = AutoModelForCausalLM.from_pretrained(out)
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    c = model.config
+    assert (c.n_layer, c.n_head, c.n_embd, c.n_positions) == (2, 2, 16, 48)
+    assert c.vocab_size == len(tokenizer) == len(AutoTokenizer.from_pretrained(bpe_model))
+    assert c.eos_token_id == tokenizer.eos_token_id
+
+
+def test_jsonl_from_stdin_with_a_bert_tokenizer(cli, bert_model: Path, tmp_path: Path):
+    """The BERT fixture has no EOS token: documents are separated by the model's eos id ([SEP])."""
+    lines = "".join(json.dumps({"body": line}, ensure_ascii=False) + "\n" for line in tiny.TEXT.splitlines())
+    out = tmp_path / "out"
+    (tmp_path / "chats.jsonl").write_text(lines * 3, encoding="utf-8")
+    args = ["--text-field", "body", "--steps", "2", "--val-split", "0", "--block-size", "16"]
+    result = cli("finetune", tmp_path / "chats.jsonl", "-m", bert_model, "-o", out, *args)
+    assert result.code == 0, result.err
+    assert "60 documents" in result.err
+    from transformers import AutoTokenizer
+
+    sep = AutoTokenizer.from_pretrained(bert_model).sep_token_id
+    import numpy as np
+
+    ids = np.fromfile(out / "data" / "train.bin", dtype=np.uint16)
+    assert (ids == sep).sum() == 60 and ids[-1] == sep
+
+    piped = cli("finetune", "-", "-m", bert_model, "-o", tmp_path / "piped", *args[2:], stdin=tiny.TEXT * 3)
+    assert piped.code == 0, piped.err
+    assert "1 document:" in piped.err
+
+
+def test_bad_inputs_are_refused_with_a_reason(cli, bpe_model: Path, corpus: Path, tmp_path: Path):
+    def run(*args):
+        return cli("finetune", "-m", bpe_model, *SMALL, "--steps", "2", *args)  # later options win
+
+    (tmp_path / "empty.txt").write_text("")
+    r = run(tmp_path / "empty.txt", "-o", tmp_path / "a")
+    assert r.code == 2 and "no text in the training data" in r.err and "empty.txt" in r.err
+
+    (tmp_path / "short.txt").write_text("今天天气很好")
+    r = run(tmp_path / "short.txt", "-o", tmp_path / "b")
+    assert r.code == 2 and "fewer than one block of 32 + 1: refusing to pad" in r.err
+
+    (tmp_path / "latin1.txt").write_bytes(b"abc\ncaf\xe9\n")
+    r = run(tmp_path / "latin1.txt", "-o", tmp_path / "c")
+    assert r.code == 2 and f"{tmp_path / 'latin1.txt'} is not valid UTF-8 (byte offset 7)" in r.err
+
+    foreign = tmp_path / "photos"
+    foreign.mkdir()
+    (foreign / "cat.jpg").write_bytes(b"\xff\xd8")
+    r = run(corpus, "-o", foreign)
+    assert r.code == 2 and "not a gptcli run (cat.jpg)" in r.err and "--overwrite" in r.err
+    assert sorted(p.name for p in foreign.iterdir()) == ["cat.jpg"]  # nothing written
+    r = run(corpus, "-o", foreign, "--overwrite")
+    assert r.code == 0, r.err
+    assert (foreign / "cat.jpg").read_bytes() == b"\xff\xd8" and (foreign / "model.safetensors").exists()
+
+    r = run(corpus, "-o", foreign)  # our own finished run: not clobbered by a repeated command
+    assert r.code == 2 and "--resume" in r.err
+    r = run(corpus, "-o", tmp_path / "d", "--steps", "3", "--epochs", "1")
+    assert r.code == 2 and "not both" in r.err
+    r = run(corpus, "-o", tmp_path / "e", "--block-size", "500")
+    assert r.code == 2 and "longer than the model's context (128" in r.err
+
+
+def test_schedule_warms_up_then_decays_to_min_lr():
+    lrs = [lr_at(step, 1.0, 0.1, 4, 20) for step in range(21)]
+    assert lrs[:4] == pytest.approx([0.2, 0.4, 0.6, 0.8])
+    assert lrs[4] == 1.0 and lrs[20] == pytest.approx(0.1)
+    assert all(a >= b for a, b in itertools.pairwise(lrs[4:]))
+    assert lr_at(0, 1.0, 0.1, 0, 20) == 1.0  # --warmup 0
