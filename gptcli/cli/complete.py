@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
@@ -199,6 +200,7 @@ def complete(
     as_json = json_ or each_line or logprobs is not None
     events = stream(lm, prompts, settings, batch_size=batch_size if each_line else 1)
     line_open = False  # part of a plain-text sample is on stdout
+    report = _Stderr(lm.context_length, each_line, settings.num_samples, verbose)
     try:
         for event in events:
             if isinstance(event, TextChunk):
@@ -213,13 +215,20 @@ def complete(
             else:
                 _write(("" if line_open or not echo else event.prompt) + "\n")
                 line_open = False
-            _report(event, lm.context_length, each_line=each_line, verbose=verbose)
+            report.finished(event)
     except KeyboardInterrupt:
         # Stop generating, keep what was printed, and end its line so the shell prompt starts clean.
         events.close()
         if line_open:
             _write("\n")
         raise typer.Exit(130) from None
+    except BrokenPipeError:
+        # The reader went away (`| head -c 20`). Typer would turn this into a bare exit 1 before the
+        # error boundary in gptcli.cli.run sees it, so answer here the way that boundary does: 141.
+        from gptcli.cli import _quiet_broken_pipe
+
+        events.close()
+        raise typer.Exit(_quiet_broken_pipe()) from None
 
 
 def _write(text: str) -> None:
@@ -227,26 +236,42 @@ def _write(text: str) -> None:
     sys.stdout.flush()
 
 
-def _report(done: Completion, context: int, *, each_line: bool, verbose: bool) -> None:
-    """Notes on stderr for a finished sample: a cut prompt or a full context (once per prompt), speed."""
-    where = f"prompt {done.index + 1}" if each_line else "the prompt"
-    if done.sample == 0 and done.dropped:
-        note(
-            f"{where} has more tokens than the context ({context}); "
-            f"cut {done.dropped} from the start, kept the last {len(done.prompt_ids)}"
-        )
-    if done.context_full and done.sample == 0:
-        note(f"stopped at the model's context limit ({context} tokens) for {where}; -n asked for more")
-    if verbose:
+@dataclass
+class _Stderr:
+    """What goes to stderr as samples finish: notes once per prompt, and -v statistics."""
+
+    context: int
+    each_line: bool
+    samples: int
+    verbose: bool
+    noted: set[tuple[str, int]] = field(default_factory=set)
+
+    def finished(self, done: Completion) -> None:
+        where = f"prompt {done.index + 1}" if self.each_line else "the prompt"
+        if done.dropped and self._first("cut", done.index):
+            note(
+                f"{where} has more tokens than the context ({self.context}); "
+                f"cut {done.dropped} from the start, kept the last {len(done.prompt_ids)}"
+            )
+        if done.context_full and self._first("full", done.index):
+            note(f"{where} reached the model's context limit ({self.context} tokens) before -n new tokens")
+        if not self.verbose:
+            return
+        label = [f"prompt {done.index + 1}"] if self.each_line else []
+        label += [f"sample {done.sample + 1}"] if self.samples > 1 else []
         print(
-            f"{where}{f' sample {done.sample + 1}' if done.sample else ''}: "
-            f"{len(done.prompt_ids)} prompt tokens, {len(done.token_ids)} new tokens, "
-            f"first token {done.first_token_seconds * 1000:.0f} ms, "
-            f"{done.tokens_per_second:.1f} tokens/s, finish {done.finish_reason}"
-            + (f", seed {done.seed}" if done.seed is not None else ""),
+            (f"{' '.join(label)}: " if label else "")
+            + f"{len(done.prompt_ids)} prompt tokens, {len(done.token_ids)} new tokens, "
+            f"first token {done.first_token_seconds * 1000:.0f} ms, {done.tokens_per_second:.1f} tokens/s, "
+            f"finish {done.finish_reason}" + (f", seed {done.seed}" if done.seed is not None else ""),
             file=sys.stderr,
             flush=True,
         )
+
+    def _first(self, kind: str, index: int) -> bool:
+        seen = (kind, index) in self.noted
+        self.noted.add((kind, index))
+        return not seen
 
 
 def _describe(settings: Settings) -> None:

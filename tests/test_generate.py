@@ -1,0 +1,375 @@
+"""The decode loop and sampling: checked against transformers' logits processors and `generate`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import GenerationConfig
+from transformers.generation.logits_process import (
+    MinPLogitsWarper,
+    RepetitionPenaltyLogitsProcessor,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
+
+from gptcli.errors import UsageError
+from gptcli.generate import (
+    Completion,
+    Settings,
+    StopScanner,
+    TextChunk,
+    apply_repetition_penalty,
+    complete,
+    min_p_filter,
+    process_logits,
+    resolve_settings,
+    stream,
+    top_k_filter,
+    top_p_filter,
+)
+from gptcli.models import load_model
+from gptcli.tokens import TokenText, decode
+
+PROMPTS = ["今天天气", "The weather is", "", "我喜欢在早上喝一杯热茶", "Hello world! 12345", "龙"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models gain nothing from threads, and idle threads spinning slow down a shared machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def lms(models: dict[str, Path]):
+    return {name: load_model(str(path)) for name, path in models.items()}
+
+
+def greedy(**kw) -> Settings:
+    return resolve_settings(None, greedy=True, **kw)
+
+
+def hot(seed: int, **kw) -> Settings:
+    """Near-uniform sampling: the random fixtures then emit many byte tokens, so characters get split."""
+    return resolve_settings(None, **{"seed": seed, "temperature": 3.0, "top_k": 0, "top_p": 1.0, **kw})
+
+
+# -- sampling: the same numbers as transformers' processors ------------------------------------------
+
+
+@pytest.fixture
+def logits() -> torch.Tensor:
+    """Two rows of fixed logits with ties and a wide spread, so every filter keeps a different set."""
+    torch.manual_seed(0)
+    rows = torch.randn(2, 64) * 3
+    rows[0, 10:14] = rows[0].max()  # a four-way tie at the top
+    rows[1, 5] = 20.0  # one dominant token
+    return rows
+
+
+def test_temperature_equals_transformers(logits: torch.Tensor) -> None:
+    for t in (0.3, 0.8, 1.7):
+        ours = process_logits(logits, Settings(temperature=t, top_k=0, top_p=1.0))
+        assert torch.equal(ours, TemperatureLogitsWarper(t)(None, logits))
+
+
+@pytest.mark.parametrize("k", [1, 3, 12, 64, 100])
+def test_top_k_equals_transformers(logits: torch.Tensor, k: int) -> None:
+    expected = TopKLogitsWarper(k)(None, logits)
+    assert torch.equal(top_k_filter(logits, k), expected)
+    if k < 64:
+        assert torch.isinf(expected).any()  # the filter really removed something
+
+
+@pytest.mark.parametrize("p", [0.05, 0.5, 0.9, 0.999])
+def test_top_p_equals_transformers(logits: torch.Tensor, p: float) -> None:
+    assert torch.equal(top_p_filter(logits, p), TopPLogitsWarper(p)(None, logits))
+
+
+@pytest.mark.parametrize("p", [0.0, 0.01, 0.2, 0.9, 1.0])
+def test_min_p_equals_transformers(logits: torch.Tensor, p: float) -> None:
+    assert torch.equal(min_p_filter(logits, p), MinPLogitsWarper(p)(None, logits))
+
+
+@pytest.mark.parametrize("penalty", [0.7, 1.3, 2.0])
+def test_repetition_penalty_equals_transformers(logits: torch.Tensor, penalty: float) -> None:
+    seen_ids = torch.tensor([[3, 10, 10, 40, 5], [5, 5, 63, 0, 7]])  # repeats count once
+    seen = torch.zeros_like(logits, dtype=torch.bool).scatter_(1, seen_ids, True)
+    expected = RepetitionPenaltyLogitsProcessor(penalty)(seen_ids, logits.clone())
+    assert torch.equal(apply_repetition_penalty(logits, seen, penalty), expected)
+
+
+def test_full_chain_in_transformers_order(logits: torch.Tensor) -> None:
+    seen_ids = torch.tensor([[1, 2, 3], [4, 5, 6]])
+    seen = torch.zeros_like(logits, dtype=torch.bool).scatter_(1, seen_ids, True)
+    settings = Settings(temperature=0.7, top_k=20, top_p=0.8, min_p=0.05, repetition_penalty=1.2)
+    expected = RepetitionPenaltyLogitsProcessor(1.2)(seen_ids, logits.clone())
+    for step in (
+        TemperatureLogitsWarper(0.7),
+        TopKLogitsWarper(20),
+        TopPLogitsWarper(0.8),
+        MinPLogitsWarper(0.05),
+    ):
+        expected = step(seen_ids, expected)
+    assert torch.equal(process_logits(logits, settings, seen), expected)
+    # Greedy keeps the penalty and nothing else, as generate(do_sample=False) does.
+    greedy_scores = process_logits(logits, Settings(greedy=True, repetition_penalty=1.2), seen)
+    assert torch.equal(greedy_scores, RepetitionPenaltyLogitsProcessor(1.2)(seen_ids, logits.clone()))
+
+
+# -- greedy equals transformers' generate --------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fixture", ["bpe", "bert"])
+@pytest.mark.parametrize("penalty", [1.0, 1.3])
+def test_greedy_equals_transformers_generate(lms, fixture: str, penalty: float) -> None:
+    lm = lms[fixture]
+    ours = complete(lm, PROMPTS, greedy(max_new_tokens=24, repetition_penalty=penalty), batch_size=1)
+    for prompt, done in zip(PROMPTS, ours, strict=True):
+        ids = torch.tensor([done.prompt_ids])
+        reference = lm.model.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            do_sample=False,
+            max_new_tokens=24,
+            repetition_penalty=penalty,
+            pad_token_id=0,
+        )
+        assert done.token_ids == reference[0, ids.shape[1] :].tolist(), prompt
+    assert {d.finish_reason for d in ours} >= {"length"}
+
+
+def test_bert_prompt_keeps_cls_and_drops_sep(lms) -> None:
+    lm = lms["bert"]
+    (done,) = complete(lm, "今天天气", greedy(max_new_tokens=2))
+    tokenizer = lm.tokenizer
+    assert done.prompt_ids[0] == tokenizer.cls_token_id
+    assert tokenizer.sep_token_id not in done.prompt_ids
+    assert tokenizer.convert_ids_to_tokens(done.prompt_ids[1:]) == list("今天天气")
+
+
+@pytest.mark.parametrize("fixture", ["bpe", "bert"])
+def test_batched_greedy_equals_one_at_a_time(lms, fixture: str) -> None:
+    lm = lms[fixture]
+    settings = greedy(max_new_tokens=20)
+    alone = [complete(lm, p, settings)[0] for p in PROMPTS]
+    batched = complete(lm, PROMPTS, settings, batch_size=4)
+    assert [(d.index, d.prompt) for d in batched] == list(enumerate(PROMPTS))
+    assert [d.token_ids for d in batched] == [d.token_ids for d in alone]
+    assert [d.text for d in batched] == [d.text for d in alone]
+    lengths = {len(d.prompt_ids) for d in batched[:4]}
+    assert len(lengths) > 1  # the first batch really was padded
+
+
+def test_eos_ends_generation_unless_ignored(lms) -> None:
+    lm = lms["bpe"]  # from the start token this model's most likely next token is <|endoftext|>
+    (done,) = complete(lm, "", greedy(max_new_tokens=10))
+    assert (done.finish_reason, done.token_ids, done.text) == ("eos", [lm.tokenizer.eos_token_id], "")
+    (more,) = complete(lm, "", greedy(max_new_tokens=10, ignore_eos=True))
+    assert more.finish_reason == "length" and len(more.token_ids) == 10
+
+
+# -- seeds, streaming and UTF-8 ------------------------------------------------------------------------
+
+
+def test_same_seed_same_tokens_whatever_the_batch(lms) -> None:
+    lm = lms["bpe"]
+    settings = hot(11, max_new_tokens=16, num_samples=3)
+    first = complete(lm, PROMPTS[:3], settings, batch_size=1)
+    again = complete(lm, PROMPTS[:3], settings, batch_size=5)
+    assert [d.token_ids for d in first] == [d.token_ids for d in again]
+    assert [(d.index, d.sample, d.seed) for d in first[:3]] == [(0, 0, 11), (0, 1, 12), (0, 2, 13)]
+    # Sample k of seed S is sample 0 of seed S+k, so any sample can be reproduced alone.
+    (alone,) = complete(lm, PROMPTS[0], hot(12, max_new_tokens=16))
+    assert alone.token_ids == first[1].token_ids
+    assert first[0].token_ids != first[1].token_ids
+    other = complete(lm, PROMPTS[:3], hot(99, max_new_tokens=16, num_samples=3))
+    assert [d.token_ids for d in other] != [d.token_ids for d in first]
+
+
+def _split_characters(names: TokenText, ids: list[int]) -> list[str]:
+    """Valid multi-byte characters of the generated bytes whose bytes come from two or more tokens."""
+    ends, data = set(), b""
+    for token in ids:
+        data += names.bytes(token)
+        ends.add(len(data))
+    found, at = [], 0
+    while at < len(data):
+        size = next((n for n in (2, 3, 4) if _one_char(data[at : at + n]) and at + n <= len(data)), 1)
+        if size > 1 and any(at < end < at + size for end in ends):
+            found.append(data[at : at + size].decode("utf-8"))
+        at += size
+    return found
+
+
+def _one_char(data: bytes) -> bool:
+    try:
+        return len(data) > 1 and len(data.decode("utf-8")) == 1
+    except UnicodeDecodeError:
+        return False
+
+
+@pytest.mark.parametrize("fixture", ["bpe", "bert"])
+def test_streamed_chunks_equal_the_one_shot_decode(lms, fixture: str) -> None:
+    lm = lms[fixture]
+    names = TokenText(lm.tokenizer)
+    split = []
+    for seed in range(6):
+        events = list(stream(lm, ["龙", "今天天气"], hot(seed, max_new_tokens=40)))
+        chunks = [e for e in events if isinstance(e, TextChunk)]
+        done = [e for e in events if isinstance(e, Completion)]
+        for d in done:
+            streamed = "".join(c.text for c in chunks if c.index == d.index)
+            assert streamed == d.text == decode(lm.tokenizer, d.token_ids)
+            split += _split_characters(names, d.token_ids)
+            # The naive per-token decode is what streaming must not do: it prints U+FFFD.
+            naive = "".join(lm.tokenizer.decode([t], skip_special_tokens=True) for t in d.token_ids)
+            if _split_characters(names, d.token_ids):
+                assert naive != d.text
+    if fixture == "bpe":
+        assert len(split) >= 5, "the test no longer exercises characters split across tokens"
+    else:  # one token per character: nothing to split, and no spaces or [SEP] between CJK characters
+        assert not split
+
+
+def test_bert_text_has_no_special_tokens_or_cjk_spaces(lms) -> None:
+    lm = lms["bert"]
+    texts = [d.text for d in complete(lm, ["今天", "hello"], hot(5, max_new_tokens=60, ignore_eos=True))]
+    joined = "".join(texts)
+    assert not any(s in joined for s in ("[CLS]", "[SEP]", "[PAD]", "[UNK]", "[MASK]"))
+    cjk = [ch for ch in joined if "\u4e00" <= ch <= "\u9fff"]
+    assert len(cjk) > 10
+    for text in texts:
+        for a, b, c in zip(text, text[1:], text[2:], strict=False):
+            assert not (b == " " and "\u4e00" <= a <= "\u9fff" and "\u4e00" <= c <= "\u9fff"), text
+
+
+# -- stop texts ---------------------------------------------------------------------------------------
+
+
+def test_stop_scanner_holds_back_a_possible_start() -> None:
+    scanner = StopScanner(["\n\n", "END"])
+    assert scanner.feed("one\n") == ("one", False)  # "\n" may begin "\n\n"
+    assert scanner.feed("two E") == ("\ntwo ", False)  # it did not; "E" may begin "END"
+    assert scanner.feed("N") == ("", False)
+    assert scanner.feed("Dx") == ("", True)  # "END" spans three chunks; nothing of it is released
+    tail = StopScanner(["abc"])
+    assert tail.feed("xab") == ("x", False)
+    assert tail.flush() == "ab"  # at the end, a partial stop text is just text
+    first = StopScanner(["c", "ab"])
+    assert first.feed("zabc") == ("z", True)  # the earliest stop text wins
+
+
+def test_stop_text_spanning_two_tokens(lms) -> None:
+    lm = lms["bpe"]  # greedy from 今天天气 repeats the token 天气: 天气|天气|...
+    (free,) = complete(lm, "今天天气", greedy(max_new_tokens=6))
+    assert free.token_ids == lm.tokenizer.encode("天气") * 6  # one token each
+    events = list(stream(lm, ["今天天气"], greedy(max_new_tokens=6, stop=("气天",))))
+    done = events[-1]
+    assert isinstance(done, Completion)
+    assert (done.text, done.finish_reason, len(done.token_ids)) == ("天", "stop", 2)
+    assert "".join(e.text for e in events if isinstance(e, TextChunk)) == "天"
+    (inside,) = complete(lm, "今天天气", greedy(max_new_tokens=6, stop=("天气",)))
+    assert (inside.text, inside.finish_reason, len(inside.token_ids)) == ("", "stop", 1)
+    (never,) = complete(lm, "今天天气", greedy(max_new_tokens=6, stop=("雨",)))
+    assert (never.text, never.finish_reason) == (free.text, "length")
+
+
+# -- context limit ------------------------------------------------------------------------------------
+
+
+def test_context_limit_stops_with_length(lms) -> None:
+    lm = lms["short"]
+    assert lm.context_length == 24
+    (done,) = complete(lm, "Hello world", greedy(max_new_tokens=100, ignore_eos=True))
+    assert done.finish_reason == "length" and done.context_full
+    assert len(done.prompt_ids) + len(done.token_ids) == 24
+    (budget,) = complete(lm, "Hello world", greedy(max_new_tokens=5, ignore_eos=True))
+    assert budget.finish_reason == "length" and not budget.context_full
+
+
+def test_long_prompt_is_cut_from_the_left_keeping_room(lms) -> None:
+    lm = lms["short"]
+    prompt = "The weather is nice today, so we are going for a walk in the park. It might rain tomorrow."
+    full = lm.tokenizer.encode(prompt)
+    assert len(full) > 24
+    (done,) = complete(lm, prompt, greedy(max_new_tokens=5, ignore_eos=True))
+    assert done.prompt_ids == full[-19:] and done.dropped == len(full) - 19
+    assert len(done.token_ids) == 5 and not done.context_full
+    (capped,) = complete(lm, prompt, greedy(max_new_tokens=100, ignore_eos=True))
+    assert len(capped.prompt_ids) == 12 and len(capped.token_ids) == 12 and capped.context_full
+
+
+# -- logprobs -----------------------------------------------------------------------------------------
+
+
+def test_logprobs_are_the_model_distribution(lms) -> None:
+    lm = lms["bpe"]
+    settings = hot(3, max_new_tokens=5, logprobs=4, temperature=1.5, top_k=10)
+    (done,) = complete(lm, "今天", settings)
+    ids = done.prompt_ids + done.token_ids
+    with torch.no_grad():
+        full = torch.log_softmax(lm.model(torch.tensor([ids])).logits[0].float(), dim=-1)
+    assert done.logprobs is not None and len(done.logprobs) == 5
+    for step, (token, entry) in enumerate(zip(done.token_ids, done.logprobs, strict=True)):
+        row = full[len(done.prompt_ids) - 1 + step]
+        assert entry["id"] == token
+        assert entry["logprob"] == pytest.approx(row[token].item(), abs=1e-4)
+        top = torch.topk(row, 4)
+        assert [a["id"] for a in entry["top_logprobs"]] == top.indices.tolist()
+        assert [a["logprob"] for a in entry["top_logprobs"]] == pytest.approx(top.values.tolist(), abs=1e-4)
+        assert set(entry["top_logprobs"][0]) == {"id", "token", "bytes", "logprob"}
+    as_json = done.to_json("m")
+    assert as_json["logprobs"] == done.logprobs and as_json["usage"]["completion_tokens"] == 5
+
+
+# -- settings -----------------------------------------------------------------------------------------
+
+
+def test_generation_config_replaces_defaults_and_flags_win() -> None:
+    config = GenerationConfig(do_sample=False, temperature=0.5, top_k=7, max_new_tokens=9, stop_strings="##")
+    settings = resolve_settings(config)
+    assert (settings.greedy, settings.temperature, settings.top_k, settings.max_new_tokens) == (
+        True,
+        0.5,
+        7,
+        9,
+    )
+    assert settings.stop == ("##",) and settings.top_p == 0.95
+    assert settings.sources["top_k"] == "generation_config.json" and settings.sources["top_p"] == "default"
+    flagged = resolve_settings(config, greedy=False, top_k=3, stop=("x", "y"))
+    assert (flagged.sampling, flagged.top_k, flagged.temperature, flagged.stop) == (True, 3, 0.5, ("x", "y"))
+    assert flagged.sources["top_k"] == "flag"
+    assert not resolve_settings(None, temperature=0).sampling  # temperature 0 means greedy
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        ({"max_new_tokens": 0}, "-n/--max-new-tokens"),
+        ({"max_new_tokens": -3}, "-n/--max-new-tokens"),
+        ({"temperature": -0.1}, "--temperature"),
+        ({"temperature": float("inf")}, "--temperature"),
+        ({"top_p": 0.0}, "--top-p"),
+        ({"top_p": 1.01}, "--top-p"),
+        ({"top_k": -1}, "--top-k"),
+        ({"min_p": 1.5}, "--min-p"),
+        ({"repetition_penalty": 0.0}, "--repetition-penalty"),
+        ({"num_samples": 0}, "-N/--num-samples"),
+        ({"logprobs": -1}, "--logprobs"),
+        ({"stop": ("",)}, "--stop"),
+    ],
+)
+def test_bad_values_are_usage_errors(flags: dict, message: str) -> None:
+    with pytest.raises(UsageError, match=message):
+        resolve_settings(None, **flags)
+
+
+def test_bad_value_from_generation_config_names_the_file() -> None:
+    with pytest.raises(UsageError, match=r"top_p in generation_config\.json"):
+        resolve_settings(GenerationConfig(top_p=2.0))
