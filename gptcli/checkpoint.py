@@ -65,11 +65,12 @@ def atomic_write(path: Path, write: Callable[[IO[bytes]], None]) -> None:
     _fsync_dir(path.parent)
 
 
-def claim_out_dir(out_dir: Path, *, resume: bool, overwrite: bool, describe: dict[str, Any]) -> Path | None:
-    """Make `out_dir` ours; return the checkpoint to resume from, or None to start fresh.
+def check_out_dir(out_dir: Path, *, resume: bool, overwrite: bool) -> Path | None:
+    """Whether a run may write into `out_dir`: the checkpoint to resume from, or None to start fresh.
 
     Refuses a folder that holds anything but our own run unless `overwrite`, and our own run with a
     checkpoint unless `resume` or `overwrite`: hours of training are not lost to a repeated command.
+    Writes nothing, so a refusal (or a model that then fails to load) leaves no trace.
     """
     if out_dir.exists() and not out_dir.is_dir():
         raise UsageError(f"{out_dir} is a file, not a folder: pass -o with a folder for the trained model")
@@ -77,27 +78,34 @@ def claim_out_dir(out_dir: Path, *, resume: bool, overwrite: bool, describe: dic
     ours = MARKER in entries and _read_marker(out_dir / MARKER)
     checkpoint = out_dir / CHECKPOINT
     if overwrite:
+        return None
+    if entries and not ours:
+        shown = ", ".join(entries[:5]) + (", ..." if len(entries) > 5 else "")
+        raise UsageError(
+            f"{out_dir} already holds files that are not a gptcli run ({shown}); "
+            "pick another -o folder, or pass --overwrite to write into it anyway"
+        )
+    if checkpoint.is_file() and not resume:
+        raise UsageError(
+            f"{out_dir} holds a gptcli run with a checkpoint; pass --resume to continue it, "
+            "or --overwrite to start over"
+        )
+    return checkpoint if resume and checkpoint.is_file() else None
+
+
+def claim_out_dir(out_dir: Path, *, overwrite: bool, describe: dict[str, Any]) -> None:
+    """Create `out_dir` and mark it as our run; with `overwrite`, first delete an earlier run's files
+    (only those: whatever else the folder holds stays)."""
+    if overwrite:
         for name in _OURS:
             target = out_dir / name
             if target.is_dir():
                 shutil.rmtree(target)
             else:
                 target.unlink(missing_ok=True)
-    elif entries and not ours:
-        shown = ", ".join(entries[:5]) + (", ..." if len(entries) > 5 else "")
-        raise UsageError(
-            f"{out_dir} already holds files that are not a gptcli run ({shown}); "
-            "pick another -o folder, or pass --overwrite to write into it anyway"
-        )
-    elif ours and checkpoint.is_file() and not resume:
-        raise UsageError(
-            f"{out_dir} holds a gptcli run with a checkpoint; pass --resume to continue it, "
-            "or --overwrite to start over"
-        )
     out_dir.mkdir(parents=True, exist_ok=True)
     marker = {"gptcli": describe.get("version"), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **describe}
     atomic_write(out_dir / MARKER, lambda f: f.write(json.dumps(marker, indent=1, default=str).encode()))
-    return checkpoint if resume and not overwrite and checkpoint.is_file() else None
 
 
 def _read_marker(path: Path) -> bool:

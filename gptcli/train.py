@@ -223,6 +223,7 @@ def _train(cfg: TrainConfig, ddp: Dist, on_event: EventHandler | None) -> TrainR
 
     from gptcli.checkpoint import (
         MetricsLog,
+        check_out_dir,
         claim_out_dir,
         export_model,
         load_checkpoint,
@@ -254,11 +255,10 @@ def _train(cfg: TrainConfig, ddp: Dist, on_event: EventHandler | None) -> TrainR
     # The output folder, the model and the data.
     out = cfg.out_dir.expanduser()
     about = {"version": __version__, "config": cfg.to_dict()}
-    resume_from = ddp.on_main(
-        lambda: claim_out_dir(out, resume=cfg.resume, overwrite=cfg.overwrite, describe=about)
-    )
+    resume_from = ddp.on_main(lambda: check_out_dir(out, resume=cfg.resume, overwrite=cfg.overwrite))
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     tokenizer, model, notice = build_model(cfg)
+    ddp.on_main(lambda: claim_out_dir(out, overwrite=cfg.overwrite, describe=about))
     train_data, val_data, notes = load_data(cfg, ddp, tokenizer, model.config, out)
     notes = ([notice] if notice else []) + notes
     global_batch = cfg.batch_size * cfg.grad_accum * ddp.world
@@ -278,8 +278,14 @@ def _train(cfg: TrainConfig, ddp: Dist, on_event: EventHandler | None) -> TrainR
     torch.manual_seed(cfg.seed + ddp.rank)  # different dropout masks on each rank, as in nanoGPT
     if resume_from is not None:
         state = load_checkpoint(resume_from)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
+        try:
+            model.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+        except (RuntimeError, ValueError, KeyError) as exc:
+            raise GptcliError(
+                f"the checkpoint {resume_from} does not fit this model (was the run started with another "
+                f"-m or model size?): {str(exc).strip().splitlines()[0]}"
+            ) from exc
         scaler.load_state_dict(state["scaler"])
         step, samples_seen, tokens_seen = state["step"], state["samples_seen"], state["tokens_seen"]
         pending_loss, pending_steps = state["pending_loss"], state["pending_steps"]

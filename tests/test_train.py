@@ -303,6 +303,22 @@ def test_bad_inputs_are_refused_with_a_reason(cli, bpe_model: Path, corpus: Path
 
     r = run(corpus, "-o", foreign)  # our own finished run: not clobbered by a repeated command
     assert r.code == 2 and "--resume" in r.err
+    smaller = [
+        "--from-scratch",
+        "--tokenizer",
+        bpe_model,
+        "--n-layer",
+        "1",
+        "--n-head",
+        "2",
+        "--n-embd",
+        "16",
+    ]
+    r = run(corpus, "-o", foreign, "--resume", *smaller)
+    assert r.code == 1 and "does not fit this model" in r.err
+
+    r = run(corpus, "-o", tmp_path / "f", "-m", tmp_path / "no-such-model")
+    assert r.code == 2 and not (tmp_path / "f").exists()  # a refusal leaves nothing behind
     r = run(corpus, "-o", tmp_path / "d", "--steps", "3", "--epochs", "1")
     assert r.code == 2 and "not both" in r.err
     r = run(corpus, "-o", tmp_path / "e", "--block-size", "500")
