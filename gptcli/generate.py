@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 import secrets
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Generator, Iterable, Sequence
 from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, Any
 
@@ -38,10 +38,8 @@ _FLAGS = {
     "top_p": "--top-p",
     "min_p": "--min-p",
     "repetition_penalty": "--repetition-penalty",
-    "greedy": "--greedy",
     "seed": "--seed",
     "stop": "--stop",
-    "ignore_eos": "--ignore-eos",
     "num_samples": "-N/--num-samples",
     "logprobs": "--logprobs",
 }
@@ -412,7 +410,7 @@ def stream(
     settings: Settings | None = None,
     *,
     batch_size: int = 1,
-) -> Iterator[TextChunk | Completion]:
+) -> Generator[TextChunk | Completion, None, None]:
     """Complete each prompt `settings.num_samples` times, yielding text as it becomes final.
 
     Rows (prompt × sample) are decoded `batch_size` at a time with left padding. Completions come in
@@ -422,9 +420,15 @@ def stream(
     not depend on the batch it ran in or on how the output is shown.
     """
     settings = settings or resolve_settings(lm.model.generation_config)
-    settings.validate()
+    settings.validate()  # here, not at the first next(): a generator body runs only when iterated
     if batch_size < 1:
         raise UsageError(f"--batch-size must be at least 1 (got {batch_size})")
+    return _stream(lm, prompts, settings, batch_size)
+
+
+def _stream(
+    lm: LoadedModel, prompts: Sequence[str], settings: Settings, batch_size: int
+) -> Generator[TextChunk | Completion, None, None]:
     seed = settings.seed
     if seed is None and settings.sampling:
         seed = secrets.randbits(31)
@@ -469,7 +473,7 @@ def _decode(
     settings: Settings,
     eos: set[int],
     names: TokenText | None,
-) -> Iterator[TextChunk | Completion]:
+) -> Generator[TextChunk | Completion, None, None]:
     """Decode one batch of rows to the end; the generator yields outside inference mode."""
     import torch
 
@@ -581,7 +585,8 @@ def _logprob_entry(
 
 
 def _advance(row: _Row, token: int, eos: set[int], max_new_tokens: int, context: int) -> str:
-    """Take one generated token into the row: the text it releases, and whether the row is done."""
+    """Take one generated token into the row, set its finish reason if it is done; return the text
+    that became final (at the end, also what was held back)."""
     text = ""
     if token in eos:
         row.finish_reason = "eos"

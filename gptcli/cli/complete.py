@@ -34,7 +34,7 @@ _EXAMPLES = """\
 [bold]Examples[/bold]
 
   gptcli complete "今天天气" -m uer/gpt2-chinese-cluecorpussmall
-  gptcli complete "Once upon a time" -n 200 --seed 42 --stop "\\n\\n"
+  gptcli complete "Once upon a time" -n 200 --seed 42 --stop $'\\n\\n'
   echo "The capital of France is" | gptcli complete --greedy -n 5
   cat prompts.txt | gptcli complete --each-line --greedy | jq -r .text
 """
