@@ -152,16 +152,18 @@ def setup(device_spec: str) -> Dist:
 class StopRequest:
     """The first SIGINT (Ctrl-C) or SIGTERM asks the loop to save and stop after the current step.
 
-    A second Ctrl-C stops at once. A SIGTERM after the Ctrl-C does not, because torchrun answers a
-    Ctrl-C by sending its workers SIGTERM, and they still need to write the checkpoint.
+    In a single process a second Ctrl-C stops at once. Under torchrun repeats are ignored: a Ctrl-C
+    reaches each worker twice (from the terminal, then forwarded by torchrun), and the workers still
+    have to agree on a step and write the checkpoint; torchrun kills them if they take too long.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, *, under_torchrun: bool = False) -> None:
         self.requested = False
+        self.under_torchrun = under_torchrun
         self._previous: dict[int, Any] = {}
 
     def _handle(self, signum: int, frame: Any) -> None:
-        if self.requested and signum == signal.SIGINT:
+        if self.requested and signum == signal.SIGINT and not self.under_torchrun:
             raise KeyboardInterrupt
         self.requested = True
 

@@ -333,7 +333,7 @@ def _train(cfg: TrainConfig, ddp: Dist, on_event: EventHandler | None) -> TrainR
     interval_steps, interval_start = pending_steps, time.perf_counter()
     last_loss = last_val = None
     last_saved = step if resume_from else None
-    with StopRequest() as stop:
+    with StopRequest(under_torchrun=ddp.enabled) as stop:
         while step < total_steps:
             lr = lr_at(step, cfg.lr, min_lr, warmup, total_steps)
             for group in optimizer.param_groups:
