@@ -166,6 +166,30 @@ def test_batched_greedy_equals_one_at_a_time(lms, fixture: str) -> None:
     assert len(lengths) > 1  # the first batch really was padded
 
 
+def test_batched_rows_reach_the_context_at_different_steps(lms) -> None:
+    lm = lms["short"]  # 24 positions: every row below stops at the context, each at its own step
+    prompts = [
+        "a",
+        "The weather is nice today, so we are going for a walk in the park. " * 2,
+        "",
+        "今天天气很好",
+    ]
+    for settings in (
+        greedy(max_new_tokens=100, ignore_eos=True),
+        hot(4, max_new_tokens=100, ignore_eos=True),
+    ):
+        batched = complete(lm, prompts, settings, batch_size=4)
+        alone = [complete(lm, p, settings)[0] for p in prompts]
+        assert [d.token_ids for d in batched] == [d.token_ids for d in alone]
+        assert all(d.context_full and len(d.prompt_ids) + len(d.token_ids) == 24 for d in batched)
+        assert len({len(d.token_ids) for d in batched}) > 1 and batched[1].dropped > 0
+
+
+def test_bad_batch_size_fails_at_the_call(lms) -> None:
+    with pytest.raises(UsageError, match="--batch-size"):
+        stream(lms["bpe"], ["x"], greedy(), batch_size=0)  # not only once iterated
+
+
 def test_eos_ends_generation_unless_ignored(lms) -> None:
     lm = lms["bpe"]  # from the start token this model's most likely next token is <|endoftext|>
     (done,) = complete(lm, "", greedy(max_new_tokens=10))
