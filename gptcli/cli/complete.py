@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
@@ -24,11 +24,63 @@ from gptcli.cli._common import (
     read_text,
 )
 from gptcli.errors import UsageError
+from gptcli.generate import Settings  # light: torch is imported only when decoding starts
 
 if TYPE_CHECKING:
-    from gptcli.generate import Completion, Settings
+    from gptcli.generate import Completion
 
 _DECODING = "Decoding (a model's generation_config.json replaces these defaults)"
+_D = Settings()  # our defaults, shown in --help
+
+
+def _decoding(*names: str, help: str, default: object = None) -> Any:
+    """An option of the Decoding panel; its default is shown in the help, not passed to typer."""
+    shown = f" \\[default: {default}]" if default is not None else ""
+    return typer.Option(*names, help=help + shown, show_default=False, rich_help_panel=_DECODING)
+
+
+# Decoding values default to None, "not given", so generation_config.json can fill them in.
+MaxNewTokensOpt = Annotated[
+    int | None,
+    _decoding("--max-new-tokens", "-n", help="Most tokens to generate.", default=_D.max_new_tokens),
+]
+TemperatureOpt = Annotated[
+    float | None,
+    _decoding("--temperature", help="Divide the logits by this; 0 means greedy.", default=_D.temperature),
+]
+TopKOpt = Annotated[
+    int | None, _decoding("--top-k", help="Sample from the K most likely tokens; 0: off.", default=_D.top_k)
+]
+TopPOpt = Annotated[
+    float | None,
+    _decoding(
+        "--top-p",
+        help="Keep the likeliest tokens whose probabilities add up to this; 1: off.",
+        default=_D.top_p,
+    ),
+]
+MinPOpt = Annotated[
+    float | None,
+    _decoding("--min-p", help="Drop tokens less likely than this times the most likely one.", default="off"),
+]
+PenaltyOpt = Annotated[
+    float | None,
+    _decoding(
+        "--repetition-penalty",
+        help="Make tokens already in the text less likely (>1) or more likely (<1).",
+        default=_D.repetition_penalty,
+    ),
+]
+GreedyOpt = Annotated[
+    bool | None,
+    _decoding("--greedy/--sample", help="Always pick the most likely token, or sample.", default="sample"),
+]
+SeedOpt = Annotated[
+    int | None, _decoding("--seed", help="Seed for sampling; sample k uses SEED+k.", default="random")
+]
+StopOpt = Annotated[list[str] | None, _decoding("--stop", help="End before this text (repeatable).")]
+IgnoreEosOpt = Annotated[bool, _decoding("--ignore-eos", help="Keep going past the end-of-text token.")]
+SamplesOpt = Annotated[int, _decoding("--num-samples", "-N", help="Completions per prompt.", default=1)]
 
 _EXAMPLES = """\
 [bold]Examples[/bold]
@@ -47,87 +99,18 @@ def complete(
     ] = None,
     file: Annotated[Path | None, typer.Option("--file", "-f", help="Read the prompt from this file.")] = None,
     model: ModelOpt = None,
-    max_new_tokens: Annotated[
-        int | None,
-        typer.Option(
-            "--max-new-tokens",
-            "-n",
-            help="Most tokens to generate. \\[default: 64]",
-            rich_help_panel=_DECODING,
-        ),
-    ] = None,
-    temperature: Annotated[
-        float | None,
-        typer.Option(
-            help="Divide the logits by this; 0 means greedy. \\[default: 0.8]", rich_help_panel=_DECODING
-        ),
-    ] = None,
-    top_k: Annotated[
-        int | None,
-        typer.Option(
-            "--top-k",
-            help="Sample from the K most likely tokens; 0: off. \\[default: 50]",
-            rich_help_panel=_DECODING,
-        ),
-    ] = None,
-    top_p: Annotated[
-        float | None,
-        typer.Option(
-            "--top-p",
-            help="Keep the likeliest tokens whose probabilities add up to this; 1: off. \\[default: 0.95]",
-            rich_help_panel=_DECODING,
-        ),
-    ] = None,
-    min_p: Annotated[
-        float | None,
-        typer.Option(
-            "--min-p",
-            help="Drop tokens less likely than this times the most likely one. \\[default: off]",
-            rich_help_panel=_DECODING,
-        ),
-    ] = None,
-    repetition_penalty: Annotated[
-        float | None,
-        typer.Option(
-            "--repetition-penalty",
-            help="Make tokens already in the text less likely (>1) or more (<1). \\[default: 1.0]",
-            rich_help_panel=_DECODING,
-        ),
-    ] = None,
-    greedy: Annotated[
-        bool | None,
-        typer.Option(
-            "--greedy/--sample",
-            help="Always pick the most likely token (deterministic), or sample. \\[default: sample]",
-            show_default=False,
-            rich_help_panel=_DECODING,
-        ),
-    ] = None,
-    seed: Annotated[
-        int | None,
-        typer.Option(
-            help="Seed for sampling; sample k uses SEED+k. \\[default: random]", rich_help_panel=_DECODING
-        ),
-    ] = None,
-    stop: Annotated[
-        list[str] | None,
-        typer.Option(
-            "--stop", help="End before this text (repeatable).", show_default=False, rich_help_panel=_DECODING
-        ),
-    ] = None,
-    ignore_eos: Annotated[
-        bool,
-        typer.Option(
-            "--ignore-eos", help="Keep going past the end-of-text token.", rich_help_panel=_DECODING
-        ),
-    ] = False,
-    num_samples: Annotated[
-        int, typer.Option("--num-samples", "-N", help="Completions per prompt.", rich_help_panel=_DECODING)
-    ] = 1,
-    echo: Annotated[
-        bool,
-        typer.Option("--echo", help="Print the prompt before the continuation."),
-    ] = False,
+    max_new_tokens: MaxNewTokensOpt = None,
+    temperature: TemperatureOpt = None,
+    top_k: TopKOpt = None,
+    top_p: TopPOpt = None,
+    min_p: MinPOpt = None,
+    repetition_penalty: PenaltyOpt = None,
+    greedy: GreedyOpt = None,
+    seed: SeedOpt = None,
+    stop: StopOpt = None,
+    ignore_eos: IgnoreEosOpt = False,
+    num_samples: SamplesOpt = 1,
+    echo: Annotated[bool, typer.Option("--echo", help="Print the prompt before the continuation.")] = False,
     json_: JsonOpt = False,
     logprobs: Annotated[
         int | None,
@@ -140,22 +123,13 @@ def complete(
     ] = None,
     each_line: Annotated[
         bool,
-        typer.Option(
-            "--each-line",
-            help="Every input line is a prompt; one JSON line per prompt, in input order.",
-        ),
+        typer.Option("--each-line", help="Every input line is a prompt; one JSON line per prompt, in order."),
     ] = False,
     batch_size: Annotated[
-        int,
-        typer.Option("--batch-size", help="Prompts decoded together with --each-line."),
+        int, typer.Option("--batch-size", help="Prompts decoded together with --each-line.")
     ] = 16,
     verbose: Annotated[
-        bool,
-        typer.Option(
-            "--verbose",
-            "-v",
-            help="Settings and speed (time to first token, tokens/s) on stderr.",
-        ),
+        bool, typer.Option("--verbose", "-v", help="Settings, time to first token and tokens/s on stderr.")
     ] = False,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
