@@ -18,6 +18,14 @@ os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 os.environ.pop("GPTCLI_MODEL", None)
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    # The test models are tiny: thread start-up and contention cost more than they save (about 3x on
+    # a shared 2-core machine). Subprocesses started by tests keep torch's default.
+    import torch
+
+    torch.set_num_threads(1)
+
+
 @pytest.fixture(scope="session")
 def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """{'bpe': byte-level BPE GPT-2, 'bert': BERT-tokenizer GPT-2, 'short': 24-position context}."""

@@ -15,7 +15,7 @@ from gptcli.cli import complete as _complete  # noqa: F401
 from gptcli.cli import finetune as _finetune  # noqa: F401
 from gptcli.cli import hub as _hub  # noqa: F401
 from gptcli.cli import inspect as _inspect  # noqa: F401
-from gptcli.cli._common import app
+from gptcli.cli._common import app, quiet_broken_pipe
 from gptcli.errors import GptcliError
 
 __all__ = ["app", "main"]
@@ -44,17 +44,6 @@ def _fail(message: str, code: int) -> int:
     return code
 
 
-def _quiet_broken_pipe() -> int:
-    # The reader went away (`| head`): stop quietly. Point stdout at /dev/null so the interpreter's
-    # final flush does not raise a second BrokenPipeError on the way out.
-    try:
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
-    except (OSError, ValueError):
-        pass
-    return 141  # 128 + SIGPIPE, what a C tool killed by the signal reports
-
-
 def run(argv: list[str] | None = None) -> int:
     """Run the CLI and return its exit code; every failure becomes one `Error:` line on stderr."""
     debug = os.environ.get("GPTCLI_DEBUG", "") not in ("", "0")
@@ -70,7 +59,7 @@ def run(argv: list[str] | None = None) -> int:
             raise
         return _fail(exc.format_message(), exc.exit_code)
     except BrokenPipeError:
-        return _quiet_broken_pipe()
+        return quiet_broken_pipe()
     except (KeyboardInterrupt, typer.Abort):
         print(file=sys.stderr)
         return 130
@@ -82,11 +71,20 @@ def run(argv: list[str] | None = None) -> int:
         return _fail(f"{name}: {detail} (set GPTCLI_DEBUG=1 for the traceback)" if detail else name, 1)
 
 
+def _utf8_streams() -> None:
+    # Tokens are UTF-8 text; a non-UTF-8 locale must not turn output into UnicodeEncodeError.
+    for stream, errors in ((sys.stdout, "strict"), (sys.stderr, "backslashreplace")):
+        encoding = (getattr(stream, "encoding", None) or "").lower().replace("-", "")
+        if encoding != "utf8" and hasattr(stream, "reconfigure"):
+            stream.reconfigure(encoding="utf-8", errors=errors)
+
+
 def main() -> None:
     """Console-script entry point."""
+    _utf8_streams()
     code = run()
     try:
         sys.stdout.flush()
     except BrokenPipeError:
-        code = _quiet_broken_pipe()
+        code = quiet_broken_pipe()
     sys.exit(code)

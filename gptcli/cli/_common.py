@@ -5,9 +5,11 @@ This package is the only place that imports typer and rich. Library modules neve
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -30,12 +32,46 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 
+
+def command(**kwargs: Any) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """`app.command`, plus the quiet exit on a closed pipe that every command needs.
+
+    Typer turns a BrokenPipeError raised inside a command into a bare exit 1, before the error
+    boundary in gptcli.cli.run could see it; `gptcli ... | head` must end quietly instead.
+    """
+
+    def register(fn: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(fn)
+        def guarded(*args: Any, **kw: Any) -> Any:
+            try:
+                return fn(*args, **kw)
+            except BrokenPipeError:
+                raise typer.Exit(quiet_broken_pipe()) from None
+
+        return app.command(**kwargs)(guarded)
+
+    return register
+
+
+def quiet_broken_pipe() -> int:
+    """The reader went away (`| head`): stop quietly, with the exit status of a SIGPIPE death."""
+    # Point stdout at /dev/null so the interpreter's final flush does not raise a second
+    # BrokenPipeError on the way out.
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
+    return 141  # 128 + SIGPIPE, what a C tool killed by the signal reports
+
+
 ModelOpt = Annotated[
     str | None,
     typer.Option(
         "--model",
         "-m",
-        help="Hub id or local folder saved with save_pretrained. [default: $GPTCLI_MODEL or gpt2]",
+        help="Hub id, local folder saved with save_pretrained, or builtin. "
+        "\\[default: $GPTCLI_MODEL, else gpt2, else builtin]",
         show_default=False,
     ),
 ]

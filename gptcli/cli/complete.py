@@ -16,7 +16,7 @@ from gptcli.cli._common import (
     JsonOpt,
     ModelOpt,
     TrustCodeOpt,
-    app,
+    command,
     emit_json,
     load,
     note,
@@ -92,7 +92,7 @@ _EXAMPLES = """\
 """
 
 
-@app.command(epilog=_EXAMPLES)
+@command(epilog=_EXAMPLES)
 def complete(
     prompt: Annotated[
         str | None, typer.Argument(help="The prompt; read from stdin when absent or '-'.", show_default=False)
@@ -196,13 +196,6 @@ def complete(
         if line_open:
             _write("\n")
         raise typer.Exit(130) from None
-    except BrokenPipeError:
-        # The reader went away (`| head -c 20`). Typer would turn this into a bare exit 1 before the
-        # error boundary in gptcli.cli.run sees it, so answer here the way that boundary does: 141.
-        from gptcli.cli import _quiet_broken_pipe
-
-        events.close()
-        raise typer.Exit(_quiet_broken_pipe()) from None
 
 
 def _write(text: str) -> None:

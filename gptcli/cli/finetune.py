@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from gptcli.cli._common import AllowPickleOpt, DeviceOpt, ModelOpt, TrustCodeOpt, app, is_tty, stderr
+from gptcli.cli._common import AllowPickleOpt, DeviceOpt, ModelOpt, TrustCodeOpt, command, is_tty, stderr
 
 if TYPE_CHECKING:
     from gptcli.train import TrainEvent, TrainResult
@@ -33,7 +33,7 @@ EPILOG = """\
 """
 
 
-@app.command(epilog=EPILOG)
+@command(epilog=EPILOG)
 def finetune(
     data: Annotated[
         list[str],

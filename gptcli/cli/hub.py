@@ -6,7 +6,7 @@ from typing import Annotated
 
 import typer
 
-from gptcli.cli._common import AllowPickleOpt, JsonOpt, app, emit_json
+from gptcli.cli._common import AllowPickleOpt, JsonOpt, command, emit_json
 
 
 def _size(n: int) -> str:
@@ -17,7 +17,7 @@ def _size(n: int) -> str:
     return f"{n:.1f} GB"
 
 
-@app.command()
+@command()
 def models(json_: JsonOpt = False) -> None:
     """The built-in model and the models in the local Hugging Face cache.
 
@@ -42,7 +42,7 @@ def models(json_: JsonOpt = False) -> None:
         print("(add models with `gptcli pull NAME`, or pass -m with a folder saved by save_pretrained)")
 
 
-@app.command()
+@command()
 def pull(
     name: Annotated[str, typer.Argument(help="Hub id, e.g. gpt2 or uer/gpt2-chinese-cluecorpussmall.")],
     allow_pickle: AllowPickleOpt = False,

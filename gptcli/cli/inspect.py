@@ -15,7 +15,7 @@ from gptcli.cli._common import (
     JsonOpt,
     ModelOpt,
     TrustCodeOpt,
-    app,
+    command,
     emit_json,
     is_tty,
     load,
@@ -33,7 +33,7 @@ EachLineOpt = Annotated[
 BatchOpt = Annotated[int, typer.Option("--batch-size", help="Prompts per forward pass with --each-line.")]
 
 
-@app.command()
+@command()
 def info(
     model: ModelOpt = None,
     device: DeviceOpt = "auto",
@@ -55,7 +55,7 @@ def info(
         print(f"{key.replace('_', ' '):<{width}}  {shown}")
 
 
-@app.command()
+@command()
 def tokenize(
     text: TextArg = None,
     model: ModelOpt = None,
@@ -88,7 +88,7 @@ def tokenize(
             print(f"{t['id']}\t{t['token']}")
 
 
-@app.command()
+@command()
 def topk(
     prompt: TextArg = None,
     model: ModelOpt = None,
@@ -153,13 +153,13 @@ def _topk_table(tokens: list[dict[str, Any]]) -> None:
     stdout().print(table)
 
 
-@app.command()
+@command()
 def score(
     text: TextArg = None,
     file: Annotated[Path | None, typer.Option("--file", "-f", help="Read the text from this file.")] = None,
     model: ModelOpt = None,
     stride: Annotated[
-        int | None, typer.Option(help="Sliding-window step for long texts. [default: context/2]")
+        int | None, typer.Option(help="Sliding-window step for long texts. \\[default: context/2]")
     ] = None,
     json_: JsonOpt = False,
     device: DeviceOpt = "auto",
