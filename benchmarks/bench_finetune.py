@@ -223,6 +223,8 @@ def main() -> None:
         f"batch {args.batch_size} x block {args.block_size}, {args.device} ({where}), "
         f"torch {torch.__version__}"
     )
+    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
+    print(f"load average at the end: {load} (other processes on the machine skew the figures)")
     print(f"{'loop':<8} {'tokens/s (median)':>18} {'ms/step':>9} {'steps':>6} {'peak memory':>12}")
     medians = {}
     for variant in ("plain", "gptcli"):
