@@ -19,20 +19,10 @@ from gptcli.train import TrainConfig, lr_at, train
 
 import tiny
 
-# Tiny models train fastest on one thread, and two test processes sharing two cores do not fight over
-# them; subprocesses get the same setting so their numbers match the in-process runs bit for bit.
+# conftest runs torch on one thread in this process; subprocesses get the same setting, so that their
+# numbers match the in-process runs bit for bit.
 ONE_THREAD = {"OMP_NUM_THREADS": "1", "GPTCLI_DEBUG": "1"}
 SMALL = ["--batch-size", "4", "--block-size", "32", "--log-every", "1"]
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture
