@@ -170,7 +170,8 @@ class TrainConfig:
 class TrainEvent:
     """What the loop reports, on rank 0 only.
 
-    kind: "start" (metrics: parameters, train_tokens, val_tokens, global_batch, block_size),
+    kind: "status" (what is being set up, in `message`),
+    "start" (metrics: parameters, train_tokens, val_tokens, global_batch, block_size, ...),
     "log" (step, loss, lr, tokens, tokens_per_second, eta_seconds, and val_loss / mfu when known),
     "save" (a checkpoint was written), "note" (a remark in `message`), "end".
     """
@@ -253,12 +254,14 @@ def _train(cfg: TrainConfig, ddp: Dist, on_event: EventHandler | None) -> TrainR
         torch.set_float32_matmul_precision("high")  # TF32 matmuls for whatever autocast leaves in fp32
 
     # The output folder, the model and the data.
-    out = cfg.out_dir.expanduser()
+    out = Path(cfg.out_dir).expanduser()
     about = {"version": __version__, "config": cfg.to_dict()}
     resume_from = ddp.on_main(lambda: check_out_dir(out, resume=cfg.resume, overwrite=cfg.overwrite))
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
+    report("status", message="building a new model" if cfg.from_scratch else "loading the model")
     tokenizer, model, notice = build_model(cfg)
     ddp.on_main(lambda: claim_out_dir(out, overwrite=cfg.overwrite, describe=about))
+    report("status", message="reading the data (tokenized once, then cached)")
     train_data, val_data, notes = load_data(cfg, ddp, tokenizer, model.config, out)
     notes = ([notice] if notice else []) + notes
     global_batch = cfg.batch_size * cfg.grad_accum * ddp.world

@@ -236,10 +236,21 @@ class ProgressView:
         self.progress: Any = None
         self.task: Any = None
         self.live = live
+        self.spinner: Any = None
         self.val_loss: float | None = None
 
     def on_event(self, event: TrainEvent) -> None:
         m = event.metrics
+        if event.kind == "status":
+            if self.live:  # a spinner while the model loads and the data is tokenized
+                if self.spinner is None:
+                    self.spinner = self.console.status(event.message, spinner="dots")
+                    self.spinner.start()
+                self.spinner.update(event.message)
+            return
+        if self.spinner is not None:
+            self.spinner.stop()
+            self.spinner = None
         if event.kind == "start":
             text = (
                 f"training {m['parameters'] / 1e6:.2f}M parameters on {m['device']} ({m['precision']}, "
@@ -275,6 +286,9 @@ class ProgressView:
         self.progress.start()
 
     def close(self) -> None:
+        if self.spinner is not None:
+            self.spinner.stop()
+            self.spinner = None
         if self.progress is not None:
             self.progress.stop()
             self.progress = None
