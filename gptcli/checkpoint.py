@@ -220,3 +220,23 @@ def set_rng_state(state: dict[str, Any], device: torch.device) -> None:
     torch.set_rng_state(state["cpu"])
     if device.type == "cuda" and state.get("cuda") is not None:
         torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def non_finite_message(what: str, step: int, last_saved: int | None, out: Path) -> str:
+    """Why the run stopped and what was kept, for a loss or weights that are no longer finite."""
+    kept = (
+        f"the last good checkpoint (step {last_saved}) is kept in {out / 'checkpoint.pt'}"
+        if last_saved is not None
+        else "no checkpoint had been written yet"
+    )
+    return (
+        f"{what} by step {step}, so the run stopped; {kept}. "
+        "Try a lower --lr (and --precision bf16 or fp32 if this was fp16), then --resume"
+    )
+
+
+def all_finite(model: torch.nn.Module) -> bool:
+    """Whether every weight is finite: checked before a checkpoint may replace the last good one."""
+    import torch
+
+    return bool(torch.stack([p.isfinite().all() for p in model.parameters()]).all())

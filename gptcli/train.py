@@ -224,15 +224,18 @@ def _train(cfg: TrainConfig, ddp: Dist, on_event: EventHandler | None) -> TrainR
 
     from gptcli.checkpoint import (
         MetricsLog,
+        all_finite,
         check_out_dir,
         claim_out_dir,
         export_model,
         load_checkpoint,
+        non_finite_message,
         plot_losses,
         rng_state,
         save_checkpoint,
         set_rng_state,
     )
+    from gptcli.data import shard_start
     from gptcli.distributed import StopRequest
     from gptcli.train_setup import (
         build_model,
@@ -342,7 +345,7 @@ def _train(cfg: TrainConfig, ddp: Dist, on_event: EventHandler | None) -> TrainR
             for group in optimizer.param_groups:
                 group["lr"] = lr
             for micro in range(cfg.grad_accum):
-                start = _shard_start(samples_seen, micro, ddp, cfg.batch_size)
+                start = shard_start(samples_seen, micro, ddp.rank, ddp.world, cfg.batch_size)
                 x, y = get_batch(train_data.blocks, train_data.order, start, cfg.batch_size, device)
                 # Only the last micro-step all-reduces gradients; the others just accumulate locally.
                 last = micro == cfg.grad_accum - 1
@@ -508,28 +511,3 @@ def estimate_val_loss(model: Any, val: Blocks, cfg: TrainConfig, ddp: Dist, auto
     model.train()
     loss_sum, tokens = ddp.sum(total).tolist()
     return loss_sum / tokens
-
-
-def non_finite_message(what: str, step: int, last_saved: int | None, out: Path) -> str:
-    """Why the run stopped and what was kept, for a loss or weights that are no longer finite."""
-    kept = (
-        f"the last good checkpoint (step {last_saved}) is kept in {out / 'checkpoint.pt'}"
-        if last_saved is not None
-        else "no checkpoint had been written yet"
-    )
-    return (
-        f"{what} by step {step}, so the run stopped; {kept}. "
-        "Try a lower --lr (and --precision bf16 or fp32 if this was fp16), then --resume"
-    )
-
-
-def all_finite(model: torch.nn.Module) -> bool:
-    import torch
-
-    return bool(torch.stack([p.isfinite().all() for p in model.parameters()]).all())
-
-
-def _shard_start(samples_seen: int, micro: int, ddp: Dist, batch_size: int) -> int:
-    from gptcli.data import shard_start
-
-    return shard_start(samples_seen, micro, ddp.rank, ddp.world, batch_size)
