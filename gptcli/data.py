@@ -120,7 +120,7 @@ def read_documents(
     for path in paths:
         data = _read_bytes(path, stdin)
         where = "stdin" if path == "-" else path
-        if not path.endswith(".jsonl"):
+        if not path.lower().endswith(".jsonl"):
             yield _decode(data, where)
             continue
         offset = 0
