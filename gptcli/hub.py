@@ -77,10 +77,10 @@ def first_line(exc: BaseException) -> str:
 
 def cached_models() -> list[dict[str, Any]]:
     """Models in the local Hugging Face cache: [{"id", "size", "path"}], largest first."""
-    from huggingface_hub import scan_cache_dir
+    from huggingface_hub import constants, scan_cache_dir
 
     try:
-        info = scan_cache_dir()
+        info = scan_cache_dir(constants.HF_HUB_CACHE)
     except Exception:  # no cache folder yet, or one we cannot read: nothing is cached
         return []
     found = []
