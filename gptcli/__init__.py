@@ -17,6 +17,11 @@ _API = {
     "next_token_distribution": "gptcli.inspect_",
     "score_text": "gptcli.inspect_",
     "tokenize": "gptcli.inspect_",
+    "complete": "gptcli.generate",
+    "stream": "gptcli.generate",
+    "resolve_settings": "gptcli.generate",
+    "train": "gptcli.train",
+    "TrainConfig": "gptcli.train",
 }
 
 __all__ = ["__version__", *_API]
