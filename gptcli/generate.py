@@ -1,217 +1,31 @@
-"""Sampling and the decode loop: prompts in, text chunks and finished completions out.
+"""The decode loop: prompts in, text chunks and finished completions out.
 
 `stream()` is a generator of events: `TextChunk`s as text becomes final and one `Completion` per sample.
-It never prints and knows nothing of terminals; the CLI decides what to show.
-
-Decoding follows transformers' definitions so results can be checked against `model.generate`:
-repetition penalty, then (when sampling) temperature, top-k, top-p and min-p, the order and the
-formulas of its logits processors. Greedy decoding applies only the repetition penalty, as `generate`
-does with `do_sample=False`.
+It never prints and knows nothing of terminals; the CLI decides what to show. What a token is drawn
+from (settings, the filters) is gptcli.sampling; the model runs through gptcli.gpt2's cached decoder
+for plain GPT-2 checkpoints and through transformers for the rest, with the same results.
 """
 
 from __future__ import annotations
 
-import math
 import secrets
 import time
 from collections.abc import Generator, Iterable, Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from gptcli.errors import UsageError
 from gptcli.inspect_ import fit_context, left_pad, pad_id
+from gptcli.sampling import Settings, check_flags, process_logits, resolve_settings
 from gptcli.tokens import Detokenizer, TokenText, decode, encode_prompt
+
+# Settings and their resolution are gptcli.sampling's; importing them from here keeps working.
+__all__ = ["Completion", "Settings", "TextChunk", "check_flags", "complete", "resolve_settings", "stream"]
 
 if TYPE_CHECKING:
     import torch
 
     from gptcli.models import LoadedModel
-
-# Where a setting's value came from, for `-v` and for error messages.
-DEFAULT, GENERATION_CONFIG, FLAG = "default", "generation_config.json", "flag"
-
-# How each setting is spelled on the command line, for error messages.
-_FLAGS = {
-    "max_new_tokens": "-n/--max-new-tokens",
-    "temperature": "--temperature",
-    "top_k": "--top-k",
-    "top_p": "--top-p",
-    "min_p": "--min-p",
-    "repetition_penalty": "--repetition-penalty",
-    "seed": "--seed",
-    "stop": "--stop",
-    "num_samples": "-N/--num-samples",
-    "logprobs": "--logprobs",
-}
-
-
-@dataclass(frozen=True)
-class Settings:
-    """How to decode. `resolve_settings` builds one from our defaults, generation_config.json and flags."""
-
-    max_new_tokens: int = 64
-    temperature: float = 0.8
-    top_k: int = 50  # 0: off
-    top_p: float = 0.95  # 1.0: off
-    min_p: float | None = None  # None or 0: off
-    repetition_penalty: float = 1.0  # 1.0: off
-    greedy: bool = False
-    seed: int | None = None  # None: a fresh random seed per run
-    stop: tuple[str, ...] = ()
-    ignore_eos: bool = False
-    num_samples: int = 1
-    logprobs: int | None = None  # None: no logprobs; K: the chosen token's and K alternatives
-    sources: dict[str, str] = field(default_factory=dict, compare=False, repr=False)
-
-    @property
-    def sampling(self) -> bool:
-        """Whether tokens are drawn at random (temperature 0 means greedy, as in most tools)."""
-        return not self.greedy and self.temperature > 0
-
-    def validate(self) -> None:
-        """Raise UsageError for a value that cannot work, naming the flag or file it came from."""
-        for f in fields(self):
-            if f.name != "sources":
-                _check(f.name, getattr(self, f.name), self.sources.get(f.name, FLAG))
-
-
-def _check(name: str, value: Any, source: str = FLAG) -> None:
-    where = f"{name} in {GENERATION_CONFIG}" if source == GENERATION_CONFIG else _FLAGS.get(name, name)
-
-    def bad(rule: str) -> UsageError:
-        return UsageError(f"{where} {rule} (got {value!r})")
-
-    if name in ("max_new_tokens", "num_samples") and value < 1:
-        raise bad("must be at least 1")
-    if name == "temperature" and not (0 <= value < math.inf):
-        raise bad("must be a number >= 0 (0 means greedy)")
-    if name == "top_k" and value < 0:
-        raise bad("must be >= 0 (0 turns top-k off)")
-    if name == "top_p" and not 0 < value <= 1:
-        raise bad("must be in (0, 1] (1 turns top-p off)")
-    if name == "min_p" and value is not None and not 0 <= value <= 1:
-        raise bad("must be in [0, 1] (0 turns min-p off)")
-    if name == "repetition_penalty" and not (0 < value < math.inf):
-        raise bad("must be a positive number (1 turns it off)")
-    if name == "logprobs" and value is not None and value < 0:
-        raise bad("must be >= 0 (the number of alternatives per token)")
-    if name == "stop" and any(not s for s in value):
-        raise bad("must not be empty")
-    if name == "seed" and value is not None and not 0 <= value < 2**63:
-        raise bad("must be between 0 and 2**63 - 1")
-
-
-def check_flags(**flags: Any) -> None:
-    """Validate explicit flag values (None: not given) before anything slow, like loading a model."""
-    for name, value in flags.items():
-        if value is not None:
-            _check(name, value)
-
-
-def generation_config_values(generation_config: Any) -> dict[str, Any]:
-    """The decoding values a model's generation_config.json sets, as Settings fields.
-
-    In transformers 5 every unset field is None, so anything else came from the file (or, for token ids,
-    from config.json). `do_sample: false` makes greedy the default; `stop_strings` become stop texts.
-    """
-    if generation_config is None:
-        return {}
-    values: dict[str, Any] = {}
-    for name in ("max_new_tokens", "temperature", "top_k", "top_p", "min_p", "repetition_penalty"):
-        value = getattr(generation_config, name, None)
-        if value is not None:
-            values[name] = value
-    do_sample = getattr(generation_config, "do_sample", None)
-    if do_sample is not None:
-        values["greedy"] = not do_sample
-    stops = getattr(generation_config, "stop_strings", None)
-    if stops:
-        values["stop"] = (stops,) if isinstance(stops, str) else tuple(stops)
-    return values
-
-
-def resolve_settings(generation_config: Any = None, **flags: Any) -> Settings:
-    """Our defaults, replaced by the model's generation_config.json, replaced by explicit flags (not None)."""
-    values = {f.name: f.default for f in fields(Settings) if f.name != "sources"}
-    sources = dict.fromkeys(values, DEFAULT)
-    for layer, source in ((generation_config_values(generation_config), GENERATION_CONFIG), (flags, FLAG)):
-        for name, value in layer.items():
-            if name not in values:
-                raise TypeError(f"unknown setting {name!r}")
-            if value is not None:
-                values[name] = tuple(value) if name == "stop" else value
-                sources[name] = source
-    settings = Settings(**values, sources=sources)
-    settings.validate()
-    return settings
-
-
-# --- Sampling: the same definitions as transformers' logits processors -------------------------------
-
-
-def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
-    """Make tokens already in the text less likely: positive logits divided by `penalty`, negative ones
-    multiplied, once per token however often it occurred (RepetitionPenaltyLogitsProcessor).
-
-    Args:
-        logits: [batch, vocab].
-        seen: [batch, vocab] bool, True for tokens in the prompt or generated so far.
-    """
-    import torch
-
-    penalized = torch.where(logits < 0, logits * penalty, logits / penalty)
-    return torch.where(seen, penalized, logits)
-
-
-def top_k_filter(logits: torch.Tensor, k: int) -> torch.Tensor:
-    """Keep the k highest logits (ties with the k-th included), -inf elsewhere (TopKLogitsWarper)."""
-    import torch
-
-    k = min(max(k, 1), logits.size(-1))
-    threshold = torch.topk(logits, k).values[..., -1, None]
-    return logits.masked_fill(logits < threshold, -math.inf)
-
-
-def top_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
-    """Keep the smallest set of most likely tokens whose probabilities add up to at least p
-    (TopPLogitsWarper; the most likely token always stays)."""
-    import torch
-
-    sorted_logits, order = torch.sort(logits, descending=False)
-    cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
-    remove = cumulative <= (1 - p)
-    remove[..., -1:] = False
-    remove = remove.scatter(-1, order, remove)
-    return logits.masked_fill(remove, -math.inf)
-
-
-def min_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
-    """Drop tokens less likely than p times the most likely one (MinPLogitsWarper)."""
-    import torch
-
-    probs = torch.softmax(logits, dim=-1)
-    remove = probs < p * probs.amax(dim=-1, keepdim=True)
-    return logits.masked_fill(remove, -math.inf)
-
-
-def process_logits(
-    logits: torch.Tensor, settings: Settings, seen: torch.Tensor | None = None
-) -> torch.Tensor:
-    """The scores tokens are picked from: penalty, then for sampling temperature, top-k, top-p, min-p."""
-    if seen is not None and settings.repetition_penalty != 1.0:
-        logits = apply_repetition_penalty(logits, seen, settings.repetition_penalty)
-    if not settings.sampling:
-        return logits
-    if settings.temperature != 1.0:
-        logits = logits / settings.temperature
-    if settings.top_k:
-        logits = top_k_filter(logits, settings.top_k)
-    if settings.top_p < 1.0:
-        logits = top_p_filter(logits, settings.top_p)
-    if settings.min_p:
-        logits = min_p_filter(logits, settings.min_p)
-    return logits
-
 
 # --- Events -------------------------------------------------------------------------------------------
 
@@ -315,19 +129,14 @@ def cut_at_stop(text: str, stops: Iterable[str]) -> str:
 
 
 class KVStepper:
-    """The model run one step at a time over a KV cache, returning float32 logits of the last position.
-
-    The loop only calls `prefill` and `step`; a static, pre-allocated cache (for torch.compile or CUDA
-    graphs) can replace the DynamicCache here without touching it. `max_length` is the most positions
-    the batch will hold, what such a cache would allocate.
-    """
+    """A transformers model run one step at a time over its DynamicCache, returning float32 logits of the
+    last position: the decoder for checkpoints gptcli.gpt2 does not run (same interface as its
+    CachedDecoder)."""
 
     def __init__(self, model: Any, batch_size: int, max_length: int) -> None:
         from transformers import DynamicCache
 
         self.model = model
-        self.batch_size = batch_size
-        self.max_length = max_length
         self.cache = DynamicCache(config=model.config)
         self.mask: torch.Tensor | None = None
 
@@ -346,6 +155,12 @@ class KVStepper:
             self.mask = torch.cat([self.mask, ones], dim=1)
         return self._forward(next_ids, position_ids)
 
+    def keep(self, rows: torch.Tensor) -> None:
+        """Go on with these rows only (indices into the current batch)."""
+        self.cache.batch_select_indices(rows)
+        if self.mask is not None:
+            self.mask = self.mask.index_select(0, rows)
+
     def _forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
         out = self.model(
             input_ids=input_ids,
@@ -358,6 +173,15 @@ class KVStepper:
         self.cache = out.cache
         # float32 whatever the weights: the reference numerics for sampling, penalties and logprobs.
         return out.logits[:, -1, :].float()
+
+
+def _decoder(lm: LoadedModel, batch_size: int, max_length: int) -> Any:
+    """The cached decoder for this model: gptcli's own for plain GPT-2s, transformers' for the rest."""
+    if lm.net is not None:
+        from gptcli.gpt2 import CachedDecoder
+
+        return CachedDecoder(lm.net, batch_size, max_length)
+    return KVStepper(lm.model, batch_size, max_length)
 
 
 @dataclass
@@ -397,7 +221,7 @@ def encode_for_context(
 
 def eos_ids(lm: LoadedModel) -> set[int]:
     """The ids that end generation: generation_config's eos_token_id (one or a list), else the tokenizer's."""
-    for source in (lm.model.generation_config, lm.model.config, lm.tokenizer):
+    for source in (lm.generation_config, lm.config, lm.tokenizer):
         value = getattr(source, "eos_token_id", None)
         if value is not None:
             return {int(v) for v in (value if isinstance(value, (list, tuple)) else [value])}
@@ -419,11 +243,16 @@ def stream(
     Sample k of every prompt draws from its own generator seeded with seed + k, so a sample's tokens do
     not depend on the batch it ran in or on how the output is shown.
     """
-    settings = settings or resolve_settings(lm.model.generation_config)
+    settings = settings or resolve_settings(lm.generation_config)
     settings.validate()  # here, not at the first next(): a generator body runs only when iterated
     if batch_size < 1:
         raise UsageError(f"--batch-size must be at least 1 (got {batch_size})")
     return _stream(lm, prompts, settings, batch_size)
+
+
+# Rows are sorted by length within windows of this many batches (which bounds how long a completion
+# waits for the ones before it).
+_SORT_WINDOW = 8
 
 
 def _stream(
@@ -434,11 +263,11 @@ def _stream(
         seed = secrets.randbits(31)
     eos = set() if settings.ignore_eos else eos_ids(lm)
     names = TokenText(lm.tokenizer) if settings.logprobs is not None else None
-    pending: list[_Row] = []
+    rows: list[_Row] = []
     for index, prompt in enumerate(prompts):
         ids, dropped = encode_for_context(lm.tokenizer, prompt, lm.context_length, settings.max_new_tokens)
         for sample in range(settings.num_samples):
-            pending.append(
+            rows.append(
                 _Row(
                     index=index,
                     sample=sample,
@@ -451,11 +280,23 @@ def _stream(
                     logprobs=[] if names is not None else None,
                 )
             )
-            if len(pending) == batch_size:
-                yield from _decode(lm, pending, settings, eos, names)
-                pending = []
-    if pending:
-        yield from _decode(lm, pending, settings, eos, names)
+    # Batches of rows of similar length waste less on padding, so each window of rows is sorted by
+    # length; completions are put back in input order, which a window bounds how long they wait for.
+    window = batch_size * _SORT_WINDOW if batch_size > 1 else 1
+    finished: dict[tuple[int, int], Completion] = {}
+    order = iter([(r.index, r.sample) for r in rows])
+    wanted = next(order, None)
+    for start in range(0, len(rows), window):
+        todo = sorted(rows[start : start + window], key=lambda r: len(r.prompt_ids))
+        for first in range(0, len(todo), batch_size):
+            for event in _decode(lm, todo[first : first + batch_size], settings, eos, names):
+                if isinstance(event, TextChunk):
+                    yield event
+                    continue
+                finished[(event.index, event.sample)] = event
+                while wanted in finished:
+                    yield finished.pop(wanted)
+                    wanted = next(order, None)
 
 
 def complete(
@@ -474,7 +315,10 @@ def _decode(
     eos: set[int],
     names: TokenText | None,
 ) -> Generator[TextChunk | Completion, None, None]:
-    """Decode one batch of rows to the end; the generator yields outside inference mode."""
+    """Decode one batch of rows to the end, yielding each Completion as its row finishes.
+
+    The generator yields outside inference mode.
+    """
     import torch
 
     device = lm.device
@@ -484,9 +328,9 @@ def _decode(
     started = time.perf_counter()
     with torch.inference_mode():
         input_ids, mask, positions = left_pad([r.prompt_ids for r in rows], pad, device)
+        decoder = _decoder(lm, len(rows), input_ids.shape[1] + min(settings.max_new_tokens, context))
         # Without padding the mask is all ones: leave it out so attention can take its causal fast path.
-        stepper = KVStepper(lm.model, len(rows), input_ids.shape[1] + min(settings.max_new_tokens, context))
-        logits = stepper.prefill(input_ids, mask if min(lengths) < max(lengths) else None, positions)
+        logits = decoder.prefill(input_ids, mask if min(lengths) < max(lengths) else None, positions)
         next_pos = torch.tensor(lengths, device=device)
         seen = None
         if settings.repetition_penalty != 1.0:
@@ -499,15 +343,15 @@ def _decode(
                 generator = torch.Generator(device=device)
                 generator.manual_seed(row.seed or 0)
                 generators.append(generator)
-    released = 0
+    batch = list(rows)  # the rows the decoder's batch holds, in its order
     while True:
-        active = [r.finish_reason is None for r in rows]
+        active = [r.finish_reason is None for r in batch]
         with torch.inference_mode():
             next_ids, chosen, top = _pick(logits, settings, seen, generators, active, pad)
             if seen is not None:
                 seen.scatter_(1, next_ids[:, None], True)
         now = time.perf_counter()
-        for i, (row, token) in enumerate(zip(rows, next_ids.tolist(), strict=True)):
+        for i, (row, token) in enumerate(zip(batch, next_ids.tolist(), strict=True)):
             if not active[i]:
                 continue
             if not row.token_ids:
@@ -520,15 +364,22 @@ def _decode(
                 yield TextChunk(row.index, row.sample, text)
             if row.finish_reason is not None:
                 row.done_at = now
-        while released < len(rows) and rows[released].finish_reason is not None:
-            yield _finish(lm, rows[released], settings, started)
-            released += 1
-        if released == len(rows):
+                yield _finish(lm, row, settings, started)
+        if all(r.finish_reason is not None for r in batch):
             return
         with torch.inference_mode():
-            # Rows that are done keep stepping with the pad token until the batch ends; clamping their
-            # position keeps it inside the position table.
-            logits = stepper.step(next_ids[:, None], next_pos.clamp(max=context - 1)[:, None])
+            keep = [i for i, r in enumerate(batch) if r.finish_reason is None]
+            # Rows that are done stop costing compute once half the batch is done: dropping them copies
+            # the cache, so not at every finish. Until then they step with the pad token, their position
+            # clamped inside the position table.
+            if 2 * len(keep) <= len(batch):
+                index = torch.tensor(keep, device=device)
+                decoder.keep(index)
+                next_ids, next_pos = next_ids[index], next_pos[index]
+                seen = seen[index] if seen is not None else None
+                generators = [generators[i] for i in keep] if generators else []
+                batch = [batch[i] for i in keep]
+            logits = decoder.step(next_ids[:, None], next_pos.clamp(max=context - 1)[:, None])
             next_pos += 1
 
 

@@ -16,21 +16,17 @@ from transformers.generation.logits_process import (
 )
 
 from gptcli.errors import UsageError
-from gptcli.generate import (
-    Completion,
+from gptcli.generate import Completion, StopScanner, TextChunk, complete, stream
+from gptcli.models import load_model
+from gptcli.sampling import (
     Settings,
-    StopScanner,
-    TextChunk,
     apply_repetition_penalty,
-    complete,
     min_p_filter,
     process_logits,
     resolve_settings,
-    stream,
     top_k_filter,
     top_p_filter,
 )
-from gptcli.models import load_model
 from gptcli.tokens import TokenText, decode
 
 PROMPTS = ["今天天气", "The weather is", "", "我喜欢在早上喝一杯热茶", "Hello world! 12345", "龙"]

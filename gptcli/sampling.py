@@ -1,0 +1,204 @@
+"""Decoding settings and the sampling filters: what `complete` draws the next token from.
+
+`Settings` holds how to decode; `resolve_settings` layers our defaults, a model's generation_config.json
+and flags. The filters follow transformers' definitions so results can be checked against its logits
+processors: repetition penalty, then (when sampling) temperature, top-k, top-p and min-p, in that order
+and with the same formulas. Greedy decoding applies only the repetition penalty, as `generate` does
+with `do_sample=False`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, fields
+from typing import TYPE_CHECKING, Any
+
+from gptcli.errors import UsageError
+
+if TYPE_CHECKING:
+    import torch
+
+# Where a setting's value came from, for `-v` and for error messages.
+DEFAULT, GENERATION_CONFIG, FLAG = "default", "generation_config.json", "flag"
+
+# How each setting is spelled on the command line, for error messages.
+_FLAGS = {
+    "max_new_tokens": "-n/--max-new-tokens",
+    "temperature": "--temperature",
+    "top_k": "--top-k",
+    "top_p": "--top-p",
+    "min_p": "--min-p",
+    "repetition_penalty": "--repetition-penalty",
+    "seed": "--seed",
+    "stop": "--stop",
+    "num_samples": "-N/--num-samples",
+    "logprobs": "--logprobs",
+}
+
+
+@dataclass(frozen=True)
+class Settings:
+    """How to decode. `resolve_settings` builds one from our defaults, generation_config.json and flags."""
+
+    max_new_tokens: int = 64
+    temperature: float = 0.8
+    top_k: int = 50  # 0: off
+    top_p: float = 0.95  # 1.0: off
+    min_p: float | None = None  # None or 0: off
+    repetition_penalty: float = 1.0  # 1.0: off
+    greedy: bool = False
+    seed: int | None = None  # None: a fresh random seed per run
+    stop: tuple[str, ...] = ()
+    ignore_eos: bool = False
+    num_samples: int = 1
+    logprobs: int | None = None  # None: no logprobs; K: the chosen token's and K alternatives
+    sources: dict[str, str] = field(default_factory=dict, compare=False, repr=False)
+
+    @property
+    def sampling(self) -> bool:
+        """Whether tokens are drawn at random (temperature 0 means greedy, as in most tools)."""
+        return not self.greedy and self.temperature > 0
+
+    def validate(self) -> None:
+        """Raise UsageError for a value that cannot work, naming the flag or file it came from."""
+        for f in fields(self):
+            if f.name != "sources":
+                _check(f.name, getattr(self, f.name), self.sources.get(f.name, FLAG))
+
+
+def _check(name: str, value: Any, source: str = FLAG) -> None:
+    where = f"{name} in {GENERATION_CONFIG}" if source == GENERATION_CONFIG else _FLAGS.get(name, name)
+
+    def bad(rule: str) -> UsageError:
+        return UsageError(f"{where} {rule} (got {value!r})")
+
+    if name in ("max_new_tokens", "num_samples") and value < 1:
+        raise bad("must be at least 1")
+    if name == "temperature" and not (0 <= value < math.inf):
+        raise bad("must be a number >= 0 (0 means greedy)")
+    if name == "top_k" and value < 0:
+        raise bad("must be >= 0 (0 turns top-k off)")
+    if name == "top_p" and not 0 < value <= 1:
+        raise bad("must be in (0, 1] (1 turns top-p off)")
+    if name == "min_p" and value is not None and not 0 <= value <= 1:
+        raise bad("must be in [0, 1] (0 turns min-p off)")
+    if name == "repetition_penalty" and not (0 < value < math.inf):
+        raise bad("must be a positive number (1 turns it off)")
+    if name == "logprobs" and value is not None and value < 0:
+        raise bad("must be >= 0 (the number of alternatives per token)")
+    if name == "stop" and any(not s for s in value):
+        raise bad("must not be empty")
+    if name == "seed" and value is not None and not 0 <= value < 2**63:
+        raise bad("must be between 0 and 2**63 - 1")
+
+
+def check_flags(**flags: Any) -> None:
+    """Validate explicit flag values (None: not given) before anything slow, like loading a model."""
+    for name, value in flags.items():
+        if value is not None:
+            _check(name, value)
+
+
+def generation_config_values(generation_config: Any) -> dict[str, Any]:
+    """The decoding values a model's generation_config.json sets, as Settings fields.
+
+    In transformers 5 every unset field is None, so anything else came from the file (or, for token ids,
+    from config.json). `do_sample: false` makes greedy the default; `stop_strings` become stop texts.
+    """
+    if generation_config is None:
+        return {}
+    values: dict[str, Any] = {}
+    for name in ("max_new_tokens", "temperature", "top_k", "top_p", "min_p", "repetition_penalty"):
+        value = getattr(generation_config, name, None)
+        if value is not None:
+            values[name] = value
+    do_sample = getattr(generation_config, "do_sample", None)
+    if do_sample is not None:
+        values["greedy"] = not do_sample
+    stops = getattr(generation_config, "stop_strings", None)
+    if stops:
+        values["stop"] = (stops,) if isinstance(stops, str) else tuple(stops)
+    return values
+
+
+def resolve_settings(generation_config: Any = None, **flags: Any) -> Settings:
+    """Our defaults, replaced by the model's generation_config.json, replaced by explicit flags (not None)."""
+    values = {f.name: f.default for f in fields(Settings) if f.name != "sources"}
+    sources = dict.fromkeys(values, DEFAULT)
+    for layer, source in ((generation_config_values(generation_config), GENERATION_CONFIG), (flags, FLAG)):
+        for name, value in layer.items():
+            if name not in values:
+                raise TypeError(f"unknown setting {name!r}")
+            if value is not None:
+                values[name] = tuple(value) if name == "stop" else value
+                sources[name] = source
+    settings = Settings(**values, sources=sources)
+    settings.validate()
+    return settings
+
+
+# --- Sampling: the same definitions as transformers' logits processors -------------------------------
+
+
+def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
+    """Make tokens already in the text less likely: positive logits divided by `penalty`, negative ones
+    multiplied, once per token however often it occurred (RepetitionPenaltyLogitsProcessor).
+
+    Args:
+        logits: [batch, vocab].
+        seen: [batch, vocab] bool, True for tokens in the prompt or generated so far.
+    """
+    import torch
+
+    penalized = torch.where(logits < 0, logits * penalty, logits / penalty)
+    return torch.where(seen, penalized, logits)
+
+
+def top_k_filter(logits: torch.Tensor, k: int) -> torch.Tensor:
+    """Keep the k highest logits (ties with the k-th included), -inf elsewhere (TopKLogitsWarper)."""
+    import torch
+
+    k = min(max(k, 1), logits.size(-1))
+    threshold = torch.topk(logits, k).values[..., -1, None]
+    return logits.masked_fill(logits < threshold, -math.inf)
+
+
+def top_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
+    """Keep the smallest set of most likely tokens whose probabilities add up to at least p
+    (TopPLogitsWarper; the most likely token always stays)."""
+    import torch
+
+    sorted_logits, order = torch.sort(logits, descending=False)
+    cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+    remove = cumulative <= (1 - p)
+    remove[..., -1:] = False
+    remove = remove.scatter(-1, order, remove)
+    return logits.masked_fill(remove, -math.inf)
+
+
+def min_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
+    """Drop tokens less likely than p times the most likely one (MinPLogitsWarper)."""
+    import torch
+
+    probs = torch.softmax(logits, dim=-1)
+    remove = probs < p * probs.amax(dim=-1, keepdim=True)
+    return logits.masked_fill(remove, -math.inf)
+
+
+def process_logits(
+    logits: torch.Tensor, settings: Settings, seen: torch.Tensor | None = None
+) -> torch.Tensor:
+    """The scores tokens are picked from: penalty, then for sampling temperature, top-k, top-p, min-p."""
+    if seen is not None and settings.repetition_penalty != 1.0:
+        logits = apply_repetition_penalty(logits, seen, settings.repetition_penalty)
+    if not settings.sampling:
+        return logits
+    if settings.temperature != 1.0:
+        logits = logits / settings.temperature
+    if settings.top_k:
+        logits = top_k_filter(logits, settings.top_k)
+    if settings.top_p < 1.0:
+        logits = top_p_filter(logits, settings.top_p)
+    if settings.min_p:
+        logits = min_p_filter(logits, settings.min_p)
+    return logits
