@@ -98,16 +98,14 @@ def next_token_distribution(
     if batch_size < 1:
         raise UsageError("--batch-size must be at least 1")
     names = TokenText(lm.tokenizer)
-    k = min(k, lm.model.config.vocab_size)
+    k = min(k, lm.config.vocab_size)
     encoded = [fit_context(encode_prompt(lm.tokenizer, p), lm.context_length) for p in prompts]
     results: list[Distribution] = []
     with torch.inference_mode():
         for start in range(0, len(encoded), batch_size):
             chunk = encoded[start : start + batch_size]
             ids, mask, positions = left_pad([ids for ids, _ in chunk], pad_id(lm.tokenizer), lm.device)
-            logits = lm.model(
-                input_ids=ids, attention_mask=mask, position_ids=positions, logits_to_keep=1
-            ).logits[:, -1, :]
+            logits = lm.logits(ids, attention_mask=mask, position_ids=positions, logits_to_keep=1)[:, -1, :]
             logprobs = torch.log_softmax(logits.float() / temperature, dim=-1)
             top = torch.topk(logprobs, k, dim=-1)
             for row, (prompt_ids, dropped) in enumerate(chunk):
@@ -178,7 +176,7 @@ def score_text(lm: LoadedModel, text: str, *, stride: int | None = None) -> Scor
         while scored_to < len(ids):
             end = min(begin + context, len(ids))
             window = torch.tensor([ids[begin:end]], device=lm.device)
-            logits = lm.model(input_ids=window).logits[0].float()
+            logits = lm.logits(window)[0].float()
             # logits[j] predicts ids[begin + j + 1]: targets scored_to..end-1 use rows scored_to-1-begin..
             rows = logits[scored_to - 1 - begin : end - 1 - begin]
             logprobs = torch.log_softmax(rows, dim=-1)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -22,7 +22,9 @@ from gptcli.hub import cached_snapshot, download, first_line, hub_reachable
 
 if TYPE_CHECKING:
     import torch
-    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+    from transformers import GenerationConfig, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
+
+    from gptcli.gpt2 import GPT2
 
 DEFAULT_MODEL = "gpt2"
 BUILTIN = "builtin"
@@ -36,19 +38,75 @@ _PICKLE_WEIGHTS = ("pytorch_model.bin", "pytorch_model.bin.index.json")
 
 @dataclass
 class LoadedModel:
-    """A tokenizer and model ready for inference, and where they came from."""
+    """A tokenizer and model ready for inference, and where they came from.
+
+    Plain GPT-2 safetensors checkpoints run on `net`, gptcli's own forward pass (gptcli.gpt2): it starts
+    and decodes faster than transformers' model, with the same numbers in fp32. `model` is the
+    transformers model of the same folder; for those checkpoints it loads on first use, so the commands,
+    which never touch it, never pay for it. Other checkpoints have no `net` and run on `model`.
+    """
 
     name: str
     path: Path
     tokenizer: PreTrainedTokenizerBase
-    model: PreTrainedModel
+    config: PretrainedConfig
+    generation_config: GenerationConfig | None
     device: torch.device
     dtype: torch.dtype
+    net: GPT2 | None = None
     notice: str | None = None  # something the user should hear about, e.g. a fallback to the builtin
+    quantize: str | None = None  # "int8": `net`'s matmul weights are int8 (gptcli.quantize)
+    allow_pickle: bool = False
+    trust_remote_code: bool = False
+    _model: PreTrainedModel | None = field(default=None, repr=False)
+
+    @property
+    def model(self) -> PreTrainedModel:
+        """The transformers model (never quantized), loaded from `path` on first use when `net` runs."""
+        if self._model is None:
+            self._model = _load_transformers_model(
+                self.path, self.device, self.dtype, self.allow_pickle, self.trust_remote_code
+            )
+        return self._model
 
     @property
     def context_length(self) -> int:
-        return context_length(self.model.config)
+        return context_length(self.config)
+
+    @property
+    def num_parameters(self) -> int:
+        if self.net is not None:
+            return self.net.num_parameters
+        return sum(p.numel() for p in self.model.parameters())
+
+    def logits(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        logits_to_keep: int = 0,
+    ) -> torch.Tensor:
+        """The model's logits [batch, positions, vocab] (the last `logits_to_keep` positions; 0: all).
+
+        `attention_mask` is 1 for tokens, 0 for left padding; without `position_ids` positions count
+        from 0 in every row.
+        """
+        import torch
+
+        if position_ids is None:
+            position_ids = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
+        if self.net is None:
+            out = self.model(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                logits_to_keep=logits_to_keep,
+            )
+            return out.logits
+        mask = None
+        if attention_mask is not None and not bool(attention_mask.all()):
+            mask = attention_mask.bool()
+        return self.net.forward(input_ids, position_ids, mask=mask, logits_to_keep=logits_to_keep)
 
 
 def context_length(config: Any) -> int:
@@ -255,41 +313,117 @@ def load_model(
     dtype: str = "auto",
     allow_pickle: bool = False,
     trust_remote_code: bool = False,
+    quantize: str | None = None,
 ) -> LoadedModel:
-    """Load tokenizer and causal LM `name` (hub id, folder or "builtin"; see `resolve`) for inference."""
+    """Load tokenizer and causal LM `name` (hub id, folder or "builtin"; see `resolve`) for inference.
+
+    `quantize="int8"` stores a plain GPT-2's matmul weights as int8 (gptcli.quantize); other models
+    cannot be quantized.
+    """
+    from gptcli.quantize import METHODS
+
+    if quantize is not None and quantize not in METHODS:
+        raise UsageError(f"unknown quantization {quantize!r}: use {', '.join(METHODS)}")
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)
     name, path, notice = resolve(name, allow_pickle=allow_pickle)
     safetensors = check_model_folder(path, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
     tokenizer = load_tokenizer(path, trust_remote_code=trust_remote_code)
+    config, generation_config = _load_configs(path, trust_remote_code)
+    lm = LoadedModel(
+        name,
+        path,
+        tokenizer,
+        config,
+        generation_config,
+        torch_device,
+        torch_dtype,
+        notice=notice,
+        quantize=quantize,
+        allow_pickle=allow_pickle,
+        trust_remote_code=trust_remote_code,
+    )
+    lm.net = _load_gpt2(path, torch_device, torch_dtype, quantize) if safetensors else None
+    if lm.net is None:
+        if quantize:
+            raise UsageError(f"--quantize works with plain GPT-2 checkpoints only; {path} is not one")
+        lm.model  # noqa: B018 -- load it now, so that a broken checkpoint fails here
+    return lm
 
+
+def _load_configs(path: Path, trust_remote_code: bool) -> tuple[PretrainedConfig, GenerationConfig | None]:
+    """config.json, and the generation config transformers' from_pretrained would give the model."""
+    from transformers import AutoConfig, GenerationConfig
+
+    try:
+        config = AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=trust_remote_code)
+    except Exception as exc:
+        raise GptcliError(f"could not read {path / 'config.json'}: {first_line(exc)}") from exc
+    try:
+        generation_config = GenerationConfig.from_pretrained(path, local_files_only=True)
+    except OSError:  # no generation_config.json: what transformers derives from config.json
+        try:
+            generation_config = GenerationConfig.from_model_config(config)
+        except Exception:
+            generation_config = None
+    return config, generation_config
+
+
+def _load_gpt2(path: Path, device: torch.device, dtype: torch.dtype, quantize: str | None) -> GPT2 | None:
+    """gptcli's GPT-2 over the folder's model.safetensors, or None when the checkpoint is not one it runs."""
+    from gptcli.gpt2 import GPT2, GPT2Config, read_safetensors
+
+    weights_file = path / "model.safetensors"
+    raw = _read_json(path / "config.json")
+    shape = GPT2Config.from_config(raw)
+    if shape is None or raw.get("auto_map") or not weights_file.is_file():
+        return None  # another architecture, the model's own code, or sharded weights: transformers runs it
+    try:
+        tensors = read_safetensors(weights_file)
+        # fp32 weights on the CPU are used in place, memory-mapped; anything else is converted once.
+        tensors = {k: t.to(device=device, dtype=dtype) for k, t in tensors.items() if t.is_floating_point()}
+        return GPT2(shape, tensors, quantize=quantize)
+    except (GptcliError, OSError, RuntimeError, ValueError, KeyError, TypeError) as exc:
+        raise GptcliError(f"could not load the model weights from {weights_file}: {first_line(exc)}") from exc
+
+
+def _load_transformers_model(
+    path: Path, device: torch.device, dtype: torch.dtype, allow_pickle: bool, trust_remote_code: bool
+) -> PreTrainedModel:
     from transformers import AutoModelForCausalLM
 
+    _quiet_transformers()
     try:
         model = AutoModelForCausalLM.from_pretrained(
             path,
-            dtype=torch_dtype,
+            dtype=dtype,
             local_files_only=True,
-            use_safetensors=safetensors,
+            use_safetensors=not _only_pickle(path),
             trust_remote_code=trust_remote_code,
         )
     except Exception as exc:
         weights = next(iter(sorted(path.glob("*.safetensors"))), path / _PICKLE_WEIGHTS[0])
         raise GptcliError(f"could not load the model weights from {weights}: {first_line(exc)}") from exc
-    model.to(torch_device)
+    model.to(device)
     model.eval()
-    return LoadedModel(name, path, tokenizer, model, torch_device, torch_dtype, notice)
+    return model
+
+
+def _only_pickle(path: Path) -> bool:
+    return not any(path.glob("*.safetensors"))
 
 
 def model_info(lm: LoadedModel) -> dict[str, Any]:
     """What `gptcli info` reports: architecture, size, context, vocabulary, tokenizer, dtype, device, path."""
-    config = lm.model.config
+    config = lm.config
     return {
         "model": lm.name,
         "path": str(lm.path),
-        "architecture": (config.architectures or [type(lm.model).__name__])[0],
+        "architecture": (
+            config.architectures or [type(lm.model).__name__ if lm.net is None else "GPT2LMHeadModel"]
+        )[0],
         "model_type": config.model_type,
-        "parameters": sum(p.numel() for p in lm.model.parameters()),
+        "parameters": lm.num_parameters,
         "layers": getattr(config, "n_layer", None) or getattr(config, "num_hidden_layers", None),
         "heads": getattr(config, "n_head", None) or getattr(config, "num_attention_heads", None),
         "embedding_size": getattr(config, "n_embd", None) or getattr(config, "hidden_size", None),

@@ -168,7 +168,7 @@ def complete(
     else:
         prompts = [read_text(prompt, file)]
     lm = load(model, device, dtype, allow_pickle, trust_remote_code)
-    settings = resolve_settings(lm.model.generation_config, **flags)
+    settings = resolve_settings(lm.generation_config, **flags)
     if verbose:
         _describe(settings)
     as_json = json_ or each_line or logprobs is not None

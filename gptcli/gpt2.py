@@ -1,0 +1,387 @@
+"""GPT-2 inference in plain PyTorch, straight from a safetensors checkpoint.
+
+gptcli runs plain GPT-2 checkpoints through this module instead of transformers' GPT2LMHeadModel:
+- start-up: transformers' modeling code takes seconds and over 100 MB to import; this needs torch only;
+- loading: model.safetensors is memory-mapped and its tensors are used in place (no copy in fp32), so a
+  model costs its file size once;
+- decoding: keys and values go into a cache allocated once per batch, and a step is a fixed run of
+  kernels, without the masks, cache objects and output records transformers builds at every step.
+
+It computes what transformers computes, with the same kernels (addmm on Conv1D's [in, out] weights,
+layer_norm, scaled_dot_product_attention, the tanh GELU written as transformers writes it), so fp32
+logits agree and greedy ids are identical (the tests check both). Checkpoints it does not cover (other
+architectures, GPT-2 variants with cross-attention or other attention scalings, sharded or pickle
+weights) load through transformers instead: `from_config` returns None for them.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import mmap
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from gptcli.errors import GptcliError
+
+if TYPE_CHECKING:
+    import torch
+
+
+@dataclass(frozen=True)
+class GPT2Config:
+    """The shape of a GPT-2, from config.json (transformers' GPT2Config defaults for missing keys)."""
+
+    n_layer: int
+    n_head: int
+    n_embd: int
+    n_inner: int
+    n_positions: int
+    vocab_size: int
+    layer_norm_epsilon: float
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> GPT2Config | None:
+        """The shape of a plain GPT-2; None for a model this module does not compute exactly."""
+        plain = (
+            config.get("model_type") == "gpt2"
+            and config.get("activation_function", "gelu_new") == "gelu_new"
+            and config.get("scale_attn_weights", True)
+            and not config.get("scale_attn_by_inverse_layer_idx", False)
+            and not config.get("reorder_and_upcast_attn", False)
+            and not config.get("add_cross_attention", False)
+            and config.get("tie_word_embeddings", True)
+        )
+        if not plain:
+            return None
+        n_embd = config.get("n_embd", 768)
+        return cls(
+            n_layer=config.get("n_layer", 12),
+            n_head=config.get("n_head", 12),
+            n_embd=n_embd,
+            n_inner=config.get("n_inner") or 4 * n_embd,
+            n_positions=config.get("n_positions", 1024),
+            vocab_size=config.get("vocab_size", 50257),
+            layer_norm_epsilon=config.get("layer_norm_epsilon", 1e-5),
+        )
+
+
+# --- Reading weights ----------------------------------------------------------------------------------
+
+_DTYPES = {
+    "F64": "float64",
+    "F32": "float32",
+    "F16": "float16",
+    "BF16": "bfloat16",
+    "I64": "int64",
+    "I32": "int32",
+    "I16": "int16",
+    "I8": "int8",
+    "U8": "uint8",
+    "BOOL": "bool",
+}
+
+
+def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a .safetensors file, memory-mapped: nothing is copied, pages load when read.
+
+    The format is an 8-byte little-endian header size, a JSON header of {name: dtype, shape, offsets},
+    then the data. The mapping is private (copy-on-write), so the tensors are writable and the file
+    is never changed. Raises GptcliError saying what is wrong with the file.
+    """
+    import torch
+
+    with open(path, "rb") as file:
+        try:
+            (size,) = struct.unpack("<Q", file.read(8))
+            header = json.loads(file.read(size))
+        except (struct.error, ValueError, UnicodeDecodeError) as exc:
+            raise GptcliError("not a safetensors file (its header does not parse)") from exc
+        if not isinstance(header, dict):
+            raise GptcliError("not a safetensors file (its header is not an object)")
+        data = mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_COPY)
+    tensors = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        if info.get("dtype") not in _DTYPES:
+            raise GptcliError(f"{name} has an unknown dtype {info.get('dtype')!r}")
+        dtype = getattr(torch, _DTYPES[info["dtype"]])
+        begin, end = info["data_offsets"]
+        count = math.prod(info["shape"])
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        if end - begin != count * itemsize or 8 + size + end > len(data):
+            raise GptcliError(f"{name} does not fit in the file (truncated?)")
+        if count == 0:
+            tensors[name] = torch.empty(info["shape"], dtype=dtype)
+            continue
+        flat = torch.frombuffer(data, dtype=dtype, count=count, offset=8 + size + begin)
+        tensors[name] = flat.view(info["shape"])
+    return tensors
+
+
+# --- The layers ---------------------------------------------------------------------------------------
+
+
+class Linear:
+    """y = x W + b with W as transformers' Conv1D stores it, [in, out] (the same addmm, the same numbers)."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor) -> None:
+        self.weight = weight
+        self.bias = bias
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        import torch
+
+        out = torch.addmm(self.bias, x.reshape(-1, x.shape[-1]), self.weight)
+        return out.view(*x.shape[:-1], out.shape[-1])
+
+
+def gelu_new(x: torch.Tensor) -> torch.Tensor:
+    """GPT-2's GELU, written exactly as transformers' NewGELUActivation so the rounding is the same."""
+    import torch
+
+    return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * torch.pow(x, 3.0))))
+
+
+@dataclass
+class Block:
+    """One transformer layer's weights (pre-LayerNorm attention, then pre-LayerNorm MLP)."""
+
+    ln_1: tuple[torch.Tensor, torch.Tensor]
+    c_attn: Any  # Linear or quantize.Int8Linear
+    attn_proj: Any
+    ln_2: tuple[torch.Tensor, torch.Tensor]
+    c_fc: Any
+    mlp_proj: Any
+
+
+class KVCache:
+    """Keys and values of every layer for one batch, allocated once for the whole generation.
+
+    keys[layer] and values[layer] are [batch, head, max_length, head_dim]; the first `length` columns
+    are filled. `real` marks which columns of each row hold a token rather than left padding (None: no
+    padding anywhere, so attention needs no mask).
+    """
+
+    def __init__(
+        self, config: GPT2Config, batch_size: int, max_length: int, dtype: torch.dtype, device: torch.device
+    ) -> None:
+        import torch
+
+        shape = (config.n_layer, batch_size, config.n_head, max_length, config.n_embd // config.n_head)
+        self.keys = torch.empty(shape, dtype=dtype, device=device)
+        self.values = torch.empty(shape, dtype=dtype, device=device)
+        self.length = 0
+        self.real: torch.Tensor | None = None
+
+    def keep(self, rows: torch.Tensor) -> None:
+        """Keep only these rows (indices), e.g. to stop computing rows that are done."""
+        self.keys = self.keys.index_select(1, rows)
+        self.values = self.values.index_select(1, rows)
+        if self.real is not None:
+            self.real = self.real.index_select(0, rows)
+
+
+class GPT2:
+    """GPT-2's forward pass over a checkpoint's tensors, for inference."""
+
+    def __init__(
+        self, config: GPT2Config, weights: dict[str, torch.Tensor], quantize: str | None = None
+    ) -> None:
+        """`weights` are named as in transformers' GPT2Model ("h.0.attn.c_attn.weight"; a "transformer."
+        prefix is dropped). `quantize="int8"` stores the matmul weights as int8 (see gptcli.quantize)."""
+        self.config = config
+        w = {name.removeprefix("transformer."): t for name, t in weights.items()}
+        self._check(w)
+        self.wte = w["wte.weight"]
+        self.wpe = w["wpe.weight"]
+        self.ln_f = (w["ln_f.weight"], w["ln_f.bias"])
+        self.quantize = quantize
+        linear: Any = Linear
+        if quantize == "int8":
+            from gptcli.quantize import Int8Linear
+
+            linear = Int8Linear.from_conv1d
+        self.blocks = [
+            Block(
+                ln_1=(w[f"h.{i}.ln_1.weight"], w[f"h.{i}.ln_1.bias"]),
+                c_attn=linear(w[f"h.{i}.attn.c_attn.weight"], w[f"h.{i}.attn.c_attn.bias"]),
+                attn_proj=linear(w[f"h.{i}.attn.c_proj.weight"], w[f"h.{i}.attn.c_proj.bias"]),
+                ln_2=(w[f"h.{i}.ln_2.weight"], w[f"h.{i}.ln_2.bias"]),
+                c_fc=linear(w[f"h.{i}.mlp.c_fc.weight"], w[f"h.{i}.mlp.c_fc.bias"]),
+                mlp_proj=linear(w[f"h.{i}.mlp.c_proj.weight"], w[f"h.{i}.mlp.c_proj.bias"]),
+            )
+            for i in range(config.n_layer)
+        ]
+        self.lm_head: Any = None  # None: logits = x wteᵀ with the embedding table (tied, as in GPT-2)
+        if quantize == "int8":
+            from gptcli.quantize import Int8Linear
+
+            # The tied output layer is the largest matmul (vocab x width): int8 it too, and look the
+            # input embeddings up in the same int8 table, so the float one is not kept.
+            self.lm_head = Int8Linear(self.wte, None)
+            self.wte = None
+        self.dtype = self.wpe.dtype  # what activations and the KV cache are computed in
+        self.device = self.wpe.device
+
+    def _check(self, w: dict[str, torch.Tensor]) -> None:
+        c = self.config
+        expected = {
+            "wte.weight": (c.vocab_size, c.n_embd),
+            "wpe.weight": (c.n_positions, c.n_embd),
+            "ln_f.weight": (c.n_embd,),
+            "ln_f.bias": (c.n_embd,),
+        }
+        for i in range(c.n_layer):
+            for name, shape in {
+                "ln_1.weight": (c.n_embd,),
+                "ln_1.bias": (c.n_embd,),
+                "attn.c_attn.weight": (c.n_embd, 3 * c.n_embd),
+                "attn.c_attn.bias": (3 * c.n_embd,),
+                "attn.c_proj.weight": (c.n_embd, c.n_embd),
+                "attn.c_proj.bias": (c.n_embd,),
+                "ln_2.weight": (c.n_embd,),
+                "ln_2.bias": (c.n_embd,),
+                "mlp.c_fc.weight": (c.n_embd, c.n_inner),
+                "mlp.c_fc.bias": (c.n_inner,),
+                "mlp.c_proj.weight": (c.n_inner, c.n_embd),
+                "mlp.c_proj.bias": (c.n_embd,),
+            }.items():
+                expected[f"h.{i}.{name}"] = shape
+        for name, shape in expected.items():
+            if name not in w:
+                raise GptcliError(f"the weights have no tensor {name}")
+            if tuple(w[name].shape) != shape:
+                raise GptcliError(f"{name} has shape {tuple(w[name].shape)}, config.json says {shape}")
+        # transformers counts the tied output layer once, as here.
+        self.num_parameters = sum(math.prod(shape) for shape in expected.values())
+
+    def _embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        import torch.nn.functional as F
+
+        if self.lm_head is not None:
+            return self.lm_head.rows(input_ids).to(self.dtype)
+        return F.embedding(input_ids, self.wte)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        position_ids: torch.Tensor,
+        *,
+        mask: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        logits_to_keep: int = 0,
+    ) -> torch.Tensor:
+        """Logits [batch, positions, vocab] (the last `logits_to_keep` positions, 0: all), weights' dtype.
+
+        Args:
+            input_ids, position_ids: [batch, new].
+            mask: [batch, new] bool, False for left padding; None when there is none. With a cache, the
+                mask of the columns already cached is the cache's own.
+            cache: where the new keys and values go (after the `cache.length` columns already there),
+                and what the new tokens attend to besides themselves.
+        """
+        import torch
+        import torch.nn.functional as F
+
+        batch, new = input_ids.shape
+        start = 0 if cache is None else cache.length
+        if cache is not None and mask is not None:
+            if cache.real is None:
+                cache.real = torch.ones(
+                    cache.keys.shape[1], cache.keys.shape[3], dtype=torch.bool, device=mask.device
+                )
+            cache.real[:, start : start + new] = mask
+        real = mask if cache is None else cache.real
+        attn_mask = _attention_mask(real, start, new, input_ids.device)
+        # Many queries and no padding: SDPA's causal mode, the path transformers takes too.
+        causal = attn_mask is None and new > 1
+
+        x = self._embed(input_ids) + F.embedding(position_ids, self.wpe)
+        heads, width = self.config.n_head, self.config.n_embd
+        for layer, block in enumerate(self.blocks):
+            residual = x
+            h = F.layer_norm(x, (width,), *block.ln_1, self.config.layer_norm_epsilon)
+            q, k, v = block.c_attn(h).split(width, dim=2)
+            q, k, v = (t.view(batch, new, heads, -1).transpose(1, 2) for t in (q, k, v))
+            if cache is not None:
+                cache.keys[layer, :, :, start : start + new] = k
+                cache.values[layer, :, :, start : start + new] = v
+                if start:  # attend to the cached columns too
+                    k = cache.keys[layer, :, :, : start + new]
+                    v = cache.values[layer, :, :, : start + new]
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=causal)
+            y = y.transpose(1, 2).reshape(batch, new, width)
+            x = block.attn_proj(y) + residual
+            residual = x
+            h = F.layer_norm(x, (width,), *block.ln_2, self.config.layer_norm_epsilon)
+            x = residual + block.mlp_proj(gelu_new(block.c_fc(h)))
+        if cache is not None:
+            cache.length = start + new
+        x = F.layer_norm(x, (width,), *self.ln_f, self.config.layer_norm_epsilon)
+        if logits_to_keep:
+            x = x[:, -logits_to_keep:]
+        if self.lm_head is not None:
+            return self.lm_head(x)
+        return F.linear(x, self.wte)
+
+
+def _attention_mask(
+    real: torch.Tensor | None, start: int, new: int, device: torch.device
+) -> torch.Tensor | None:
+    """The bool mask [batch, 1, new, start + new] for SDPA: causal, and never a padding column.
+
+    None where no column is padding and no mask is needed: one new token then attends to every column,
+    and the tokens of an empty cache use SDPA's causal mode. A padding query attends to itself alone, so
+    no row of the mask is all False (a fully masked row gives NaN, which the next layer's keys would
+    carry into real rows).
+    """
+    import torch
+
+    if real is None:
+        if new == 1 or start == 0:
+            return None
+        # Several new tokens after cached ones: causal mode would align them with the first columns.
+        real = torch.ones(1, start + new, dtype=torch.bool, device=device)
+    columns = start + new
+    keys = real[:, None, None, :columns]
+    if new == 1:
+        return keys
+    query_at = torch.arange(start, columns, device=device)[:, None]
+    key_at = torch.arange(columns, device=device)[None, :]
+    return (keys & (key_at <= query_at)) | (key_at == query_at)
+
+
+class CachedDecoder:
+    """A GPT2 run one step at a time over a KVCache: prefill the prompts, then one token per row per step.
+
+    Returns float32 logits of the last position, the reference numerics for sampling and logprobs.
+    """
+
+    def __init__(self, net: GPT2, batch_size: int, max_length: int) -> None:
+        self.net = net
+        self.cache = KVCache(net.config, batch_size, max_length, net.dtype, net.device)
+
+    def prefill(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, position_ids: torch.Tensor
+    ) -> torch.Tensor:
+        mask = None if attention_mask is None else attention_mask.bool()
+        logits = self.net.forward(input_ids, position_ids, mask=mask, cache=self.cache, logits_to_keep=1)
+        return logits[:, -1].float()
+
+    def step(self, next_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+        """Feed one new token per row ([batch, 1]) at `position_ids` ([batch, 1])."""
+        import torch
+
+        mask = None
+        if self.cache.real is not None:
+            mask = torch.ones_like(next_ids, dtype=torch.bool)
+        logits = self.net.forward(next_ids, position_ids, mask=mask, cache=self.cache, logits_to_keep=1)
+        return logits[:, -1].float()
+
+    def keep(self, rows: torch.Tensor) -> None:
+        """Go on with these rows only (indices into the current batch)."""
+        self.cache.keep(rows)
