@@ -125,8 +125,12 @@ def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
 # --- The layers ---------------------------------------------------------------------------------------
 
 
-class Linear:
-    """y = x W + b with W as transformers' Conv1D stores it, [in, out] (the same addmm, the same numbers)."""
+class Conv1D:
+    """y = x W + b with W as transformers' Conv1D stores it, [in, out]: the same addmm, the same numbers.
+
+    For fp32 weights, which this layout suits (MKL's fp32 matrix-vector product runs at memory speed
+    on it), and which it uses in place: memory-mapped from the checkpoint, never copied.
+    """
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor) -> None:
         self.weight = weight
@@ -137,6 +141,36 @@ class Linear:
 
         out = torch.addmm(self.bias, x.reshape(-1, x.shape[-1]), self.weight)
         return out.view(*x.shape[:-1], out.shape[-1])
+
+
+class Linear:
+    """y = x Wᵀ + b with W [out, in] in its own dtype (bf16, fp16 or fp32); x is cast to it and y back.
+
+    bf16 weights must be [out, in]: torch's CPU bf16 kernel is seven times slower on the [in, out]
+    layout transformers keeps (measured; docs/performance.md). Also the tied output layer, whose
+    embedding table is [vocab, width] already, and which `rows` looks the input embeddings up in.
+    """
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype) -> None:
+        """`dtype`: the activations' dtype, which x comes in and y goes out in."""
+        self.weight = weight
+        self.bias = bias
+        self.dtype = dtype
+
+    @classmethod
+    def from_conv1d(cls, weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype) -> Linear:
+        return cls(weight.t().contiguous(), bias, dtype)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        import torch.nn.functional as F
+
+        out = F.linear(x.to(self.weight.dtype), self.weight).to(self.dtype)
+        return out if self.bias is None else out + self.bias
+
+    def rows(self, ids: torch.Tensor) -> torch.Tensor:
+        import torch.nn.functional as F
+
+        return F.embedding(ids, self.weight).to(self.dtype)
 
 
 def gelu_new(x: torch.Tensor) -> torch.Tensor:
@@ -151,7 +185,7 @@ class Block:
     """One transformer layer's weights (pre-LayerNorm attention, then pre-LayerNorm MLP)."""
 
     ln_1: tuple[torch.Tensor, torch.Tensor]
-    c_attn: Any  # Linear or quantize.Int8Linear
+    c_attn: Any  # Conv1D, Linear or quantize.Int8Linear
     attn_proj: Any
     ln_2: tuple[torch.Tensor, torch.Tensor]
     c_fc: Any
@@ -189,43 +223,69 @@ class GPT2:
     """GPT-2's forward pass over a checkpoint's tensors, for inference."""
 
     def __init__(
-        self, config: GPT2Config, weights: dict[str, torch.Tensor], quantize: str | None = None
+        self,
+        config: GPT2Config,
+        weights: dict[str, torch.Tensor],
+        *,
+        dtype: torch.dtype | None = None,
+        device: torch.device | None = None,
+        quantize: str | None = None,
     ) -> None:
-        """`weights` are named as in transformers' GPT2Model ("h.0.attn.c_attn.weight"; a "transformer."
-        prefix is dropped). `quantize="int8"` stores the matmul weights as int8 (see gptcli.quantize)."""
+        """Args:
+        weights: named as in transformers' GPT2Model ("h.0.attn.c_attn.weight"; a "transformer."
+            prefix is dropped), in any dtype and on the CPU (e.g. memory-mapped from the file).
+        dtype: what the matmul weights are stored in (default: as given). Activations, the KV cache,
+            biases and LayerNorms are float32 on the CPU, whatever the weights: CPUs have no fast
+            low-precision elementwise kernels, and fp32 keeps the residual stream exact. On a GPU
+            everything is in `dtype`.
+        quantize: "int8" stores the matmul weights as int8 (gptcli.quantize).
+        """
+        import torch
+
         self.config = config
         w = {name.removeprefix("transformer."): t for name, t in weights.items()}
         self._check(w)
-        self.wte = w["wte.weight"]
-        self.wpe = w["wpe.weight"]
-        self.ln_f = (w["ln_f.weight"], w["ln_f.bias"])
+        device = device or torch.device("cpu")
+        dtype = dtype or w["wte.weight"].dtype
+        self.device = device
+        self.dtype = torch.float32 if device.type == "cpu" else dtype  # activations and the KV cache
         self.quantize = quantize
-        linear: Any = Linear
-        if quantize == "int8":
-            from gptcli.quantize import Int8Linear
 
-            linear = Int8Linear.from_conv1d
+        def small(name: str) -> torch.Tensor:  # biases, LayerNorms, positions: in the activations' dtype
+            return w[name].to(device=device, dtype=self.dtype)
+
+        def matmul(name: str) -> Any:
+            weight = w[name].to(device=device, dtype=dtype)  # no copy when it already is (fp32 on CPU)
+            bias = small(name.replace(".weight", ".bias"))
+            if quantize == "int8":
+                from gptcli.quantize import Int8Linear
+
+                return Int8Linear.from_conv1d(weight, bias, self.dtype)
+            if weight.dtype == torch.float32:
+                return Conv1D(weight, bias)
+            return Linear.from_conv1d(weight, bias, self.dtype)
+
+        self.wpe = small("wpe.weight")
+        self.ln_f = (small("ln_f.weight"), small("ln_f.bias"))
         self.blocks = [
             Block(
-                ln_1=(w[f"h.{i}.ln_1.weight"], w[f"h.{i}.ln_1.bias"]),
-                c_attn=linear(w[f"h.{i}.attn.c_attn.weight"], w[f"h.{i}.attn.c_attn.bias"]),
-                attn_proj=linear(w[f"h.{i}.attn.c_proj.weight"], w[f"h.{i}.attn.c_proj.bias"]),
-                ln_2=(w[f"h.{i}.ln_2.weight"], w[f"h.{i}.ln_2.bias"]),
-                c_fc=linear(w[f"h.{i}.mlp.c_fc.weight"], w[f"h.{i}.mlp.c_fc.bias"]),
-                mlp_proj=linear(w[f"h.{i}.mlp.c_proj.weight"], w[f"h.{i}.mlp.c_proj.bias"]),
+                ln_1=(small(f"h.{i}.ln_1.weight"), small(f"h.{i}.ln_1.bias")),
+                c_attn=matmul(f"h.{i}.attn.c_attn.weight"),
+                attn_proj=matmul(f"h.{i}.attn.c_proj.weight"),
+                ln_2=(small(f"h.{i}.ln_2.weight"), small(f"h.{i}.ln_2.bias")),
+                c_fc=matmul(f"h.{i}.mlp.c_fc.weight"),
+                mlp_proj=matmul(f"h.{i}.mlp.c_proj.weight"),
             )
             for i in range(config.n_layer)
         ]
-        self.lm_head: Any = None  # None: logits = x wteᵀ with the embedding table (tied, as in GPT-2)
+        # The output layer is tied to the token embeddings (GPT-2): one table serves both, int8 too.
+        wte = w["wte.weight"].to(device=device, dtype=dtype)
         if quantize == "int8":
             from gptcli.quantize import Int8Linear
 
-            # The tied output layer is the largest matmul (vocab x width): int8 it too, and look the
-            # input embeddings up in the same int8 table, so the float one is not kept.
-            self.lm_head = Int8Linear(self.wte, None)
-            self.wte = None
-        self.dtype = self.wpe.dtype  # what activations and the KV cache are computed in
-        self.device = self.wpe.device
+            self.lm_head: Any = Int8Linear(wte, None, self.dtype)
+        else:
+            self.lm_head = Linear(wte, None, self.dtype)
 
     def _check(self, w: dict[str, torch.Tensor]) -> None:
         c = self.config
@@ -258,13 +318,6 @@ class GPT2:
                 raise GptcliError(f"{name} has shape {tuple(w[name].shape)}, config.json says {shape}")
         # transformers counts the tied output layer once, as here.
         self.num_parameters = sum(math.prod(shape) for shape in expected.values())
-
-    def _embed(self, input_ids: torch.Tensor) -> torch.Tensor:
-        import torch.nn.functional as F
-
-        if self.lm_head is not None:
-            return self.lm_head.rows(input_ids).to(self.dtype)
-        return F.embedding(input_ids, self.wte)
 
     def forward(
         self,
@@ -300,7 +353,7 @@ class GPT2:
         # Many queries and no padding: SDPA's causal mode, the path transformers takes too.
         causal = attn_mask is None and new > 1
 
-        x = self._embed(input_ids) + F.embedding(position_ids, self.wpe)
+        x = self.lm_head.rows(input_ids) + F.embedding(position_ids, self.wpe)
         heads, width = self.config.n_head, self.config.n_embd
         for layer, block in enumerate(self.blocks):
             residual = x
@@ -324,9 +377,7 @@ class GPT2:
         x = F.layer_norm(x, (width,), *self.ln_f, self.config.layer_norm_epsilon)
         if logits_to_keep:
             x = x[:, -logits_to_keep:]
-        if self.lm_head is not None:
-            return self.lm_head(x)
-        return F.linear(x, self.wte)
+        return self.lm_head(x)
 
 
 def _attention_mask(

@@ -379,10 +379,9 @@ def _load_gpt2(path: Path, device: torch.device, dtype: torch.dtype, quantize: s
     if shape is None or raw.get("auto_map") or not weights_file.is_file():
         return None  # another architecture, the model's own code, or sharded weights: transformers runs it
     try:
-        tensors = read_safetensors(weights_file)
         # fp32 weights on the CPU are used in place, memory-mapped; anything else is converted once.
-        tensors = {k: t.to(device=device, dtype=dtype) for k, t in tensors.items() if t.is_floating_point()}
-        return GPT2(shape, tensors, quantize=quantize)
+        tensors = read_safetensors(weights_file)
+        return GPT2(shape, tensors, dtype=dtype, device=device, quantize=quantize)
     except (GptcliError, OSError, RuntimeError, ValueError, KeyError, TypeError) as exc:
         raise GptcliError(f"could not load the model weights from {weights_file}: {first_line(exc)}") from exc
 

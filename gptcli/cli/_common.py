@@ -88,17 +88,37 @@ TrustCodeOpt = Annotated[
     typer.Option("--trust-remote-code", help="Allow a model folder's own Python code (auto_map) to run."),
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON (one object per line).")]
+QuantizeOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--quantize",
+        metavar="int8",
+        help="Store the weights as int8 (plain GPT-2 checkpoints): faster on CPU, slightly different "
+        "numbers (docs/performance.md).",
+        show_default=False,
+    ),
+]
 
 
 def load(
-    model: str | None, device: str, dtype: str, allow_pickle: bool, trust_remote_code: bool
+    model: str | None,
+    device: str,
+    dtype: str,
+    allow_pickle: bool,
+    trust_remote_code: bool,
+    quantize: str | None = None,
 ) -> LoadedModel:
     """Load a model with a spinner on stderr when it is a terminal."""
     from gptcli.models import load_model
 
     with status(f"loading {model or 'the model'}"):
         lm = load_model(
-            model, device=device, dtype=dtype, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code
+            model,
+            device=device,
+            dtype=dtype,
+            allow_pickle=allow_pickle,
+            trust_remote_code=trust_remote_code,
+            quantize=quantize,
         )
     if lm.notice:
         note(lm.notice)

@@ -15,6 +15,7 @@ from gptcli.cli._common import (
     DtypeOpt,
     JsonOpt,
     ModelOpt,
+    QuantizeOpt,
     TrustCodeOpt,
     command,
     emit_json,
@@ -24,7 +25,8 @@ from gptcli.cli._common import (
     read_text,
 )
 from gptcli.errors import UsageError
-from gptcli.generate import Settings  # light: torch is imported only when decoding starts
+from gptcli.quantize import METHODS
+from gptcli.sampling import Settings  # light: torch is imported only when decoding starts
 
 if TYPE_CHECKING:
     from gptcli.generate import Completion
@@ -133,6 +135,7 @@ def complete(
     ] = False,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
+    quantize: QuantizeOpt = None,
     allow_pickle: AllowPickleOpt = False,
     trust_remote_code: TrustCodeOpt = False,
 ) -> None:
@@ -159,6 +162,8 @@ def complete(
         "logprobs": logprobs,
     }
     check_flags(**flags)
+    if quantize is not None and quantize not in METHODS:
+        raise UsageError(f"--quantize must be {' or '.join(METHODS)} (got {quantize!r})")
     if batch_size < 1:
         raise UsageError(f"--batch-size must be at least 1 (got {batch_size})")
     if each_line:
@@ -167,7 +172,7 @@ def complete(
         prompts = read_text(None, file, strip_newline=False).splitlines() if file else read_lines()
     else:
         prompts = [read_text(prompt, file)]
-    lm = load(model, device, dtype, allow_pickle, trust_remote_code)
+    lm = load(model, device, dtype, allow_pickle, trust_remote_code, quantize)
     settings = resolve_settings(lm.generation_config, **flags)
     if verbose:
         _describe(settings)

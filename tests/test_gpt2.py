@@ -1,0 +1,152 @@
+"""gptcli's own GPT-2 forward pass: the same logits as transformers' model, in every way gptcli calls it."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+from gptcli.errors import GptcliError
+from gptcli.gpt2 import CachedDecoder, read_safetensors
+from gptcli.inspect_ import left_pad
+from gptcli.models import load_model
+
+PROMPTS = ["今天天气很好", "The weather is nice today, so we", "", "龙"]
+
+
+@pytest.fixture(scope="module")
+def lms(models: dict[str, Path]):
+    return {name: load_model(str(path), device="cpu") for name, path in models.items()}
+
+
+@pytest.fixture(scope="module")
+def references(models: dict[str, Path]):
+    """transformers' models of the same folders, loaded independently of gptcli."""
+    return {name: AutoModelForCausalLM.from_pretrained(path).eval() for name, path in models.items()}
+
+
+def batch(lm, prompts: list[str]):
+    rows = [lm.tokenizer.encode(p) or [lm.tokenizer.eos_token_id or 0] for p in prompts]
+    return left_pad(rows, 0, torch.device("cpu"))
+
+
+def test_plain_gpt2_checkpoints_run_on_gptcli_forward(lms) -> None:
+    assert all(lm.net is not None for lm in lms.values())
+    assert lms["bpe"]._model is None  # transformers' model is not loaded until asked for
+
+
+@pytest.mark.parametrize("fixture", ["bpe", "bert"])
+def test_logits_equal_transformers_unpadded_and_padded(lms, references, fixture: str) -> None:
+    lm, ref = lms[fixture], references[fixture]
+    ids, mask, positions = batch(lm, PROMPTS)
+    assert not bool(mask.all())  # the batch really is padded
+    with torch.inference_mode():
+        ours = lm.logits(ids, attention_mask=mask, position_ids=positions)
+        theirs = ref(input_ids=ids, attention_mask=mask, position_ids=positions).logits
+        real = mask.bool()
+        assert torch.allclose(ours[real], theirs[real], atol=1e-5, rtol=0)
+        single = lm.tokenizer.encode(PROMPTS[1])
+        one = torch.tensor([single])
+        # One unpadded row: the very same kernels, so the very same numbers.
+        assert torch.equal(lm.logits(one), ref(one).logits)
+
+
+def test_cached_decoding_equals_a_full_forward_pass(lms) -> None:
+    lm = lms["bpe"]
+    ids, mask, positions = batch(lm, PROMPTS)
+    follow = torch.tensor([[5, 7, 9], [11, 13, 15], [17, 19, 21], [23, 25, 27]])
+    with torch.inference_mode():
+        decoder = CachedDecoder(lm.net, len(PROMPTS), ids.shape[1] + 3)
+        steps = [decoder.prefill(ids, mask, positions)]
+        next_pos = mask.sum(dim=1)
+        for column in range(3):
+            steps.append(decoder.step(follow[:, column : column + 1], (next_pos + column)[:, None]))
+        full_ids = torch.cat([ids, follow], dim=1)
+        full_mask = torch.cat([mask, torch.ones_like(follow)], dim=1)
+        full_pos = torch.cat([positions, next_pos[:, None] + torch.arange(3)], dim=1)
+        full = lm.logits(full_ids, attention_mask=full_mask, position_ids=full_pos).float()
+    for k, logits in enumerate(steps):
+        assert torch.allclose(logits, full[:, ids.shape[1] - 1 + k], atol=1e-5, rtol=0), k
+
+
+def test_dropping_rows_keeps_the_others_logits(lms) -> None:
+    lm = lms["bpe"]
+    ids, mask, positions = batch(lm, PROMPTS)
+    next_ids = torch.tensor([[3], [4], [5], [6]])
+    next_pos = mask.sum(dim=1, keepdim=True)
+    with torch.inference_mode():
+        whole = CachedDecoder(lm.net, 4, ids.shape[1] + 1)
+        whole.prefill(ids, mask, positions)
+        expected = whole.step(next_ids, next_pos)
+        kept = CachedDecoder(lm.net, 4, ids.shape[1] + 1)
+        kept.prefill(ids, mask, positions)
+        keep = torch.tensor([1, 3])
+        kept.keep(keep)
+        got = kept.step(next_ids[keep], next_pos[keep])
+    assert torch.allclose(got, expected[keep], atol=1e-5, rtol=0)  # a smaller batch rounds differently
+
+
+def test_safetensors_reader_equals_the_library(models: dict[str, Path]) -> None:
+    file = models["bpe"] / "model.safetensors"
+    ours = read_safetensors(file)
+    reference = load_file(file)
+    assert ours.keys() == reference.keys()
+    assert all(torch.equal(ours[k], reference[k]) for k in ours)
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="needs Linux's /proc")
+def test_fp32_weights_are_used_in_place_from_the_file(models: dict[str, Path]) -> None:
+    lm = load_model(str(models["bpe"]), device="cpu")
+    file = str((models["bpe"] / "model.safetensors").resolve())
+    spans = []
+    for line in Path("/proc/self/maps").read_text().splitlines():
+        if line.endswith(file):
+            begin, end = (int(x, 16) for x in line.split()[0].split("-"))
+            spans.append((begin, end))
+    assert spans, "model.safetensors is not mapped"
+    weight = lm.net.blocks[0].c_fc.weight
+    assert any(begin <= weight.data_ptr() < end for begin, end in spans)  # no copy was made
+    bf16 = load_model(str(models["bpe"]), device="cpu", dtype="bfloat16")
+    assert bf16.net.blocks[0].c_fc.weight.dtype == torch.bfloat16
+
+
+def test_mapped_weights_are_never_written_back(models: dict[str, Path], tmp_path: Path) -> None:
+    folder = tmp_path / "m"
+    shutil.copytree(models["bpe"], folder)
+    before = (folder / "model.safetensors").read_bytes()
+    tensors = read_safetensors(folder / "model.safetensors")
+    next(iter(tensors.values())).fill_(123.0)  # a private mapping: the process's copy changes, not the file
+    del tensors
+    assert (folder / "model.safetensors").read_bytes() == before
+
+
+def test_missing_tensor_names_it(models: dict[str, Path], tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    folder = tmp_path / "m"
+    shutil.copytree(models["bpe"], folder)
+    state = load_file(folder / "model.safetensors")
+    del state["transformer.h.1.mlp.c_fc.bias"]
+    save_file(state, folder / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(
+        GptcliError, match=r"model\.safetensors: the weights have no tensor h\.1\.mlp\.c_fc\.bias"
+    ):
+        load_model(str(folder), device="cpu")
+
+
+def test_other_variants_load_through_transformers(models: dict[str, Path], tmp_path: Path) -> None:
+    folder = tmp_path / "scaled"
+    shutil.copytree(models["bpe"], folder)
+    config = json.loads((folder / "config.json").read_text())
+    config["scale_attn_by_inverse_layer_idx"] = True  # not what gptcli.gpt2 computes
+    (folder / "config.json").write_text(json.dumps(config))
+    lm = load_model(str(folder), device="cpu")
+    assert lm.net is None and lm._model is not None
+    ids = torch.tensor([lm.tokenizer.encode("今天天气")])
+    with torch.inference_mode():
+        assert torch.equal(lm.logits(ids), lm.model(ids).logits)
