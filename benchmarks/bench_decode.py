@@ -1,0 +1,285 @@
+"""Decode speed: gptcli's generation path against transformers' `generate`, on a GPT-2-124M shape.
+
+One prompt, 128 new tokens (end-of-text ignored), greedy and sampled (top-k 50, temperature 1), with
+gptcli in fp32, `--dtype bfloat16` and `--quantize int8`, against transformers fp32 (the reference the
+goals are set against) and transformers bf16. The variants take turns, round after round, and each
+figure is the median over the rounds. Each gptcli figure is also given as a fraction of
+
+- its kernel ceiling: the speed of its own weight matmuls alone (every layer's four, and the output
+  layer, on one token), measured here, i.e. what a loop with no other cost would reach;
+- the bandwidth bound: the read bandwidth measured here divided by the bytes of weights one token
+  reads.
+
+The second table measures the kernels gptcli did not pick, to show why it picked its own.
+
+    python benchmarks/bench_decode.py            # 128 new tokens, 5 rounds (about 8 minutes)
+    python benchmarks/bench_decode.py --quick    # 32 new tokens, no transformers bf16 (about a minute)
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+from common import alternate, machine, median, model_folder, print_table
+
+PROMPT = "Once upon a time, in a small village by the sea, there lived"
+GOALS = {"float32": 1.6, "bfloat16": 2.3, "int8": 3.3}  # × transformers fp32 (issue 6)
+
+
+def read_bandwidth() -> float:
+    """Bytes per second that summing a 1 GiB buffer reads, with torch's threads (best of 5)."""
+    import torch
+
+    data = torch.ones(2**28)  # 1 GiB of float32, larger than any cache
+    data.sum()
+    best = min(_timed(data.sum) for _ in range(5))
+    return data.numel() * 4 / best
+
+
+def _timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def matmuls(net) -> list:
+    """gptcli's weight matmuls for one token, in the order the forward pass runs them."""
+    layers = [m for b in net.blocks for m in (b.c_attn, b.attn_proj, b.c_fc, b.mlp_proj)]
+    return [*layers, net.lm_head]
+
+
+def weight_bytes(net) -> int:
+    """Bytes of weights one decoded token reads (the output layer's table included)."""
+    total = 0
+    for m in matmuls(net):
+        total += m.weight.numel() * m.weight.element_size()
+        scales = getattr(m, "scales", None)
+        total += 0 if scales is None else scales.numel() * scales.element_size()
+    return total
+
+
+def kernel_seconds(layers: list, inputs: dict[int, object], rounds: int = 7) -> float:
+    """Median seconds to run `layers` once each on one token (the weights do not fit any cache)."""
+    import torch
+
+    def once() -> None:
+        for layer in layers:
+            layer(inputs[layer_in(layer)])
+
+    with torch.inference_mode():
+        once()
+        return statistics.median(_timed(once) for _ in range(rounds))
+
+
+def layer_in(layer) -> int:
+    """Input width of a gptcli matmul object (Conv1D keeps [in, out]; the others [out, in])."""
+    from gptcli.gpt2 import Conv1D
+
+    return layer.weight.shape[0] if isinstance(layer, Conv1D) else layer.weight.shape[1]
+
+
+def token_inputs(net) -> dict[int, object]:
+    import torch
+
+    widths = {layer_in(m) for m in matmuls(net)}
+    return {w: torch.randn(1, 1, w, dtype=net.dtype) for w in widths}
+
+
+def alternatives(net32) -> list[list[object]]:
+    """Per-token matmul time of kernels gptcli does not use, on the same weights: why it picked its own."""
+    import torch
+    import torch.nn.functional as F
+
+    from gptcli.quantize import quantize_int8
+
+    conv = matmuls(net32)[:-1]  # Conv1D layers, [in, out]
+    head = net32.lm_head.weight  # [vocab, width]
+    rows = []
+
+    def run(name: str, layers: list, note: str) -> None:
+        inputs = {}
+        for _, width, dtype in layers:
+            inputs.setdefault((width, dtype), torch.randn(1, width, dtype=dtype))
+        calls = [(fn, inputs[(width, dtype)]) for fn, width, dtype in layers]
+
+        def once() -> None:
+            for fn, x in calls:
+                fn(x)
+
+        with torch.inference_mode():
+            once()
+            seconds = statistics.median(_timed(once) for _ in range(5))
+        rows.append([name, f"{1 / seconds:.1f}", note])
+
+    f32 = torch.float32
+    bf16 = torch.bfloat16
+    out_in = [m.weight.t().contiguous() for m in conv]
+    run(
+        "fp32 F.linear, [out, in]",
+        [(lambda x, w=w: F.linear(x, w), w.shape[1], f32) for w in [*out_in, head]],
+        "nn.Linear's layout: slower than addmm on [in, out]",
+    )
+    del out_in
+    in_out16 = [m.weight.to(bf16) for m in conv]
+    head16 = head.to(bf16)
+    run(
+        "bf16 addmm, [in, out]",
+        [(lambda x, w=w: torch.mm(x, w), w.shape[0], bf16) for w in in_out16]
+        + [(lambda x: F.linear(x, head16), head16.shape[1], bf16)],
+        "transformers' bf16 layout (Conv1D)",
+    )
+    del in_out16
+    packed = [quantize_int8(m.weight.t()) for m in conv] + [quantize_int8(head)]
+    run(
+        "int8 _weight_int8pack_mm, fp32 activations",
+        [
+            (lambda x, q=q, s=s: torch.ops.aten._weight_int8pack_mm(x, q, s), q.shape[1], f32)
+            for q, s in packed
+        ],
+        "no vectorized fp32 path on this CPU",
+    )
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--quick", action="store_true", help="32 new tokens, no transformers bf16")
+    parser.add_argument("--new-tokens", type=int, default=None)
+    parser.add_argument("--rounds", type=int, default=5)
+    args = parser.parse_args()
+    new = args.new_tokens or (32 if args.quick else 128)
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from gptcli.generate import complete
+    from gptcli.models import load_model
+    from gptcli.sampling import resolve_settings
+
+    folder = model_folder()
+    lms = {
+        "float32": load_model(str(folder), device="cpu"),
+        "bfloat16": load_model(str(folder), device="cpu", dtype="bfloat16"),
+        "int8": load_model(str(folder), device="cpu", quantize="int8"),
+    }
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    refs = {"float32": AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()}
+    if not args.quick:
+        refs["bfloat16"] = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16).eval()
+    for model in refs.values():
+        model.generation_config.eos_token_id = None  # 128 tokens, as gptcli's --ignore-eos
+
+    modes = {
+        "greedy": {"greedy": True},
+        "top-k 50": {"temperature": 1.0, "top_k": 50, "top_p": 1.0, "seed": 1234},
+    }
+    ids: dict[tuple[str, str], list[int]] = {}
+
+    def ours(precision: str, mode: str):
+        settings = resolve_settings(None, max_new_tokens=new, ignore_eos=True, **modes[mode])
+
+        def run() -> None:
+            (done,) = complete(lms[precision], PROMPT, settings)
+            assert len(done.token_ids) == new
+            ids[("gptcli " + precision, mode)] = done.token_ids
+
+        return run
+
+    def theirs(precision: str, mode: str):
+        model = refs[precision]
+        sample = {"do_sample": False} if mode == "greedy" else {"do_sample": True, "top_k": 50, "top_p": 1.0}
+
+        def run() -> None:
+            with torch.inference_mode():
+                enc = tokenizer(PROMPT, return_tensors="pt")
+                out = model.generate(
+                    **enc, max_new_tokens=new, pad_token_id=tokenizer.eos_token_id, temperature=1.0, **sample
+                )
+                tokenizer.decode(out[0, enc["input_ids"].shape[1] :])
+            ids[("transformers " + precision, mode)] = out[0, enc["input_ids"].shape[1] :].tolist()
+
+        return run
+
+    variants = {}
+    for mode in modes:
+        for precision in refs:
+            variants[("transformers " + precision, mode)] = theirs(precision, mode)
+        for precision in lms:
+            variants[("gptcli " + precision, mode)] = ours(precision, mode)
+    for run in variants.values():  # warm-up: first calls allocate and initialize
+        run()
+    times = alternate(variants, args.rounds)
+    rate = {key: new / median(t) for key, t in times.items()}
+
+    # Ceilings and bounds, after the timed runs so that the big buffers do not disturb them.
+    bandwidth = read_bandwidth()
+    ceilings, bounds = {}, {}
+    for precision, lm in lms.items():
+        ceilings[precision] = 1 / kernel_seconds(matmuls(lm.net), token_inputs(lm.net))
+        bounds[precision] = bandwidth / weight_bytes(lm.net)
+    others = alternatives(lms["float32"].net)
+
+    print()
+    print(f"machine: {machine()}")
+    print(
+        f"model: GPT-2-124M shape, random weights ({folder}); "
+        f"prompt of {len(tokenizer.encode(PROMPT))} tokens"
+    )
+    print(
+        f"{new} new tokens per run, {args.rounds} rounds, medians; read bandwidth {bandwidth / 1e9:.1f} GB/s"
+    )
+    print()
+    rows = []
+    for mode in modes:
+        base = rate[("transformers float32", mode)]
+        for precision in refs:
+            key = ("transformers " + precision, mode)
+            rows.append([key[0], mode, f"{rate[key]:.1f}", f"{rate[key] / base:.2f}", "", "", "", ""])
+        for precision in lms:
+            r = rate[("gptcli " + precision, mode)]
+            goal = GOALS[precision]
+            met = "yes" if r / base >= goal else f"no ({r / base / goal:.0%} of it)"
+            rows.append(
+                [
+                    "gptcli " + precision,
+                    mode,
+                    f"{r:.1f}",
+                    f"{r / base:.2f}",
+                    f"≥ {goal} {met}",
+                    f"{ceilings[precision]:.1f}",
+                    f"{r / ceilings[precision]:.0%}",
+                    f"{bounds[precision]:.0f} ({r / bounds[precision]:.0%})",
+                ]
+            )
+    print_table(
+        [
+            "variant",
+            "decoding",
+            "tokens/s",
+            "× transformers fp32",
+            "goal",
+            "kernel ceiling tok/s",
+            "of ceiling",
+            "bandwidth bound tok/s (share)",
+        ],
+        rows,
+    )
+    print()
+    greedy32 = ids[("gptcli float32", "greedy")]
+    identical = greedy32 == ids[("transformers float32", "greedy")]
+    print(f"fp32 greedy ids identical to transformers generate: {identical}")
+    for precision in ("bfloat16", "int8"):
+        other = ids[("gptcli " + precision, "greedy")]
+        same = next((i for i, (a, b) in enumerate(zip(other, greedy32, strict=True)) if a != b), len(other))
+        print(f"gptcli {precision} greedy ids equal to fp32 for the first {same} of {new} tokens")
+    print()
+    print("Kernels not chosen (weight matmuls of one token alone, the same weights):")
+    print_table(["kernel", "ceiling tok/s", "why not"], others)
+
+
+if __name__ == "__main__":
+    main()
