@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from gptcli.errors import UsageError
 from gptcli.inspect_ import fit_context, left_pad, pad_id
-from gptcli.sampling import Settings, check_flags, process_logits, resolve_settings
+from gptcli.sampling import Settings, check_flags, draw, resolve_settings
 from gptcli.tokens import Detokenizer, TokenText, decode, encode_prompt
 
 # Settings and their resolution are gptcli.sampling's; importing them from here keeps working.
@@ -394,21 +394,18 @@ def _pick(
     """The next token of every row (pad for finished rows), and raw logprobs when asked for."""
     import torch
 
-    scores = process_logits(logits, settings, seen)
-    if settings.sampling:
-        probs = torch.softmax(scores, dim=-1)
-        picks = [
-            torch.multinomial(probs[i], 1, generator=generators[i])
-            if active[i]
-            else torch.tensor([pad], device=probs.device)
-            for i in range(len(active))
-        ]
-        next_ids = torch.cat(picks)
-    else:
-        next_ids = scores.argmax(dim=-1)
-        if not all(active):
-            keep = torch.tensor(active, device=next_ids.device)
-            next_ids = torch.where(keep, next_ids, torch.full_like(next_ids, pad))
+    if all(active):
+        next_ids = draw(logits, settings, seen, generators)
+    else:  # finished rows draw nothing, so the others' generators advance as they would alone
+        rows = torch.tensor([i for i, a in enumerate(active) if a], device=logits.device)
+        drawn = draw(
+            logits[rows],
+            settings,
+            None if seen is None else seen[rows],
+            [g for g, a in zip(generators, active, strict=True) if a] if generators else [],
+        )
+        next_ids = torch.full((len(active),), pad, dtype=torch.long, device=logits.device)
+        next_ids[rows] = drawn
     if settings.logprobs is None:
         return next_ids, None, None
     # Logprobs are the model's own distribution (before temperature, penalty and filters), so they

@@ -195,10 +195,65 @@ def process_logits(
         return logits
     if settings.temperature != 1.0:
         logits = logits / settings.temperature
+    return _filter(logits, settings)
+
+
+def _filter(scores: torch.Tensor, settings: Settings) -> torch.Tensor:
+    """Top-k, top-p and min-p, in that order."""
     if settings.top_k:
-        logits = top_k_filter(logits, settings.top_k)
+        scores = top_k_filter(scores, settings.top_k)
     if settings.top_p < 1.0:
-        logits = top_p_filter(logits, settings.top_p)
+        scores = top_p_filter(scores, settings.top_p)
     if settings.min_p:
-        logits = min_p_filter(logits, settings.min_p)
-    return logits
+        scores = min_p_filter(scores, settings.min_p)
+    return scores
+
+
+def candidates(
+    logits: torch.Tensor, settings: Settings, seen: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The tokens sampling can draw and their scores: (ids [batch, C], scores [batch, C]).
+
+    The same distribution as `process_logits` (its finite entries, the same formulas), computed on the
+    top-k candidates instead of the whole vocabulary when top-k is on: top-p sorts its input, and a
+    sort of GPT-2's 50,257 logits takes about 7 ms on a CPU core, as long as a quarter of a decoding
+    step, where sorting 50 takes microseconds. Entries outside the filters are -inf.
+    """
+    import torch
+
+    if seen is not None and settings.repetition_penalty != 1.0:
+        logits = apply_repetition_penalty(logits, seen, settings.repetition_penalty)
+    if settings.temperature != 1.0:
+        logits = logits / settings.temperature
+    k = settings.top_k
+    values = ids = None
+    if 0 < k < logits.shape[-1]:
+        values, ids = torch.topk(logits, k)
+        # Exact ties go through the whole vocabulary instead: TopKLogitsWarper keeps every logit tied
+        # with the k-th, and which of tied tokens top-p drops depends on how the sort met them.
+        beyond_k = bool(((logits >= values[:, -1:]).sum(dim=-1) > k).any())
+        if beyond_k or (settings.top_p < 1.0 and bool((values[:, 1:] == values[:, :-1]).any())):
+            values = ids = None
+    if values is None or ids is None:
+        vocab = torch.arange(logits.shape[-1], device=logits.device).expand_as(logits)
+        return vocab, _filter(logits, settings)
+    if settings.top_p < 1.0:
+        values = top_p_filter(values, settings.top_p)
+    if settings.min_p:
+        values = min_p_filter(values, settings.min_p)
+    return ids, values
+
+
+def draw(
+    logits: torch.Tensor, settings: Settings, seen: torch.Tensor | None, generators: list[torch.Generator]
+) -> torch.Tensor:
+    """The next token of every row: the argmax of the processed logits, or a draw from `candidates`
+    with the row's own generator."""
+    import torch
+
+    if not settings.sampling:
+        return process_logits(logits, settings, seen).argmax(dim=-1)
+    ids, scores = candidates(logits, settings, seen)
+    probs = torch.softmax(scores, dim=-1)
+    picks = [torch.multinomial(probs[i], 1, generator=g) for i, g in enumerate(generators)]
+    return ids.gather(1, torch.stack(picks))[:, 0]

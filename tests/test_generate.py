@@ -21,6 +21,8 @@ from gptcli.models import load_model
 from gptcli.sampling import (
     Settings,
     apply_repetition_penalty,
+    candidates,
+    draw,
     min_p_filter,
     process_logits,
     resolve_settings,
@@ -116,6 +118,43 @@ def test_full_chain_in_transformers_order(logits: torch.Tensor) -> None:
     # Greedy keeps the penalty and nothing else, as generate(do_sample=False) does.
     greedy_scores = process_logits(logits, Settings(greedy=True, repetition_penalty=1.2), seen)
     assert torch.equal(greedy_scores, RepetitionPenaltyLogitsProcessor(1.2)(seen_ids, logits.clone()))
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        Settings(top_k=50, top_p=0.95, temperature=0.8),  # the defaults
+        Settings(top_k=2, top_p=1.0),  # row 0's four-way tie at the top: more than k are kept
+        Settings(top_k=20, top_p=0.5, min_p=0.05, temperature=1.3, repetition_penalty=1.2),
+        Settings(top_k=64, top_p=0.9),  # k = the vocabulary
+        Settings(top_k=0, top_p=0.8),  # no top-k: the whole vocabulary
+        Settings(top_k=7, top_p=1.0, temperature=0.3),
+    ],
+)
+def test_sampling_candidates_are_the_processed_distribution(logits: torch.Tensor, settings: Settings) -> None:
+    seen = torch.zeros_like(logits, dtype=torch.bool)
+    seen[:, [1, 5, 12]] = True
+    expected = torch.softmax(process_logits(logits, settings, seen), dim=-1)
+    ids, scores = candidates(logits, settings, seen)
+    probs = torch.softmax(scores, dim=-1)
+    got = torch.zeros_like(expected).scatter_(1, ids, probs)
+    assert torch.equal(got > 0, expected > 0)  # the same tokens can be drawn
+    assert torch.allclose(got, expected, atol=1e-6, rtol=0)
+    if settings.top_k == 2:
+        assert int((got[0] > 0).sum()) > 2  # ties with the k-th kept, as TopKLogitsWarper keeps them
+
+
+def test_draw_follows_the_distribution() -> None:
+    torch.manual_seed(3)
+    logits = torch.randn(1, 300) * 2
+    settings = Settings(top_k=5, top_p=1.0, temperature=1.0)
+    expected = torch.softmax(process_logits(logits, settings), dim=-1)[0]
+    generator = torch.Generator().manual_seed(0)
+    counts = torch.zeros(300)
+    for _ in range(4000):
+        counts[draw(logits, settings, None, [generator])] += 1
+    assert set(counts.nonzero()[:, 0].tolist()) == set(expected.nonzero()[:, 0].tolist())
+    assert torch.allclose(counts / 4000, expected, atol=0.03)
 
 
 # -- greedy equals transformers' generate --------------------------------------------------------------
