@@ -54,9 +54,7 @@ def weight_bytes(net) -> int:
     """Bytes of weights one decoded token reads (the output layer's table included)."""
     total = 0
     for m in matmuls(net):
-        total += m.weight.numel() * m.weight.element_size()
-        scales = getattr(m, "scales", None)
-        total += 0 if scales is None else scales.numel() * scales.element_size()
+        total += getattr(m, "nbytes", None) or m.weight.numel() * m.weight.element_size()
     return total
 
 
@@ -76,7 +74,10 @@ def kernel_seconds(layers: list, inputs: dict[int, object], rounds: int = 7) -> 
 def layer_in(layer) -> int:
     """Input width of a gptcli matmul object (Conv1D keeps [in, out]; the others [out, in])."""
     from gptcli.gpt2 import Conv1D
+    from gptcli.quantize import Int8Linear
 
+    if isinstance(layer, Int8Linear) and layer.weight is None:
+        return layer.packed.unpack()[0].shape[1]
     return layer.weight.shape[0] if isinstance(layer, Conv1D) else layer.weight.shape[1]
 
 

@@ -283,7 +283,7 @@ class GPT2:
         if quantize == "int8":
             from gptcli.quantize import Int8Linear
 
-            self.lm_head: Any = Int8Linear(wte, None, self.dtype)
+            self.lm_head: Any = Int8Linear(wte, None, self.dtype, rows=True)
         else:
             self.lm_head = Linear(wte, None, self.dtype)
 

@@ -1,14 +1,20 @@
-"""Weight-only int8: every output channel's weights scaled into [-127, 127]; activations stay float.
+"""int8 weights: every output channel's weights scaled into [-127, 127], one float scale per channel.
 
 Decoding a token reads every weight once, so on a CPU it is bound by memory bandwidth, and int8 weights
-are a quarter of fp32's bytes. torch's `_weight_int8pack_mm` multiplies float activations by int8
-weights and per-channel scales without materializing a float copy. Quality against fp32 is measured in
-docs/performance.md (topk probabilities, perplexity).
+are a quarter of fp32's bytes. What multiplies by them:
+- on a CPU, FBGEMM's dynamic int8 matmul (`quantized::linear_dynamic`): each token's activations are
+  quantized to 8 bits on the fly and multiplied in integers with AVX2. It is about 2.5 times faster
+  here than the weight-only kernel below, whose CPU path for fp32 activations is not vectorized and
+  whose bf16 path is no faster than fp32 (measured: docs/performance.md);
+- elsewhere, or where torch lacks FBGEMM (torch marks its quantized tensors deprecated),
+  `_weight_int8pack_mm`: float activations times int8 weights, weight-only.
+Quality against fp32 (topk probabilities, perplexity) is measured in docs/performance.md.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import warnings
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     import torch
@@ -28,22 +34,45 @@ def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q.contiguous(), scales
 
 
+def _fbgemm_pack(q: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None) -> Any | None:
+    """FBGEMM's packed form of int8 weights (the same q and scales), or None where it is unavailable."""
+    import torch
+
+    if q.device.type != "cpu" or "fbgemm" not in torch.backends.quantized.supported_engines:
+        return None
+    try:
+        with warnings.catch_warnings():  # torch's deprecation notice of quantized tensors, once per process
+            warnings.simplefilter("ignore")
+            zero = torch.zeros(len(scales), dtype=torch.long)
+            weight = torch._make_per_channel_quantized_tensor(q, scales.double(), zero, 0)
+            return torch.ops.quantized.linear_prepack(weight, None if bias is None else bias.float())
+    except (AttributeError, RuntimeError):
+        return None
+
+
 class Int8Linear:
     """y = x (q·s)ᵀ + b for an int8 weight q [out, in] and per-output scales s."""
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype) -> None:
-        """`weight` is [out, in] (nn.Linear's layout, and the tied embedding table's); `dtype` is the
-        activations' dtype, which x comes in and y goes out in."""
+    def __init__(
+        self, weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype, *, rows: bool = False
+    ) -> None:
+        """Args:
+        weight: [out, in] (nn.Linear's layout, and the tied embedding table's).
+        dtype: the activations' dtype, which x comes in and y goes out in.
+        rows: keep the int8 table for `rows` (an embedding lookup in the same weights).
+        """
         import torch
 
-        self.weight, scales = quantize_int8(weight)
-        # The kernel takes activations and scales in one dtype; on the CPU bf16 is its fast path
-        # (fp32 activations are six times slower here, measured), on a GPU the model's dtype.
+        q, scales = quantize_int8(weight)
+        self.bias = bias
+        self.dtype = dtype
+        self.packed = _fbgemm_pack(q, scales, bias)
+        # Weight-only kernel: activations and scales in one dtype; bf16 is its fast CPU path.
         self.kernel_dtype = torch.bfloat16 if weight.device.type == "cpu" else dtype
         self.scales = scales.to(self.kernel_dtype)
         self.row_scales = scales.to(dtype)
-        self.bias = bias
-        self.dtype = dtype
+        self.weight: torch.Tensor | None = q if rows or self.packed is None else None
+        self.nbytes = q.numel() + scales.numel() * 4  # what one pass over the weights reads
 
     @classmethod
     def from_conv1d(cls, weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype) -> Int8Linear:
@@ -53,12 +82,18 @@ class Int8Linear:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         import torch
 
-        flat = x.reshape(-1, x.shape[-1]).to(self.kernel_dtype)
-        out = torch.ops.aten._weight_int8pack_mm(flat, self.weight, self.scales).to(self.dtype)
-        if self.bias is not None:
-            out = out + self.bias
+        flat = x.reshape(-1, x.shape[-1])
+        if self.packed is not None:
+            # reduce_range: 7-bit activations, so AVX2's 16-bit pair sums cannot overflow (no VNNI).
+            out = torch.ops.quantized.linear_dynamic(flat.float(), self.packed, True).to(self.dtype)
+        else:
+            out = torch.ops.aten._weight_int8pack_mm(flat.to(self.kernel_dtype), self.weight, self.scales)
+            out = out.to(self.dtype)
+            if self.bias is not None:
+                out = out + self.bias
         return out.view(*x.shape[:-1], out.shape[-1])
 
     def rows(self, ids: torch.Tensor) -> torch.Tensor:
         """Rows `ids` of the dequantized weight: an embedding lookup in the same table."""
+        assert self.weight is not None, "built without rows=True"
         return self.weight[ids].to(self.dtype) * self.row_scales[ids, None]

@@ -28,15 +28,21 @@ def test_int8_rounds_each_weight_to_the_nearest_step() -> None:
     assert bool((q[5] == 0).all()) and scales[5] == 1.0  # a zero row stays zero, nothing divides by 0
 
 
-def test_int8_linear_is_close_to_the_float_product() -> None:
+@pytest.mark.parametrize(("kernel", "tolerance"), [("fbgemm", 0.03), ("weight-only", 0.01)])
+def test_int8_linear_is_close_to_the_float_product(kernel: str, tolerance: float) -> None:
     torch.manual_seed(1)
     w, b, x = torch.randn(96, 64), torch.randn(96), torch.randn(3, 5, 64)
-    layer = Int8Linear(w, b, torch.float32)
+    layer = Int8Linear(w, b, torch.float32, rows=True)
+    if kernel == "weight-only":
+        layer.packed = None  # what runs where FBGEMM is unavailable (GPUs)
+    elif layer.packed is None:
+        pytest.skip("this torch has no FBGEMM")
     exact = torch.nn.functional.linear(x, w, b)
     got = layer(x)
     assert got.shape == exact.shape and got.dtype == torch.float32
+    # FBGEMM also rounds the activations (7 bits per token), so it strays further than weight-only.
     relative = (got - exact).norm() / exact.norm()
-    assert relative < 0.01, relative
+    assert relative < tolerance, relative
     rows = layer.rows(torch.tensor([0, 7]))
     assert torch.allclose(rows, w[[0, 7]], atol=float(layer.row_scales.max()) / 2 + 1e-6)
 
