@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from pathlib import Path
 
 from common import alternate, machine, median, model_folder, print_table
 
@@ -144,6 +145,63 @@ def alternatives(net32) -> list[list[object]]:
     return rows
 
 
+QUALITY_PROMPTS = [
+    "Alice was beginning to get very tired",
+    "今天天气",
+    "The Queen said",
+    "我们",
+    "Once upon a",
+]
+
+
+def quality(folder: Path, text: str) -> list[list[object]]:
+    """How far bf16 and int8 move a model's numbers from fp32: perplexity of `text`, the top-10
+    probabilities and KL divergence after a few prompts, and greedy ids."""
+    import torch
+
+    from gptcli.generate import complete
+    from gptcli.inspect_ import score_text
+    from gptcli.models import load_model
+    from gptcli.sampling import resolve_settings
+
+    base = load_model(str(folder), device="cpu")
+    greedy = resolve_settings(None, greedy=True, max_new_tokens=64, ignore_eos=True)
+    base_ppl = score_text(base, text).perplexity
+    base_ids = [d.token_ids for d in complete(base, QUALITY_PROMPTS, greedy)]
+    rows = [["fp32", f"{base_ppl:.3f}", "", "", "", "", ""]]
+    for name, kwargs in (("bf16", {"dtype": "bfloat16"}), ("int8", {"quantize": "int8"})):
+        lm = load_model(str(folder), device="cpu", **kwargs)
+        ppl = score_text(lm, text).perplexity
+        diffs, kls, top1 = [], [], 0
+        for prompt in QUALITY_PROMPTS:
+            ids = torch.tensor([base.tokenizer.encode(prompt)])
+            with torch.inference_mode():
+                p = torch.log_softmax(base.logits(ids)[0, -1].float(), dim=-1)
+                q = torch.log_softmax(lm.logits(ids)[0, -1].float(), dim=-1)
+            top = torch.topk(p, 10).indices
+            diffs.append(float((p.exp()[top] - q.exp()[top]).abs().max()))
+            kls.append(float((p.exp() * (p - q)).sum()))
+            top1 += int(p.argmax() == q.argmax())
+        same = [
+            next((i for i, (a, b) in enumerate(zip(x, y, strict=True)) if a != b), len(x))
+            for x, y in zip(
+                base_ids, [d.token_ids for d in complete(lm, QUALITY_PROMPTS, greedy)], strict=True
+            )
+        ]
+        rows.append(
+            [
+                name,
+                f"{ppl:.3f}",
+                f"{ppl / base_ppl - 1:+.3%}",
+                f"{max(diffs):.4f}",
+                f"{sum(kls) / len(kls):.2e}",
+                f"{top1}/{len(QUALITY_PROMPTS)}",
+                f"{statistics.median(same)} of 64",
+            ]
+        )
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -151,6 +209,15 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="32 new tokens, no transformers bf16")
     parser.add_argument("--new-tokens", type=int, default=None)
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument(
+        "--quality-model",
+        type=Path,
+        default=Path(__file__).resolve().parents[1] / "gptcli" / "builtin",
+        help="a trained model to measure bf16/int8 quality on (default: the built-in model)",
+    )
+    parser.add_argument(
+        "--quality-text", type=Path, default=None, help="text for perplexity (default: README)"
+    )
     args = parser.parse_args()
     new = args.new_tokens or (32 if args.quick else 128)
 
@@ -280,6 +347,28 @@ def main() -> None:
     print()
     print("Kernels not chosen (weight matmuls of one token alone, the same weights):")
     print_table(["kernel", "ceiling tok/s", "why not"], others)
+
+    print()
+    if (args.quality_model / "model.safetensors").is_file():
+        text_file = args.quality_text or Path(__file__).resolve().parents[1] / "README.md"
+        text = text_file.read_text(encoding="utf-8")
+        print(
+            f"Quality against fp32 on {args.quality_model} (a trained model), perplexity of {text_file.name}:"
+        )
+        print_table(
+            [
+                "weights",
+                "perplexity",
+                "vs fp32",
+                "top-10 prob, largest difference",
+                "KL(fp32 ‖ it), mean",
+                "same top-1",
+                "greedy ids equal (median run)",
+            ],
+            quality(args.quality_model, text),
+        )
+    else:
+        print(f"(no trained model at {args.quality_model}: quality not measured; pass --quality-model)")
 
 
 if __name__ == "__main__":
