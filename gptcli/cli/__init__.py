@@ -40,8 +40,15 @@ def _root(
 
 
 def _fail(message: str, code: int) -> int:
-    print(f"Error: {message}", file=sys.stderr, flush=True)
+    print(f"Error: {_one_line(message)}", file=sys.stderr, flush=True)
     return code
+
+
+def _one_line(message: str) -> str:
+    """`message` as one printable line: an error may quote what the user typed, and that text may hold
+    newlines, control characters, bidi overrides or lone surrogates (bytes of argv that were not UTF-8),
+    which would split the line, reorder it on a terminal, or fail to encode."""
+    return "".join(ch if ch.isprintable() or ch == " " else ascii(ch)[1:-1] for ch in message.strip())
 
 
 def run(argv: list[str] | None = None) -> int:
