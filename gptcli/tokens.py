@@ -14,6 +14,8 @@ from collections.abc import Iterable
 from functools import cache
 from typing import TYPE_CHECKING, Any
 
+from gptcli.errors import UsageError
+
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
@@ -106,6 +108,25 @@ def readable(data: bytes) -> str:
     )
 
 
+def check_text(text: str, what: str = "the text") -> str:
+    """`text` as text UTF-8 can hold, or UsageError naming the first byte that is not UTF-8.
+
+    On POSIX, argv bytes that are not UTF-8 reach Python as lone surrogates (surrogateescape); the
+    tokenizers would refuse them with a TypeError that says nothing of the input. The byte offset is
+    the one `stdin is not valid UTF-8` reports for the same bytes.
+    """
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        try:
+            return text.encode("utf-8", "surrogateescape").decode("utf-8")  # escaped bytes that are UTF-8
+        except UnicodeDecodeError as exc:
+            raise UsageError(f"{what} is not valid UTF-8 (byte offset {exc.start})") from None
+        except UnicodeEncodeError as exc:  # a surrogate that no byte stands for (from Python, not argv)
+            raise UsageError(f"{what} is not valid Unicode text (a lone surrogate at {exc.start})") from None
+    return text
+
+
 def encode_prompt(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
     """Token ids of a prompt, the way the model saw text in training; never empty.
 
@@ -113,6 +134,7 @@ def encode_prompt(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
     [CLS] text ..., so the trailing [SEP] (which would mean "the end") is dropped. An empty prompt
     becomes the model's BOS token (EOS when there is none: GPT-2 uses <|endoftext|> for both).
     """
+    text = check_text(text, "the prompt")
     ids = list(tokenizer.encode(text, add_special_tokens=True)) if text else []
     sep = tokenizer.sep_token_id
     if ids and sep is not None and ids[-1] == sep:

@@ -25,6 +25,7 @@ from gptcli.cli._common import (
     stdout,
 )
 from gptcli.errors import UsageError
+from gptcli.tokens import check_text
 
 TextArg = Annotated[str | None, typer.Argument(help="The text; read from stdin when absent or '-'.")]
 EachLineOpt = Annotated[
@@ -72,17 +73,19 @@ def tokenize(
     from gptcli.inspect_ import tokenize as tokenize_text
     from gptcli.models import load_tokenizer_only
 
-    source = read_text(text)
+    source = check_text(read_text(text))
     name, tokenizer, notice = load_tokenizer_only(model, trust_remote_code=trust_remote_code)
     if notice:
         note(notice)
+    if (count or ids) and not json_:
+        # Ids alone, as inspect_.tokenize encodes them: describing every token of a 10 MB file would
+        # cost several times the encoding itself.
+        token_ids = tokenizer.encode(source, add_special_tokens=False) if source else []
+        print(len(token_ids) if count else " ".join(map(str, token_ids)))
+        return
     tokens = tokenize_text(tokenizer, source)
     if json_:
         emit_json({"model": name, "text": source, "tokens": tokens})
-    elif count:
-        print(len(tokens))
-    elif ids:
-        print(" ".join(str(t["id"]) for t in tokens))
     else:
         for t in tokens:
             print(f"{t['id']}\t{t['token']}")
@@ -113,7 +116,7 @@ def topk(
         raise UsageError("-k must be at least 1")
     if not temperature > 0 or math.isinf(temperature):
         raise UsageError("--temperature must be a positive number")
-    prompts = read_lines() if each_line else [read_text(prompt)]
+    prompts = read_lines() if each_line else [check_text(read_text(prompt))]
     if each_line and prompt not in (None, "-"):
         raise UsageError("--each-line reads prompts from stdin; do not pass PROMPT too")
     lm = load(model, device, dtype, allow_pickle, trust_remote_code)
@@ -174,7 +177,7 @@ def score(
     """
     from gptcli.inspect_ import score_text
 
-    source = read_text(text, file, strip_newline=False)
+    source = check_text(read_text(text, file, strip_newline=False))
     if not source:
         raise UsageError("nothing to score: the text is empty")
     lm = load(model, device, dtype, allow_pickle, trust_remote_code)
