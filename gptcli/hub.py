@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-from gptcli.errors import GptcliError
+from gptcli.errors import GptcliError, UsageError
 
 # Files a causal LM needs from a hub repo; pickle weights are fetched only when the caller allows them.
 _HUB_FILES = ["*.json", "*.safetensors", "*.txt", "*.model", "*.tiktoken"]
@@ -21,8 +21,12 @@ _HUB_FILES = ["*.json", "*.safetensors", "*.txt", "*.model", "*.tiktoken"]
 def cached_snapshot(repo_id: str) -> Path | None:
     """The cache folder of `repo_id` if its config.json is in the local Hugging Face cache."""
     from huggingface_hub import try_to_load_from_cache
+    from huggingface_hub.errors import HFValidationError
 
-    found = try_to_load_from_cache(repo_id, "config.json")
+    try:
+        found = try_to_load_from_cache(repo_id, "config.json")
+    except HFValidationError as exc:  # the hub's own rules, e.g. at most 96 characters
+        raise UsageError(f"{repo_id!r} is not a valid hub id: {first_line(exc)}") from exc
     return Path(found).parent if isinstance(found, str) else None
 
 
