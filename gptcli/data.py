@@ -99,8 +99,8 @@ def _read_bytes(path: str, stdin: bytes | None) -> bytes:
         return Path(path).expanduser().read_bytes()
     except IsADirectoryError as exc:
         raise UsageError(f"{path} is a directory: pass the .txt or .jsonl files in it") from exc
-    except OSError as exc:
-        raise UsageError(f"cannot read {path}: {exc.strerror or exc}") from exc
+    except (OSError, ValueError) as exc:  # ValueError: a NUL in the path, which no file name holds
+        raise UsageError(f"cannot read {path}: {getattr(exc, 'strerror', None) or exc}") from exc
 
 
 def read_stdin_bytes() -> bytes:
@@ -238,8 +238,8 @@ def _input_stamp(path: str, stdin: bytes | None) -> Any:
         return ["-", hashlib.sha256(stdin or b"").hexdigest()]
     try:
         stat = Path(path).expanduser().stat()
-    except OSError as exc:
-        raise UsageError(f"cannot read {path}: {exc.strerror or exc}") from exc
+    except (OSError, ValueError) as exc:  # ValueError: a NUL in the path
+        raise UsageError(f"cannot read {path}: {getattr(exc, 'strerror', None) or exc}") from exc
     # Size and modification time, as make and rsync do: hashing gigabytes on every resume costs minutes.
     return [str(Path(path).expanduser().resolve()), stat.st_size, stat.st_mtime_ns]
 
