@@ -22,6 +22,7 @@ from gptcli.errors import GptcliError, UsageError
 if TYPE_CHECKING:
     import torch
 
+    from gptcli.checkpoint import RunLock
     from gptcli.data import BatchOrder, Blocks
     from gptcli.distributed import Dist
 
@@ -126,9 +127,31 @@ class TrainConfig:
         for name, value in positive.items():
             if value < 1:
                 raise UsageError(f"{name} must be at least 1")
-        for name, value in {"--steps": self.steps, "--block-size": self.block_size}.items():
+        optional = {
+            "--steps": self.steps,
+            "--block-size": self.block_size,
+            "--n-layer": self.n_layer,
+            "--n-head": self.n_head,
+            "--n-embd": self.n_embd,
+            "--context": self.context,
+        }
+        for name, value in optional.items():
             if value is not None and value < 1:
                 raise UsageError(f"{name} must be at least 1")
+        numbers = {
+            "--epochs": self.epochs,
+            "--lr": self.lr,
+            "--min-lr": self.min_lr,
+            "--weight-decay": self.weight_decay,
+            "--clip": self.clip,
+            "--dropout": self.dropout,
+            "--val-split": self.val_split,
+        }
+        for name, number in numbers.items():  # NaN passes every comparison below; inf never ends a run
+            if number is not None and not math.isfinite(number):
+                raise UsageError(f"{name} must be a finite number (got {number})")
+        if not 0 <= self.seed <= 2**63 - 1:
+            raise UsageError(f"--seed must be between 0 and 2**63 - 1 (got {self.seed})")
         if self.steps is not None and self.epochs is not None:
             raise UsageError("give --steps or --epochs, not both")
         if self.epochs is not None and not self.epochs > 0:
@@ -209,16 +232,19 @@ def train(config: TrainConfig, on_event: EventHandler | None = None) -> TrainRes
     Raises GptcliError for what the user can fix (bad data, foreign out_dir, a loss that became NaN).
     """
     from gptcli import distributed
+    from gptcli.checkpoint import RunLock
 
     config.check()
     ddp = distributed.setup(config.device)
+    lock = RunLock(Path(config.out_dir).expanduser())  # taken by rank 0, which alone writes
     try:
-        return _train(config, ddp, on_event if ddp.is_main else None)
+        return _train(config, ddp, lock, on_event if ddp.is_main else None)
     finally:
+        lock.release()
         ddp.close()
 
 
-def _train(cfg: TrainConfig, ddp: Dist, on_event: EventHandler | None) -> TrainResult:
+def _train(cfg: TrainConfig, ddp: Dist, lock: RunLock, on_event: EventHandler | None) -> TrainResult:
     import torch
     import torch.nn.functional as F
 
@@ -259,11 +285,14 @@ def _train(cfg: TrainConfig, ddp: Dist, on_event: EventHandler | None) -> TrainR
     # The output folder, the model and the data.
     out = Path(cfg.out_dir).expanduser()
     about = {"version": __version__, "config": cfg.to_dict()}
-    resume_from = ddp.on_main(lambda: check_out_dir(out, resume=cfg.resume, overwrite=cfg.overwrite))
+    # Refuse a folder we may not write into before the model loads; claim it, under a lock, after.
+    ddp.on_main(lambda: check_out_dir(out, resume=cfg.resume, overwrite=cfg.overwrite))
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     report("status", message="building a new model" if cfg.from_scratch else "loading the model")
     tokenizer, model, notice = build_model(cfg)
-    ddp.on_main(lambda: claim_out_dir(out, overwrite=cfg.overwrite, describe=about))
+    resume_from = ddp.on_main(
+        lambda: claim_out_dir(out, lock, resume=cfg.resume, overwrite=cfg.overwrite, describe=about)
+    )
     report("status", message="reading the data (tokenized once, then cached)")
     train_data, val_data, notes = load_data(cfg, ddp, tokenizer, model.config, out)
     notes = ([notice] if notice else []) + notes
@@ -422,7 +451,7 @@ def _train(cfg: TrainConfig, ddp: Dist, on_event: EventHandler | None) -> TrainR
                     "config": cfg.to_dict(),
                 }
                 if ddp.is_main:
-                    save_checkpoint(state, out)
+                    save_checkpoint(state, out, previous=last_saved)
                     report("save", {"step": step})
                 last_saved = step
                 del state

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from gptcli.errors import GptcliError, UsageError
+from gptcli.hub import first_line
 
 if TYPE_CHECKING:
     import torch
@@ -80,6 +81,7 @@ def build_model(cfg: TrainConfig) -> tuple[PreTrainedTokenizerBase, PreTrainedMo
         _, path, notice = resolve(cfg.tokenizer or cfg.model)
         tokenizer = load_tokenizer(path, trust_remote_code=cfg.trust_remote_code)
         config = scratch_config(cfg, tokenizer)
+        check_model_fits(config, cfg.device)
         return tokenizer, AutoModelForCausalLM.from_config(config, dtype=torch.float32), notice
 
     _, path, notice = resolve(cfg.model, allow_pickle=cfg.allow_pickle)
@@ -91,7 +93,10 @@ def build_model(cfg: TrainConfig) -> tuple[PreTrainedTokenizerBase, PreTrainedMo
         config = AutoConfig.from_pretrained(
             path, local_files_only=True, trust_remote_code=cfg.trust_remote_code
         )
-        _set_dropout(config, cfg.dropout)
+    except Exception as exc:
+        raise GptcliError(f"could not read {path / 'config.json'}: {first_line(exc)}") from exc
+    _set_dropout(config, cfg.dropout)
+    try:
         # Master weights in fp32 whatever the checkpoint holds: autocast does the low-precision compute.
         model = AutoModelForCausalLM.from_pretrained(
             path,
@@ -102,8 +107,61 @@ def build_model(cfg: TrainConfig) -> tuple[PreTrainedTokenizerBase, PreTrainedMo
             trust_remote_code=cfg.trust_remote_code,
         )
     except Exception as exc:
-        raise GptcliError(f"could not load the model in {path} for training: {exc}") from exc
+        weights = next(iter(sorted(path.glob("*.safetensors"))), path / "pytorch_model.bin")
+        raise GptcliError(f"could not load the model weights from {weights}: {first_line(exc)}") from exc
     return tokenizer, model, notice
+
+
+def memory_bytes(device: torch.device | str) -> int | None:
+    """The most memory a run on `device` can have: the GPU's, else this machine's RAM (None: unknown)."""
+    import os
+
+    import torch
+
+    device = torch.device(device) if isinstance(device, str) else device
+    if device.type == "cuda" and torch.cuda.is_available():
+        return torch.cuda.get_device_properties(device).total_memory
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):  # not on every OS
+        return None
+
+
+def _gb(n: float) -> str:
+    return f"{n / 1e9:,.1f} GB" if n < 1e15 else f"{n / 1e9:.2g} GB"
+
+
+def check_model_fits(config: PretrainedConfig, device: str) -> None:
+    """Refuse a new model whose weights, gradients and AdamW moments (16 bytes a parameter in fp32)
+    cannot fit in memory, before building it: a slip like --n-layer 1000000 would otherwise allocate
+    for minutes (or loop for ever over the layers) before failing."""
+    from gptcli.models import resolve_device
+
+    limit = memory_bytes(resolve_device(device))
+    width = getattr(config, "hidden_size", 0) or 0
+    inner = getattr(config, "intermediate_size", None) or getattr(config, "n_inner", None) or 4 * width
+    positions = getattr(config, "max_position_embeddings", 0) or 0
+    layers = getattr(config, "num_hidden_layers", 0) or 0
+    params = layers * (4 * width * width + 2 * width * inner) + (config.vocab_size + positions) * width
+    if limit is not None and 16 * params > limit:
+        raise UsageError(
+            f"a model of {params:.3g} parameters needs about {_gb(16 * params)} to train (weights, "
+            f"gradients and AdamW moments in fp32), more than the {_gb(limit)} of memory here: "
+            "pick a smaller --n-layer, --n-embd or --context"
+        )
+
+
+def check_batch_fits(batch_size: int, block_size: int, vocab_size: int, device: torch.device) -> None:
+    """Refuse a --batch-size whose logits alone (and their gradient) cannot fit in memory."""
+    limit = memory_bytes(device)
+    need = 8 * batch_size * block_size * vocab_size
+    if limit is not None and need > limit:
+        raise UsageError(
+            f"--batch-size {batch_size} with blocks of {block_size} tokens needs {_gb(need)} for the "
+            f"logits of a {vocab_size:,}-token vocabulary and their gradient alone, more than the "
+            f"{_gb(limit)} of memory here: lower --batch-size (and raise --grad-accum to keep the "
+            "global batch)"
+        )
 
 
 def scratch_config(cfg: TrainConfig, tokenizer: PreTrainedTokenizerBase) -> PretrainedConfig:
@@ -197,6 +255,7 @@ def load_data(
         raise UsageError(
             f"--block-size {block_size} is longer than the model's context ({context} positions)"
         )
+    check_batch_fits(cfg.batch_size, block_size, config.vocab_size, ddp.device)
     eos = eos_id(tokenizer, config)
     cache = ddp.on_main(
         lambda: prepare_tokens(cfg.data, cfg.val, tokenizer, eos, out / "data", text_field=cfg.text_field)
