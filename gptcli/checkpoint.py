@@ -10,6 +10,8 @@ OUTDIR/
 
 Every file is written under a temporary name, fsynced, then renamed over the old one: a reader (or a
 resume after SIGKILL) sees either the previous complete file or the new complete file, never a torn one.
+A run holds OUTDIR/.lock (flock) from before its first write to its exit, so two runs never write into
+one folder, and the temporary files a killed run left behind can be removed safely.
 """
 
 from __future__ import annotations
@@ -34,8 +36,15 @@ CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.jsonl"
 PLOT = "loss.png"
 DATA = "data"
+LOCK = ".lock"
 # What --overwrite may delete: only files a run of ours wrote, never anything else in the folder.
 _OURS = (MARKER, CHECKPOINT, METRICS, PLOT, DATA)
+# Temporary names: atomic_write's ".NAME.tmp-PID" (here and in data/), export_model's ".export-XXXX/".
+_TEMPS = (
+    *(f".{name}.tmp-" for name in (MARKER, CHECKPOINT, METRICS, PLOT)),
+    ".export-",
+    *(f".{name}.tmp-" for name in ("train.bin", "val.bin", "meta.json")),
+)
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -52,29 +61,129 @@ def _fsync_dir(folder: Path) -> None:
 
 
 def atomic_write(path: Path, write: Callable[[IO[bytes]], None]) -> None:
-    """Write `path` through `write(file)` under a temporary name, fsync it, then rename it into place."""
+    """Write `path` through `write(file)` under a temporary name, fsync it, then rename it into place.
+
+    Raises GptcliError when the file cannot be written (a full disk, a file-size limit); `path` then
+    still holds its previous content.
+    """
     temp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    sink: _Sink | None = None
     try:
         with open(temp, "wb") as f:
-            write(f)
+            sink = _Sink(f)
+            write(sink)  # type: ignore[arg-type]
             f.flush()
             os.fsync(f.fileno())
         os.replace(temp, path)
+    except (OSError, RuntimeError) as exc:  # torch.save reports a failed write as a RuntimeError
+        cause = sink.error if sink is not None and sink.error is not None else exc
+        reason = getattr(cause, "strerror", None) or str(cause).strip().splitlines()[0]
+        raise GptcliError(f"could not write {path} ({reason}{_free_space(path.parent)})") from exc
     finally:
         temp.unlink(missing_ok=True)
     _fsync_dir(path.parent)
 
 
+class _Sink:
+    """A file that remembers why a write failed: torch.save turns the OSError (a full disk, a file-size
+    limit) into a RuntimeError that only says `unexpected pos 704 vs 598`."""
+
+    def __init__(self, file: IO[bytes]) -> None:
+        self._file = file
+        self.error: OSError | None = None
+
+    def write(self, data: Any) -> int:
+        try:
+            return self._file.write(data)
+        except OSError as exc:
+            self.error = exc
+            raise
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._file, name)
+
+
+def _free_space(folder: Path) -> str:
+    try:
+        return f"; {shutil.disk_usage(folder).free / 1e6:,.0f} MB free on that disk"
+    except OSError:
+        return ""
+
+
+class RunLock:
+    """OUTDIR/.lock, held with flock for a whole run, so that a second run on the folder is refused.
+
+    The kernel drops the lock when the process ends in any way (SIGKILL included), so a crashed run
+    never leaves a stale lock. The file itself stays: deleting it would let two runs lock two files.
+    """
+
+    def __init__(self, out_dir: Path) -> None:
+        self.path = out_dir / LOCK
+        self._file: IO[str] | None = None
+
+    def acquire(self, *, create: bool = True) -> None:
+        """Take the lock (creating OUTDIR and the lock file unless `create` is false: then a folder
+        without one is not locked), or raise GptcliError naming the run that holds it."""
+        try:
+            import fcntl
+        except ImportError:  # Windows: no flock; runs there are not protected from each other
+            return
+        if not create and not self.path.is_file():
+            return
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            file = open(self.path, "a+" if create else "r", encoding="utf-8")  # noqa: SIM115 (held until release)
+        except OSError as exc:  # no permission, a read-only file system
+            raise GptcliError(f"cannot write into {self.path.parent}: {exc.strerror or exc}") from exc
+        try:
+            fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            file.seek(0)
+            holder = file.read().strip()
+            file.close()
+            who = f" (pid {holder})" if holder.isdigit() else ""
+            raise GptcliError(
+                f"another gptcli finetune{who} is writing to {self.path.parent}; wait for it to end, "
+                "or pick another -o folder"
+            ) from None
+        if create:  # the pid, for the message the next run gets
+            file.seek(0)
+            file.truncate()
+            file.write(f"{os.getpid()}\n")
+            file.flush()
+        self._file = file
+
+    def release(self) -> None:
+        if self._file is not None:
+            self._file.close()  # closing the file drops the flock
+            self._file = None
+
+
 def check_out_dir(out_dir: Path, *, resume: bool, overwrite: bool) -> Path | None:
     """Whether a run may write into `out_dir`: the checkpoint to resume from, or None to start fresh.
 
-    Refuses a folder that holds anything but our own run unless `overwrite`, and our own run with a
-    checkpoint unless `resume` or `overwrite`: hours of training are not lost to a repeated command.
-    Writes nothing, so a refusal (or a model that then fails to load) leaves no trace.
+    Refuses a folder that another run is writing to, a folder that holds anything but our own run
+    unless `overwrite`, and our own run with a checkpoint unless `resume` or `overwrite`: hours of
+    training are not lost to a repeated command. Writes nothing, so a refusal (or a model that then
+    fails to load) leaves no trace.
     """
-    if out_dir.exists() and not out_dir.is_dir():
-        raise UsageError(f"{out_dir} is a file, not a folder: pass -o with a folder for the trained model")
-    entries = sorted(p.name for p in out_dir.iterdir()) if out_dir.is_dir() else []
+    try:
+        if out_dir.exists() and not out_dir.is_dir():
+            raise UsageError(
+                f"{out_dir} is a file, not a folder: pass -o with a folder for the trained model"
+            )
+        probe = RunLock(out_dir)
+        probe.acquire(create=False)
+        probe.release()
+        return _check_contents(out_dir, resume=resume, overwrite=overwrite)
+    except OSError as exc:  # a name too long, a folder we may not read
+        raise UsageError(f"cannot use {out_dir} as the output folder: {exc.strerror or exc}") from exc
+
+
+def _check_contents(out_dir: Path, *, resume: bool, overwrite: bool) -> Path | None:
+    entries = (
+        sorted(p.name for p in out_dir.iterdir() if not _ours_in_passing(p.name)) if out_dir.is_dir() else []
+    )
     ours = MARKER in entries and _read_marker(out_dir / MARKER)
     checkpoint = out_dir / CHECKPOINT
     if overwrite:
@@ -93,9 +202,27 @@ def check_out_dir(out_dir: Path, *, resume: bool, overwrite: bool) -> Path | Non
     return checkpoint if resume and checkpoint.is_file() else None
 
 
-def claim_out_dir(out_dir: Path, *, overwrite: bool, describe: dict[str, Any]) -> None:
-    """Create `out_dir` and mark it as our run; with `overwrite`, first delete an earlier run's files
-    (only those: whatever else the folder holds stays)."""
+def _ours_in_passing(name: str) -> bool:
+    """The lock, and temporary files of a run that was killed: ours, and never a reason to refuse."""
+    return name == LOCK or name.startswith(_TEMPS)
+
+
+def claim_out_dir(
+    out_dir: Path, lock: RunLock, *, resume: bool, overwrite: bool, describe: dict[str, Any]
+) -> Path | None:
+    """Lock `out_dir`, check it again (another run may have written to it meanwhile), remove what
+    killed runs left half-written, and mark it as our run; with `overwrite`, first delete an earlier
+    run's files (only those: whatever else the folder holds stays). Returns check_out_dir's answer."""
+    lock.acquire()
+    resume_from = _check_contents(out_dir, resume=resume, overwrite=overwrite)
+    # Under the lock no other run is writing, so every temporary file here is a killed run's leftover.
+    for leftover in [*out_dir.glob(".*"), *(out_dir / DATA).glob(".*")]:
+        if not leftover.name.startswith(_TEMPS):
+            continue
+        if leftover.is_dir():
+            shutil.rmtree(leftover, ignore_errors=True)
+        else:
+            leftover.unlink(missing_ok=True)
     if overwrite:
         for name in _OURS:
             target = out_dir / name
@@ -106,6 +233,7 @@ def claim_out_dir(out_dir: Path, *, overwrite: bool, describe: dict[str, Any]) -
     out_dir.mkdir(parents=True, exist_ok=True)
     marker = {"gptcli": describe.get("version"), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **describe}
     atomic_write(out_dir / MARKER, lambda f: f.write(json.dumps(marker, indent=1, default=str).encode()))
+    return resume_from
 
 
 def _read_marker(path: Path) -> bool:
@@ -115,10 +243,19 @@ def _read_marker(path: Path) -> bool:
         return False
 
 
-def save_checkpoint(state: dict[str, Any], out_dir: Path) -> None:
+def save_checkpoint(state: dict[str, Any], out_dir: Path, previous: int | None) -> None:
+    """Write checkpoint.pt atomically; on failure say that the previous one (step `previous`) is kept."""
     import torch
 
-    atomic_write(out_dir / CHECKPOINT, lambda f: torch.save(state, f))
+    try:
+        atomic_write(out_dir / CHECKPOINT, lambda f: torch.save(state, f))
+    except GptcliError as exc:
+        kept = (
+            f"the checkpoint of step {previous} is kept and --resume continues from it"
+            if previous is not None
+            else "no checkpoint had been written yet"
+        )
+        raise GptcliError(f"step {state['step']} was not saved: {exc}; {kept}") from exc
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:
@@ -128,7 +265,8 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise GptcliError(f"cannot read the checkpoint {path}: {exc}") from exc
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise GptcliError(f"cannot read the checkpoint {path}: {reason}") from exc
 
 
 def export_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, out_dir: Path) -> None:
