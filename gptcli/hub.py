@@ -21,13 +21,22 @@ _HUB_FILES = ["*.json", "*.safetensors", "*.txt", "*.model", "*.tiktoken"]
 def cached_snapshot(repo_id: str) -> Path | None:
     """The cache folder of `repo_id` if its config.json is in the local Hugging Face cache."""
     from huggingface_hub import try_to_load_from_cache
+
+    check_repo_id(repo_id)
+    found = try_to_load_from_cache(repo_id, "config.json")
+    return Path(found).parent if isinstance(found, str) else None
+
+
+def check_repo_id(repo_id: str) -> None:
+    """Refuse a name the hub's own rules refuse (at most 96 characters, no '--' or '..', no trailing
+    newline...) before it reaches the cache or the network."""
     from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
 
     try:
-        found = try_to_load_from_cache(repo_id, "config.json")
-    except HFValidationError as exc:  # the hub's own rules, e.g. at most 96 characters
-        raise UsageError(f"{repo_id!r} is not a valid hub id: {first_line(exc)}") from exc
-    return Path(found).parent if isinstance(found, str) else None
+        validate_repo_id(repo_id)
+    except HFValidationError as exc:
+        raise UsageError(f"{repo_id!r} is not a hub id: {first_line(exc)}") from exc
 
 
 def hub_reachable(timeout: float = 1.5) -> bool:
@@ -59,6 +68,7 @@ def download(repo_id: str, *, allow_pickle: bool = False, probed: bool = False) 
     """Fetch a model repo's files into the cache (safetensors, configs, tokenizer); return its folder."""
     from huggingface_hub import constants, snapshot_download
 
+    check_repo_id(repo_id)
     if not probed and not hub_reachable():
         why = "HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE else f"{constants.ENDPOINT} is unreachable"
         raise GptcliError(

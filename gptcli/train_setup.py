@@ -75,11 +75,13 @@ def build_model(cfg: TrainConfig) -> tuple[PreTrainedTokenizerBase, PreTrainedMo
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from gptcli.models import check_model_folder, load_tokenizer, resolve
+    from gptcli.models import check_model_folder, load_tokenizer, load_tokenizer_only, resolve
 
     if cfg.from_scratch:
-        _, path, notice = resolve(cfg.tokenizer or cfg.model)
-        tokenizer = load_tokenizer(path, trust_remote_code=cfg.trust_remote_code)
+        # load_tokenizer_only refuses a tokenizer with its own code (auto_map) unless trusted.
+        _, tokenizer, notice = load_tokenizer_only(
+            cfg.tokenizer or cfg.model, trust_remote_code=cfg.trust_remote_code
+        )
         config = scratch_config(cfg, tokenizer)
         check_model_fits(config, cfg.device)
         return tokenizer, AutoModelForCausalLM.from_config(config, dtype=torch.float32), notice
