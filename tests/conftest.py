@@ -42,6 +42,20 @@ def bert_model(models: dict[str, Path]) -> Path:
     return models["bert"]
 
 
+@pytest.fixture
+def unreachable_hub(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """An empty Hugging Face cache, a hub endpoint that refuses connections, and no $GPTCLI_MODEL."""
+    from huggingface_hub import constants
+
+    cache = tmp_path / "hf-cache"
+    cache.mkdir()
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.delenv("GPTCLI_MODEL", raising=False)
+    return cache
+
+
 @dataclass
 class Result:
     code: int

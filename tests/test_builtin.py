@@ -11,20 +11,6 @@ import pytest
 from gptcli.models import BUILTIN, builtin_path, load_model, resolve
 
 
-@pytest.fixture
-def no_hub(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """An empty Hugging Face cache, a hub that refuses connections, and no $GPTCLI_MODEL."""
-    from huggingface_hub import constants
-
-    cache = tmp_path / "hf-cache"
-    cache.mkdir()
-    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
-    monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
-    monkeypatch.delenv("GPTCLI_MODEL", raising=False)
-    return cache
-
-
 def test_builtin_ships_with_attribution() -> None:
     folder = builtin_path()
     assert (folder / "model.safetensors").is_file()
@@ -53,7 +39,7 @@ def test_builtin_continues_english_in_english(cli) -> None:
     assert text and sum(ch.isascii() for ch in text) >= 0.9 * len(text), text
 
 
-def test_default_falls_back_to_builtin_when_gpt2_cannot_be_had(no_hub: Path, cli) -> None:
+def test_default_falls_back_to_builtin_when_gpt2_cannot_be_had(unreachable_hub: Path, cli) -> None:
     name, path, notice = resolve(None)
     assert (name, path) == (BUILTIN, builtin_path())
     assert notice and "gptcli pull gpt2" in notice
@@ -63,22 +49,22 @@ def test_default_falls_back_to_builtin_when_gpt2_cannot_be_had(no_hub: Path, cli
     assert result.err.count("\n") == 1 and "built-in model" in result.err
 
 
-def test_explicit_gpt2_is_never_substituted(no_hub: Path, cli) -> None:
+def test_explicit_gpt2_is_never_substituted(unreachable_hub: Path, cli) -> None:
     result = cli("topk", "-m", "gpt2", "hello")
     assert result.code == 1
     assert result.err.startswith("Error: model 'gpt2' is not in the local cache")
 
 
 def test_environment_beats_default_and_flag_beats_environment(
-    no_hub: Path, bpe_model: Path, monkeypatch: pytest.MonkeyPatch
+    unreachable_hub: Path, bpe_model: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("GPTCLI_MODEL", str(bpe_model))
     assert resolve(None)[1] == bpe_model.resolve()
     assert resolve(BUILTIN)[1] == builtin_path()
 
 
-def test_cached_gpt2_is_preferred_to_builtin(no_hub: Path, bpe_model: Path) -> None:
-    repo = no_hub / "models--gpt2"
+def test_cached_gpt2_is_preferred_to_builtin(unreachable_hub: Path, bpe_model: Path) -> None:
+    repo = unreachable_hub / "models--gpt2"
     commit = "1" * 40
     shutil.copytree(bpe_model, repo / "snapshots" / commit)
     (repo / "refs").mkdir()
@@ -87,8 +73,8 @@ def test_cached_gpt2_is_preferred_to_builtin(no_hub: Path, bpe_model: Path) -> N
     assert (name, path, notice) == ("gpt2", repo / "snapshots" / commit, None)
 
 
-def test_models_lists_builtin_and_cache(no_hub: Path, bpe_model: Path, cli) -> None:
-    repo = no_hub / "models--someone--tiny"
+def test_models_lists_builtin_and_cache(unreachable_hub: Path, bpe_model: Path, cli) -> None:
+    repo = unreachable_hub / "models--someone--tiny"
     commit = "2" * 40
     shutil.copytree(bpe_model, repo / "snapshots" / commit)
     (repo / "refs").mkdir()
@@ -100,7 +86,7 @@ def test_models_lists_builtin_and_cache(no_hub: Path, bpe_model: Path, cli) -> N
     assert any(r["id"] == "someone/tiny" and r["size"] > 0 for r in rows)
 
 
-def test_pull_fails_fast_offline(no_hub: Path, cli) -> None:
+def test_pull_fails_fast_offline(unreachable_hub: Path, cli) -> None:
     result = cli("pull", "gpt2")
     assert result.code == 1
     assert "not in the local cache" in result.err
