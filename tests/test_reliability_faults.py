@@ -173,7 +173,8 @@ def test_sigkill_at_random_moments_then_resume_equals_the_uninterrupted_run(
 ) -> None:
     """Kill runs at uniformly random moments (setup, tokenizing, steps, checkpoint writes, export) and
     restart each with --resume, as a job script would, until KILLS kills have landed. After every kill
-    the checkpoint loads (or there is none yet) and never goes back; every chain of restarts ends with
+    the checkpoint loads (or there is none yet) and never goes back, and the next --resume gets the lock
+    the killed run held (the kernel drops a flock with its process); every chain of restarts ends with
     the weights and losses of the uninterrupted run, and no temporary file is left."""
     ref_out, ref_seconds = reference
     rng = random.Random(int(os.environ.get("GPTCLI_SEED", "20261129")) if not HEAVY else None)
@@ -208,13 +209,13 @@ def test_sigkill_at_random_moments_then_resume_equals_the_uninterrupted_run(
                 assert final.wait() == 0, final.stderr
                 break
         assert_same_run(out, ref_out)
-        assert leftovers(out) == []
+        assert leftovers(out) == [] and (out / ".lock").is_file()
         chains += 1
     print(f"\nSIGKILL: {kills} kills in {chains} chains (a run takes {ref_seconds:.1f} s), all resumed to")
     print(f"the reference weights; where they landed: {landed}")
 
 
-# -- SIGTERM behaves like Ctrl-C --------------------------------------------------------------------------
+# -- SIGTERM behaves like Ctrl-C; a full disk keeps the last checkpoint ----------------------------------
 
 
 def wait_for_step(out: Path, step: int, child: Child, timeout: float = 60) -> None:
@@ -230,45 +231,28 @@ def wait_for_step(out: Path, step: int, child: Child, timeout: float = 60) -> No
     pytest.fail(f"no step {step} within {timeout} s")
 
 
-def test_sigterm_saves_exits_130_and_resumes_to_the_same_weights(
-    bpe_model: Path, corpus: Path, reference: tuple[Path, float], tmp_path: Path
-) -> None:
-    out = tmp_path / "out"
-    child = finetune(bpe_model, corpus, out)
-    wait_for_step(out, 5, child)
-    os.kill(child.pid, signal.SIGTERM)
-    assert child.wait(timeout=30) == 130, child.stderr
-    step = checkpoint(out)["step"]
-    assert 5 <= step < STEPS and max(r["step"] for r in metrics(out)) == step
-    assert f"interrupted at step {step}/{STEPS}" in child.stderr and "--resume" in child.stderr
-    assert "Error" not in child.stderr and "Traceback" not in child.stderr
-    assert (out / "model.safetensors").is_file()  # the model folder of the interrupted run, too
-    resumed = finetune(bpe_model, corpus, out, "--resume")
-    assert resumed.wait() == 0, resumed.stderr
-    assert f"resumed from step {step}" in resumed.stderr
-    assert_same_run(out, reference[0])
-
-
-# -- a full disk ----------------------------------------------------------------------------------------
-
-
 def digest(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def test_a_full_disk_while_saving_keeps_the_previous_checkpoint(
+def test_sigterm_then_a_full_disk_then_resume_equals_the_uninterrupted_run(
     bpe_model: Path, corpus: Path, reference: tuple[Path, float], tmp_path: Path
 ) -> None:
-    """RLIMIT_FSIZE makes every write past 100 KB fail with EFBIG, as a full disk fails with ENOSPC: the
-    next checkpoint (about 550 KB) cannot be written. The run stops with one clear line, the previous
-    checkpoint is byte for byte what it was, no temporary file is left, and --resume (with room again)
-    ends where the uninterrupted run ends."""
+    """SIGTERM behaves like Ctrl-C: the step ends, a checkpoint and the model folder are written, exit 130.
+    Then a resume on a full disk: RLIMIT_FSIZE makes every write past 100 KB fail with EFBIG, as a full
+    disk fails with ENOSPC, so the next checkpoint (about 550 KB) cannot be written. That run stops with
+    one clear line, the previous checkpoint is byte for byte what it was and no temporary file is left.
+    With room again, --resume ends where the uninterrupted run ends."""
     out = tmp_path / "out"
     child = finetune(bpe_model, corpus, out)
     wait_for_step(out, 4, child)
     os.kill(child.pid, signal.SIGTERM)
     assert child.wait(timeout=30) == 130, child.stderr
     kept = checkpoint(out)["step"]
+    assert 4 <= kept < STEPS and max(r["step"] for r in metrics(out)) == kept
+    assert f"interrupted at step {kept}/{STEPS}" in child.stderr and "--resume" in child.stderr
+    assert "Error" not in child.stderr and "Traceback" not in child.stderr
+    assert (out / "model.safetensors").is_file()  # the model folder of the interrupted run, too
     before = digest(out / "checkpoint.pt")
 
     full = finetune(bpe_model, corpus, out, "--resume", file_limit=100_000)
@@ -285,6 +269,7 @@ def test_a_full_disk_while_saving_keeps_the_previous_checkpoint(
 
     resumed = finetune(bpe_model, corpus, out, "--resume")
     assert resumed.wait() == 0, resumed.stderr
+    assert f"resumed from step {kept}" in resumed.stderr
     assert_same_run(out, reference[0])
 
 
@@ -309,7 +294,8 @@ def test_a_second_run_on_the_same_folder_is_refused(
     out = tmp_path / "out"
     first = finetune(bpe_model, corpus, out, "--save-every", "1")  # slower: many checkpoints
     wait_for_step(out, 2, first)
-    files = {p.name: p.stat().st_mtime_ns for p in out.iterdir() if p.name != "metrics.jsonl"}
+    kept = ("gptcli-run.json", ".lock", "data", "data/train.bin", "data/meta.json")
+    files = {name: (out / name).stat().st_mtime_ns for name in kept}
     for extra in ([], ["--resume"], ["--overwrite"]):
         second = cli("finetune", corpus, "-m", bpe_model, "-o", out, *RUN, *extra)
         assert second.code == 1, second.err
@@ -318,25 +304,12 @@ def test_a_second_run_on_the_same_folder_is_refused(
             "wait for it to end, or pick another -o folder\n"
         )
     assert first.running(), "the first run should still be training"
-    for name, mtime in files.items():
-        # the first run rewrites its checkpoint; nothing else of it changes, and the second wrote nothing
-        if name != "checkpoint.pt":
-            assert (out / name).stat().st_mtime_ns == mtime, name
+    for name, mtime in files.items():  # the second run wrote nothing (the first rewrites only its
+        assert (out / name).stat().st_mtime_ns == mtime, name  # checkpoint and metrics by now)
     assert first.wait() == 0, first.stderr
     assert_same_run(out, reference[0])  # --save-every 1 changes when it saves, not what it computes
     again = cli("finetune", corpus, "-m", bpe_model, "-o", out, *RUN, "--resume")  # the lock is free again
     assert again.code == 0, again.err
-
-
-def test_the_lock_dies_with_a_killed_run(bpe_model: Path, corpus: Path, tmp_path: Path, cli) -> None:
-    out = tmp_path / "out"
-    first = finetune(bpe_model, corpus, out)
-    wait_for_step(out, 2, first)
-    os.kill(first.pid, signal.SIGKILL)
-    assert first.wait() == -signal.SIGKILL
-    assert (out / ".lock").is_file()  # the file stays; the kernel dropped the lock with the process
-    resumed = cli("finetune", corpus, "-m", bpe_model, "-o", out, *RUN, "--resume")
-    assert resumed.code == 0, resumed.err
 
 
 # -- damaged model files ----------------------------------------------------------------------------------
@@ -389,3 +362,40 @@ def test_a_damaged_checkpoint_is_named(bpe_model: Path, corpus: Path, reference,
     assert result.code == 1
     assert result.err.startswith(f"Error: cannot read the checkpoint {out / 'checkpoint.pt'}: ")
     assert result.err.count("\n") == 1
+
+
+# -- complete in a fresh interpreter: a closed pipe and Ctrl-C --------------------------------------------
+# tests/test_complete.py covers both in forked children on every run; these start `python -m gptcli` as a
+# shell would (a few seconds of imports each), so they run with GPTCLI_HEAVY=1.
+
+ENDLESS = ("-n", "100", "-N", "1000", "--ignore-eos", "--seed", "1", "--temperature", "3", "--top-k", "0")
+
+
+@pytest.mark.skipif(not HEAVY, reason="a fresh interpreter each: GPTCLI_HEAVY=1")
+def test_complete_into_a_closed_pipe_exits_141_quietly(bpe_model: Path) -> None:
+    import subprocess
+
+    argv = [sys.executable, "-m", "gptcli", "complete", "今天", "-m", str(bpe_model), *ENDLESS]
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdout is not None and proc.stderr is not None
+    head = proc.stdout.read(20)
+    proc.stdout.close()  # `| head -c 20`
+    err = proc.stderr.read()
+    assert proc.wait(timeout=60) == 141 and len(head) == 20
+    assert err == b""
+
+
+@pytest.mark.skipif(not HEAVY, reason="a fresh interpreter each: GPTCLI_HEAVY=1")
+def test_complete_interrupted_by_sigint_keeps_its_text(bpe_model: Path) -> None:
+    import subprocess
+
+    argv = [sys.executable, "-m", "gptcli", "complete", "今天", "-m", str(bpe_model), *ENDLESS]
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdout is not None
+    printed = proc.stdout.read(30)  # generation is under way
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130
+    text = (printed + out).decode("utf-8", errors="replace")
+    assert len(text) > 10 and text.endswith("\n")  # what was printed stays, and its line is ended
+    assert b"Traceback" not in err and b"Error" not in err
