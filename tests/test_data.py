@@ -71,6 +71,11 @@ def test_invalid_utf8_names_the_file_and_byte_offset(tmp_path: Path, suffix: str
         list(read_documents([str(path)]))
 
 
+def test_a_path_no_file_can_have_is_a_usage_error(tmp_path: Path) -> None:
+    with pytest.raises(UsageError, match="cannot read a\x00b: embedded null byte"):
+        list(read_documents(["a\x00b"]))
+
+
 def test_split_document_cuts_only_between_words_at_newlines() -> None:
     text = "alpha beta\ngamma\n  indented\ndelta\n\nepsilon\nzeta"
     pieces = split_document(text, piece_chars=1)

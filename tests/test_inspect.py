@@ -76,6 +76,25 @@ def test_invalid_utf8_on_stdin(bpe_model: Path, cli) -> None:
     assert result.err == "Error: stdin is not valid UTF-8 (byte offset 3)\n"
 
 
+@pytest.mark.parametrize("command", ["tokenize", "topk", "score"])
+def test_argument_bytes_that_are_not_utf8(bpe_model: Path, cli, command: str) -> None:
+    """`gptcli tokenize $'ok \\xff'`: Python hands such argv bytes over as lone surrogates."""
+    result = cli(command, "-m", bpe_model, b"ok \xff\xfe".decode("utf-8", "surrogateescape"))
+    assert result.code == 2
+    assert result.err == "Error: the text is not valid UTF-8 (byte offset 3)\n"
+    escaped = "".join(chr(0xDC00 + b) for b in "今".encode())  # escaped bytes that are UTF-8 after all
+    assert (
+        cli("tokenize", "-m", bpe_model, "--ids", escaped).out
+        == cli("tokenize", "-m", bpe_model, "--ids", "今").out
+    )
+
+
+def test_an_error_line_stays_one_line(cli) -> None:
+    result = cli("topk", "-m", "no\nsuch\x1b[2J\u202emodel\udcff", "hi")
+    assert result.code == 2
+    assert result.err == "Error: no model folder at no\\nsuch\\x1b[2J\\u202emodel\\udcff\n"
+
+
 # -- topk -------------------------------------------------------------------------------------------
 
 

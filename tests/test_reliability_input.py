@@ -294,13 +294,9 @@ COMMANDS = {
 # -- the properties -------------------------------------------------------------------------------------
 
 
-@examples(ci=70, heavy=2000)
-@given(
-    command=st.sampled_from(sorted(COMMANDS)),
-    model=MODEL,
-    data=st.data(),
-    stdin=stdin_data,
-)
+@pytest.mark.parametrize("command", sorted(COMMANDS))
+@examples(ci=14, heavy=400)
+@given(model=MODEL, data=st.data(), stdin=stdin_data)
 def test_every_inference_command_survives_generated_input(models, command, model, data, stdin) -> None:
     args = data.draw(COMMANDS[command], label="args")
     outcome = invoke([command, "-m", str(models[model]), *args], stdin)

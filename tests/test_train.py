@@ -317,6 +317,35 @@ def test_bad_inputs_are_refused_with_a_reason(cli, bpe_model: Path, corpus: Path
     assert r.code == 2 and "longer than the model's context (128" in r.err
 
 
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--epochs", "inf"], "--epochs must be a finite number (got inf)"),
+        (["--weight-decay", "nan"], "--weight-decay must be a finite number (got nan)"),
+        (["--clip", "nan"], "--clip must be a finite number"),
+        (["--lr", "inf"], "--lr must be a finite number"),
+        (["--seed", "-1"], "--seed must be between 0 and 2**63 - 1 (got -1)"),
+        (["--seed", str(2**64)], "--seed must be between 0 and 2**63 - 1"),
+        (["--from-scratch", "--n-head", "0"], "--n-head must be at least 1"),
+        (["--from-scratch", "--context", "-3"], "--context must be at least 1"),
+        (["--from-scratch", "--n-layer", str(10**12)], "needs about"),
+        (["--from-scratch", "--n-embd", str(2**40), "--n-head", "1"], "more than the"),
+        (["--batch-size", str(10**9)], "--batch-size 1000000000 with blocks of 32 tokens needs"),
+    ],
+)
+def test_values_that_cannot_work_are_refused_first(cli, bpe_model, corpus, tmp_path, args, message):
+    """NaN passes every comparison, inf never ends, and a model or batch bigger than the machine's memory
+    would loop or allocate for minutes before failing: all refused at once, nothing written."""
+    out = tmp_path / "out"
+    started = time.monotonic()
+    result = cli("finetune", corpus, "-m", bpe_model, "-o", out, *SMALL, "--steps", "2", *args)
+    assert result.code == 2, result.err
+    assert message in result.err and result.err.count("\n") == 1, result.err
+    assert time.monotonic() - started < 30
+    if "--batch-size" not in args:  # the batch is checked once the data's block size is known
+        assert not out.exists()
+
+
 def test_schedule_warms_up_then_decays_to_min_lr():
     lrs = [lr_at(step, 1.0, 0.1, 4, 20) for step in range(21)]
     assert lrs[:4] == pytest.approx([0.2, 0.4, 0.6, 0.8])
