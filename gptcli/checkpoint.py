@@ -272,13 +272,20 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
 def export_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, out_dir: Path) -> None:
     """Save a model folder (safetensors, config, generation config, tokenizer) into `out_dir`, atomically
     file by file, so `from_pretrained(out_dir)` and `gptcli complete -m out_dir` load it."""
-    with tempfile.TemporaryDirectory(dir=out_dir, prefix=".export-") as temp:
-        model.save_pretrained(temp, safe_serialization=True)
-        tokenizer.save_pretrained(temp)
-        for file in sorted(Path(temp).iterdir()):
-            with open(file, "rb") as f:
-                os.fsync(f.fileno())
-            os.replace(file, out_dir / file.name)
+    try:
+        with tempfile.TemporaryDirectory(dir=out_dir, prefix=".export-") as temp:
+            model.save_pretrained(temp, safe_serialization=True)
+            tokenizer.save_pretrained(temp)
+            for file in sorted(Path(temp).iterdir()):
+                with open(file, "rb") as f:
+                    os.fsync(f.fileno())
+                os.replace(file, out_dir / file.name)
+    except Exception as exc:  # a full disk, as safetensors or the tokenizer report it
+        reason = getattr(exc, "strerror", None) or str(exc).strip().splitlines()[0]
+        raise GptcliError(
+            f"could not write the model folder into {out_dir} ({reason}{_free_space(out_dir)}); "
+            f"the checkpoint is kept, and --resume writes the model folder again"
+        ) from exc
     _fsync_dir(out_dir)
 
 
@@ -301,8 +308,14 @@ class MetricsLog:
         self._file = open(path, "a", encoding="utf-8")  # noqa: SIM115 (kept open for the whole run)
 
     def write(self, record: dict[str, Any]) -> None:
-        self._file.write(json.dumps(record) + "\n")
-        self._file.flush()
+        try:
+            self._file.write(json.dumps(record) + "\n")
+            self._file.flush()
+        except OSError as exc:
+            raise GptcliError(
+                f"could not write {self.path} ({exc.strerror or exc}{_free_space(self.path.parent)}); "
+                "free some space, then --resume"
+            ) from exc
 
     def close(self) -> None:
         self._file.close()

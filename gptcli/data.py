@@ -208,7 +208,7 @@ def tokenize_to_file(
         array = np.fromiter(flat, dtype=np.int64)
         if len(array) and array.max() > np.iinfo(dtype).max:
             raise GptcliError(f"token id {array.max()} does not fit the cache's {dtype}")
-        array.astype(dtype).tofile(out)
+        out.write(array.astype(dtype).tobytes())  # not tofile(): its errors do not say why (a full disk)
         batch.clear()
         ends.clear()
         return len(array)
@@ -291,7 +291,13 @@ def prepare_tokens(
     for split, paths in (("train", train_paths), ("val", val_paths)):
         temp = folder / f".{split}.bin.tmp-{os.getpid()}"
         docs = read_documents(paths, text_field, stdin)
-        counts[split], found = tokenize_to_file(docs, tokenizer, eos_id, temp, dtype)
+        try:
+            counts[split], found = tokenize_to_file(docs, tokenizer, eos_id, temp, dtype)
+        except OSError as exc:  # a full disk: the cache is about 2 bytes a token
+            temp.unlink(missing_ok=True)
+            raise GptcliError(
+                f"could not write the token cache {temp.parent} ({exc.strerror or exc})"
+            ) from exc
         documents += found
         if counts[split] == 0 and (split == "train" or paths):
             temp.unlink()

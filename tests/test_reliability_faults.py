@@ -273,14 +273,45 @@ def test_sigterm_then_a_full_disk_then_resume_equals_the_uninterrupted_run(
     assert_same_run(out, reference[0])
 
 
-def test_a_full_disk_before_any_checkpoint_says_so(bpe_model: Path, corpus: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("limit", "message"),
+    [
+        (4_000, "could not write the token cache"),  # 2,700 tokens of 2 bytes
+        (100_000, "step 2 was not saved: could not write"),  # the first checkpoint, ~550 KB
+    ],
+)
+def test_a_full_disk_before_any_checkpoint_says_so(
+    bpe_model: Path, corpus: Path, tmp_path: Path, limit: int, message: str
+) -> None:
     out = tmp_path / "out"
-    full = finetune(bpe_model, corpus, out, file_limit=100_000)
+    full = finetune(bpe_model, corpus, out, file_limit=limit)
     assert full.wait() == 1, full.stderr
     last = full.stderr.rstrip("\n").splitlines()[-1]
-    assert last.startswith("Error: step 2 was not saved: could not write") and "File too large" in last
-    assert last.endswith("no checkpoint had been written yet")
+    assert last.startswith(f"Error: {message}") and "File too large" in last, last
+    assert "GPTCLI_DEBUG" not in last and sum(x.startswith("Error:") for x in full.stderr.splitlines()) == 1
     assert not (out / "checkpoint.pt").exists() and leftovers(out) == []
+
+
+def test_a_full_disk_while_exporting_keeps_the_checkpoint(
+    bpe_model: Path, corpus: Path, reference: tuple[Path, float], tmp_path: Path
+) -> None:
+    """Killed after its last checkpoint, before the model folder was written; resumed on a full disk,
+    the export fails with one line and leaves nothing half-written; resumed with room, it exports."""
+    out = tmp_path / "out"
+    shutil.copytree(reference[0], out)
+    for name in ("model.safetensors", "config.json", "generation_config.json", "tokenizer.json"):
+        (out / name).unlink()
+    full = finetune(bpe_model, corpus, out, "--resume", file_limit=100_000)  # model.safetensors: 172 KB
+    assert full.wait() == 1, full.stderr
+    last = full.stderr.rstrip("\n").splitlines()[-1]
+    assert (
+        last.startswith(f"Error: could not write the model folder into {out} (") and "File too large" in last
+    )
+    assert last.endswith("the checkpoint is kept, and --resume writes the model folder again")
+    assert not (out / "model.safetensors").exists() and leftovers(out) == []
+    resumed = finetune(bpe_model, corpus, out, "--resume")
+    assert resumed.wait() == 0, resumed.stderr
+    assert_same_run(out, reference[0])
 
 
 # -- two runs on one folder -----------------------------------------------------------------------------
