@@ -142,6 +142,8 @@ def main() -> None:
     phase_rounds = 1 if args.quick else 5
 
     folder = model_folder()
+
+    started = machine()
     with tempfile.TemporaryDirectory(prefix="bench-cold-") as temp:
         script = Path(temp) / "reference.py"
         script.write_text(REFERENCE, encoding="utf-8")
@@ -174,7 +176,8 @@ def main() -> None:
 
     m = {name: median(t) for name, t in times.items()}
     print()
-    print(f"machine: {machine()}")
+    print(f"machine at the start: {started}")
+    print(f"machine at the end: {machine()}")
     print(f"model: GPT-2-124M shape ({folder}); {rounds} rounds, medians (seconds; min–max in brackets)")
     print()
     print_table(

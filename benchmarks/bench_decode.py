@@ -19,9 +19,14 @@ The second table measures the kernels gptcli did not pick, to show why it picked
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 from pathlib import Path
+
+# As gptcli's commands do (gptcli/cli/_common.py), before torch loads, for both sides: on a shared
+# machine spinning OpenMP threads make every parallel kernel wait a scheduler slice.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from common import alternate, machine, median, model_folder, print_table
 
@@ -59,13 +64,15 @@ def weight_bytes(net) -> int:
     return total
 
 
-def kernel_seconds(layers: list, inputs: dict[int, object], rounds: int = 7) -> float:
-    """Median seconds to run `layers` once each on one token (the weights do not fit any cache)."""
+def kernel_seconds(net, rounds: int = 7) -> float:
+    """Median seconds to run gptcli's weight matmuls once each on one token (no cache holds them all)."""
     import torch
 
+    calls = [(m, torch.randn(1, 1, layer_in(m), dtype=net.dtype)) for m in matmuls(net)]
+
     def once() -> None:
-        for layer in layers:
-            layer(inputs[layer_in(layer)])
+        for layer, x in calls:
+            layer(x)
 
     with torch.inference_mode():
         once()
@@ -80,13 +87,6 @@ def layer_in(layer) -> int:
     if isinstance(layer, Int8Linear) and layer.weight is None:
         return layer.packed.unpack()[0].shape[1]
     return layer.weight.shape[0] if isinstance(layer, Conv1D) else layer.weight.shape[1]
-
-
-def token_inputs(net) -> dict[int, object]:
-    import torch
-
-    widths = {layer_in(m) for m in matmuls(net)}
-    return {w: torch.randn(1, 1, w, dtype=net.dtype) for w in widths}
 
 
 def alternatives(net32) -> list[list[object]]:
@@ -209,6 +209,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="32 new tokens, no transformers bf16")
     parser.add_argument("--new-tokens", type=int, default=None)
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own)")
     parser.add_argument(
         "--quality-model",
         type=Path,
@@ -224,11 +225,16 @@ def main() -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
     from gptcli.generate import complete
     from gptcli.models import load_model
     from gptcli.sampling import resolve_settings
 
     folder = model_folder()
+
+    started = machine()
     lms = {
         "float32": load_model(str(folder), device="cpu"),
         "bfloat16": load_model(str(folder), device="cpu", dtype="bfloat16"),
@@ -257,7 +263,7 @@ def main() -> None:
 
         return run
 
-    def theirs(precision: str, mode: str):
+    def theirs(precision: str, mode: str, tokens: int):
         model = refs[precision]
         sample = {"do_sample": False} if mode == "greedy" else {"do_sample": True, "top_k": 50, "top_p": 1.0}
 
@@ -265,34 +271,44 @@ def main() -> None:
             with torch.inference_mode():
                 enc = tokenizer(PROMPT, return_tensors="pt")
                 out = model.generate(
-                    **enc, max_new_tokens=new, pad_token_id=tokenizer.eos_token_id, temperature=1.0, **sample
+                    **enc,
+                    max_new_tokens=tokens,
+                    pad_token_id=tokenizer.eos_token_id,
+                    temperature=1.0,
+                    **sample,
                 )
                 tokenizer.decode(out[0, enc["input_ids"].shape[1] :])
             ids[("transformers " + precision, mode)] = out[0, enc["input_ids"].shape[1] :].tolist()
 
         return run
 
+    # transformers bf16 is so slow on a CPU without bf16 instructions (Conv1D's [in, out] layout) that
+    # it runs greedy only, on 16 tokens.
+    tokens = {("transformers bfloat16", "greedy"): min(new, 16)}
     variants = {}
     for mode in modes:
         for precision in refs:
-            variants[("transformers " + precision, mode)] = theirs(precision, mode)
+            key = ("transformers " + precision, mode)
+            if precision == "float32" or key in tokens:
+                variants[key] = theirs(precision, mode, tokens.get(key, new))
         for precision in lms:
             variants[("gptcli " + precision, mode)] = ours(precision, mode)
     for run in variants.values():  # warm-up: first calls allocate and initialize
         run()
     times = alternate(variants, args.rounds)
-    rate = {key: new / median(t) for key, t in times.items()}
+    rate = {key: tokens.get(key, new) / median(t) for key, t in times.items()}
 
     # Ceilings and bounds, after the timed runs so that the big buffers do not disturb them.
     bandwidth = read_bandwidth()
     ceilings, bounds = {}, {}
     for precision, lm in lms.items():
-        ceilings[precision] = 1 / kernel_seconds(matmuls(lm.net), token_inputs(lm.net))
+        ceilings[precision] = 1 / kernel_seconds(lm.net)
         bounds[precision] = bandwidth / weight_bytes(lm.net)
     others = alternatives(lms["float32"].net)
 
     print()
-    print(f"machine: {machine()}")
+    print(f"machine at the start: {started}")
+    print(f"machine at the end: {machine()}")
     print(
         f"model: GPT-2-124M shape, random weights ({folder}); "
         f"prompt of {len(tokenizer.encode(PROMPT))} tokens"
@@ -306,7 +322,11 @@ def main() -> None:
         base = rate[("transformers float32", mode)]
         for precision in refs:
             key = ("transformers " + precision, mode)
-            rows.append([key[0], mode, f"{rate[key]:.1f}", f"{rate[key] / base:.2f}", "", "", "", ""])
+            if key in rate:
+                note = f" ({tokens[key]} tokens)" if key in tokens else ""
+                rows.append(
+                    [key[0] + note, mode, f"{rate[key]:.1f}", f"{rate[key] / base:.2f}", "", "", "", ""]
+                )
         for precision in lms:
             r = rate[("gptcli " + precision, mode)]
             goal = GOALS[precision]

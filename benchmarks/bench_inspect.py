@@ -15,6 +15,11 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
+
+# As gptcli's commands do (gptcli/cli/_common.py), before torch loads, for both sides: on a shared
+# machine spinning OpenMP threads make every parallel kernel wait a scheduler slice.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from common import alternate, generated_text, machine, median, model_folder, print_table
 
@@ -39,6 +44,8 @@ def main() -> None:
     from gptcli.models import load_model
 
     folder = model_folder()
+
+    started = machine()
     lm = load_model(str(folder), device="cpu")
     tokenizer = AutoTokenizer.from_pretrained(folder)
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
@@ -107,7 +114,8 @@ def main() -> None:
     s_ours = len(ours_lp) / median(score_times["score gptcli"])
     s_theirs = len(theirs_lp) / median(score_times["score transformers"])
     print()
-    print(f"machine: {machine()}")
+    print(f"machine at the start: {started}")
+    print(f"machine at the end: {machine()}")
     print(
         f"model: GPT-2-124M shape ({folder}), fp32; topk prompt of {len(tokenizer.encode(PROMPT))} tokens, "
         f"score text of {len(ours_lp)} tokens; {rounds} rounds, medians"

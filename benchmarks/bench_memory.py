@@ -42,6 +42,8 @@ def main() -> None:
     args = parser.parse_args()
 
     folder = model_folder()
+
+    started = machine()
     size = weights_bytes(folder)
     gptcli = [
         sys.executable,
@@ -73,7 +75,8 @@ def main() -> None:
 
     torch_floor = median(peaks['python -c "import torch"'])
     print()
-    print(f"machine: {machine()}")
+    print(f"machine at the start: {started}")
+    print(f"machine at the end: {machine()}")
     print(
         f"model: GPT-2-124M shape ({folder}); weights file {size / 2**20:.0f} MiB; {args.runs} runs, medians"
     )

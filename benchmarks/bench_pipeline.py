@@ -14,7 +14,12 @@ The greedy ids of every prompt must equal the reference's.
 from __future__ import annotations
 
 import argparse
+import os
 import random
+
+# As gptcli's commands do (gptcli/cli/_common.py), before torch loads, for both sides: on a shared
+# machine spinning OpenMP threads make every parallel kernel wait a scheduler slice.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from common import alternate, generated_text, machine, median, model_folder, print_table
 
@@ -52,6 +57,8 @@ def main() -> None:
     from gptcli.sampling import resolve_settings
 
     folder = model_folder()
+
+    started = machine()
     lm = load_model(str(folder), device="cpu")
     tokenizer = AutoTokenizer.from_pretrained(folder)
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
@@ -102,7 +109,8 @@ def main() -> None:
 
     lengths = [len(tokenizer.encode(p)) for p in lines]
     print()
-    print(f"machine: {machine()}")
+    print(f"machine at the start: {started}")
+    print(f"machine at the end: {machine()}")
     print(
         f"model: GPT-2-124M shape ({folder}); {PROMPTS} prompts of {min(lengths)}-{max(lengths)} tokens, "
         f"{new} new tokens each, batch {args.batch_size}; {args.rounds} rounds, medians"

@@ -170,10 +170,11 @@ def machine() -> str:
     import torch
 
     load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
+    wait = os.environ.get("OMP_WAIT_POLICY", "unset")
     return (
         f"{cpu_name()}, {os.cpu_count()} CPUs ({cpu_flags()}), torch {torch.__version__} "
-        f"({torch.backends.cpu.get_cpu_capability()} kernels), {torch.get_num_threads()} threads; "
-        f"load average {load}; also running: {others_running()}"
+        f"({torch.backends.cpu.get_cpu_capability()} kernels), {torch.get_num_threads()} threads, "
+        f"OMP_WAIT_POLICY {wait}; load average {load}; also running: {others_running()}"
     )
 
 
