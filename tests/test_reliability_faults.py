@@ -53,24 +53,29 @@ def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
 class Child:
     pid: int
     log: Path
+    code: int | None = None  # once reaped
 
     def wait(self, timeout: float = 120) -> int:
         """The exit code (negative: killed by that signal); a child still running at `timeout` fails."""
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
+        while self.code is None and time.monotonic() < deadline:
             done, status = os.waitpid(self.pid, os.WNOHANG)
             if done:
-                return os.waitstatus_to_exitcode(status)
+                self.code = os.waitstatus_to_exitcode(status)
+                break
             time.sleep(0.01)
+        if self.code is not None:
+            return self.code
         os.kill(self.pid, signal.SIGKILL)
         os.waitpid(self.pid, 0)
         pytest.fail(f"gptcli still running after {timeout} s:\n{self.stderr}")
 
     def running(self) -> bool:
-        done, status = os.waitpid(self.pid, os.WNOHANG)
-        if done:
-            self.code = os.waitstatus_to_exitcode(status)
-        return not done
+        if self.code is None:
+            done, status = os.waitpid(self.pid, os.WNOHANG)
+            if done:
+                self.code = os.waitstatus_to_exitcode(status)
+        return self.code is None
 
     @property
     def stderr(self) -> str:
@@ -186,11 +191,11 @@ def test_sigkill_at_random_moments_then_resume_equals_the_uninterrupted_run(
         while True:
             child = finetune(bpe_model, corpus, out, "--resume")
             time.sleep(rng.uniform(0, ref_seconds))
-            if not child.running():  # it finished before the kill: the chain is complete
-                assert child.code == 0, child.stderr
+            os.kill(child.pid, signal.SIGKILL)  # a child that already ended is a zombie until waited for
+            code = child.wait()
+            if code == 0:  # it finished before the kill: the chain is complete
                 break
-            os.kill(child.pid, signal.SIGKILL)
-            assert child.wait() == -signal.SIGKILL
+            assert code == -signal.SIGKILL, child.stderr
             kills += 1
             state = checkpoint(out)  # a --resume reads exactly this
             step = 0 if state is None else state["step"]
