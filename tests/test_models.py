@@ -20,19 +20,6 @@ def copy_model(src: Path, dst: Path) -> Path:
     return dst
 
 
-@pytest.fixture
-def unreachable_hub(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """An empty Hugging Face cache and a hub endpoint that refuses connections."""
-    from huggingface_hub import constants
-
-    cache = tmp_path / "hf-cache"
-    cache.mkdir()
-    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
-    monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
-    return cache
-
-
 def test_loads_local_folder(bpe_model: Path) -> None:
     lm = load_model(str(bpe_model), device="cpu")
     assert lm.path == bpe_model.resolve()
