@@ -6,7 +6,8 @@ goals are set against) and transformers bf16. The variants take turns, round aft
 figure is the median over the rounds. Each gptcli figure is also given as a fraction of
 
 - its kernel ceiling: the speed of its own weight matmuls alone (every layer's four, and the output
-  layer, on one token), measured here, i.e. what a loop with no other cost would reach;
+  layer, on one token, on the one thread gptcli decodes one sequence with), measured here, i.e. what
+  a loop with no other cost would reach;
 - the bandwidth bound: the read bandwidth measured here divided by the bytes of weights one token
   reads.
 
@@ -228,7 +229,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    from gptcli.generate import complete
+    from gptcli.generate import _threads, complete
     from gptcli.models import load_model
     from gptcli.sampling import resolve_settings
 
@@ -298,13 +299,16 @@ def main() -> None:
     times = alternate(variants, args.rounds)
     rate = {key: tokens.get(key, new) / median(t) for key, t in times.items()}
 
-    # Ceilings and bounds, after the timed runs so that the big buffers do not disturb them.
+    # Ceilings and bounds, after the timed runs so that the big buffers do not disturb them. The
+    # kernels run on one thread, as gptcli's decoding steps of one sequence do (generate._threads);
+    # the bandwidth is what all threads read.
     bandwidth = read_bandwidth()
     ceilings, bounds = {}, {}
-    for precision, lm in lms.items():
-        ceilings[precision] = 1 / kernel_seconds(lm.net)
-        bounds[precision] = bandwidth / weight_bytes(lm.net)
-    others = alternatives(lms["float32"].net)
+    with _threads(1):
+        for precision, lm in lms.items():
+            ceilings[precision] = 1 / kernel_seconds(lm.net)
+            bounds[precision] = bandwidth / weight_bytes(lm.net)
+        others = alternatives(lms["float32"].net)
 
     print()
     print(f"machine at the start: {started}")
