@@ -8,6 +8,7 @@ for plain GPT-2 checkpoints and through transformers for the rest, with the same
 
 from __future__ import annotations
 
+import itertools
 import secrets
 import time
 from collections.abc import Generator, Iterable, Iterator, Sequence
@@ -264,12 +265,14 @@ def _stream(
         seed = secrets.randbits(31)
     eos = set() if settings.ignore_eos else eos_ids(lm)
     names = TokenText(lm.tokenizer) if settings.logprobs is not None else None
-    rows: list[_Row] = []
-    for index, prompt in enumerate(prompts):
-        ids, dropped = encode_for_context(lm.tokenizer, prompt, lm.context_length, settings.max_new_tokens)
-        for sample in range(settings.num_samples):
-            rows.append(
-                _Row(
+
+    def rows() -> Iterator[_Row]:  # lazily: `-N 1000000000000` must start streaming at once
+        for index, prompt in enumerate(prompts):
+            ids, dropped = encode_for_context(
+                lm.tokenizer, prompt, lm.context_length, settings.max_new_tokens
+            )
+            for sample in range(settings.num_samples):
+                yield _Row(
                     index=index,
                     sample=sample,
                     prompt=prompt,
@@ -280,15 +283,15 @@ def _stream(
                     stops=StopScanner(settings.stop),
                     logprobs=[] if names is not None else None,
                 )
-            )
+
     # Batches of rows of similar length waste less on padding, so each window of rows is sorted by
     # length; completions are put back in input order, which a window bounds how long they wait for.
     window = batch_size * _SORT_WINDOW if batch_size > 1 else 1
     finished: dict[tuple[int, int], Completion] = {}
-    order = iter([(r.index, r.sample) for r in rows])
+    order = ((index, sample) for index in range(len(prompts)) for sample in range(settings.num_samples))
     wanted = next(order, None)
-    for start in range(0, len(rows), window):
-        todo = sorted(rows[start : start + window], key=lambda r: len(r.prompt_ids))
+    pending = rows()
+    while todo := sorted(itertools.islice(pending, window), key=lambda r: len(r.prompt_ids)):
         for first in range(0, len(todo), batch_size):
             for event in _decode(lm, todo[first : first + batch_size], settings, eos, names):
                 if isinstance(event, TextChunk):

@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import math
 import mmap
+import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -96,6 +97,8 @@ def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
     with open(path, "rb") as file:
         try:
             (size,) = struct.unpack("<Q", file.read(8))
+            if size > os.fstat(file.fileno()).st_size - 8:  # garbage, or truncated: do not try to read it
+                raise ValueError
             header = json.loads(file.read(size))
         except (struct.error, ValueError, UnicodeDecodeError) as exc:
             raise GptcliError("not a safetensors file (its header does not parse)") from exc

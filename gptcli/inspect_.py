@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from gptcli.errors import UsageError
+from gptcli.sampling import apply_temperature
 from gptcli.tokens import TokenText, encode_prompt, start_token_id
 
 if TYPE_CHECKING:
@@ -106,7 +107,7 @@ def next_token_distribution(
             chunk = encoded[start : start + batch_size]
             ids, mask, positions = left_pad([ids for ids, _ in chunk], pad_id(lm.tokenizer), lm.device)
             logits = lm.logits(ids, attention_mask=mask, position_ids=positions, logits_to_keep=1)[:, -1, :]
-            logprobs = torch.log_softmax(logits.float() / temperature, dim=-1)
+            logprobs = torch.log_softmax(apply_temperature(logits.float(), temperature), dim=-1)
             top = torch.topk(logprobs, k, dim=-1)
             for row, (prompt_ids, dropped) in enumerate(chunk):
                 tokens = []

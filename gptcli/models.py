@@ -34,6 +34,8 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 # A hub id is "name" or "owner/name" made of letters, digits, '-', '_' and '.', never '..'.
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
 _PICKLE_WEIGHTS = ("pytorch_model.bin", "pytorch_model.bin.index.json")
+# Any of these makes a tokenizer (fast, byte-level BPE, WordPiece, SentencePiece).
+_TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "vocab.txt", "tokenizer.model")
 
 
 @dataclass
@@ -218,10 +220,13 @@ def resolve_model_path(name: str, *, allow_pickle: bool = False) -> Path:
             raise GptcliError(f"the built-in model is missing from this installation ({builtin_path()})")
         return builtin_path()
     local = Path(name).expanduser()
-    if local.is_dir():
-        return local.resolve()
-    if local.exists():
-        raise UsageError(f"{name} is a file, not a model folder (a folder saved with save_pretrained)")
+    try:
+        if local.is_dir():
+            return local.resolve()
+        if local.exists():
+            raise UsageError(f"{name} is a file, not a model folder (a folder saved with save_pretrained)")
+    except OSError as exc:  # a name longer than the file system allows, say
+        raise UsageError(f"no model folder at {name}: {exc.strerror}") from exc
     if not is_hub_id(name):
         raise UsageError(f"no model folder at {name}")
     cached = cached_snapshot(name)
@@ -289,10 +294,19 @@ def load_tokenizer(path: Path, *, trust_remote_code: bool = False) -> PreTrained
     """Load the tokenizer saved in `path` (never from the network)."""
     from transformers import AutoTokenizer
 
+    # With no tokenizer files at all transformers builds an empty tokenizer (one token) instead of failing.
+    if not any((path / name).is_file() for name in _TOKENIZER_FILES):
+        raise GptcliError(
+            f"no tokenizer in {path}: expected {path / 'tokenizer.json'} (or vocab.json and merges.txt, "
+            "or a WordPiece vocab.txt)"
+        )
     _quiet_transformers()
     try:
         return AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=trust_remote_code)
     except Exception as exc:
+        for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+            if (path / name).is_file():
+                _read_json(path / name)  # a file that is not JSON: the error names it
         raise GptcliError(f"could not load the tokenizer in {path}: {first_line(exc)}") from exc
 
 
@@ -328,8 +342,9 @@ def load_model(
     torch_dtype = resolve_dtype(dtype, torch_device)
     name, path, notice = resolve(name, allow_pickle=allow_pickle)
     safetensors = check_model_folder(path, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
-    tokenizer = load_tokenizer(path, trust_remote_code=trust_remote_code)
+    # The configs first: the tokenizer reads config.json too, and would take the blame for its errors.
     config, generation_config = _load_configs(path, trust_remote_code)
+    tokenizer = load_tokenizer(path, trust_remote_code=trust_remote_code)
     lm = LoadedModel(
         name,
         path,

@@ -150,8 +150,25 @@ def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: 
     """
     import torch
 
-    penalized = torch.where(logits < 0, logits * penalty, logits / penalty)
+    # A penalty below the dtype's smallest normal number would divide by zero (0 / 0 is NaN), and
+    # dividing by a tiny one overflows: clamp both, so an absurd penalty still gives a distribution.
+    finfo = torch.finfo(logits.dtype)
+    penalty = max(penalty, finfo.tiny)
+    penalized = torch.where(logits < 0, logits * penalty, (logits / penalty).clamp(max=finfo.max))
     return torch.where(seen, penalized, logits)
+
+
+def apply_temperature(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """`logits / temperature`, shifted so that the largest is 0 (softmax does not change).
+
+    The shift keeps a tiny temperature from overflowing the largest logits to inf (inf - inf is NaN in
+    softmax): instead the distribution tends to greedy, as temperature -> 0 should. A temperature below
+    the dtype's smallest normal number acts as that number.
+    """
+    import torch
+
+    shifted = logits - logits.amax(dim=-1, keepdim=True)
+    return shifted / max(temperature, torch.finfo(logits.dtype).tiny)
 
 
 def top_k_filter(logits: torch.Tensor, k: int) -> torch.Tensor:
@@ -194,7 +211,7 @@ def process_logits(
     if not settings.sampling:
         return logits
     if settings.temperature != 1.0:
-        logits = logits / settings.temperature
+        logits = apply_temperature(logits, settings.temperature)
     return _filter(logits, settings)
 
 
@@ -224,7 +241,7 @@ def candidates(
     if seen is not None and settings.repetition_penalty != 1.0:
         logits = apply_repetition_penalty(logits, seen, settings.repetition_penalty)
     if settings.temperature != 1.0:
-        logits = logits / settings.temperature
+        logits = apply_temperature(logits, settings.temperature)
     k = settings.top_k
     values = ids = None
     if 0 < k < logits.shape[-1]:

@@ -73,7 +73,18 @@ def logits() -> torch.Tensor:
 def test_temperature_equals_transformers(logits: torch.Tensor) -> None:
     for t in (0.3, 0.8, 1.7):
         ours = process_logits(logits, Settings(temperature=t, top_k=0, top_p=1.0))
-        assert torch.equal(ours, TemperatureLogitsWarper(t)(None, logits))
+        theirs = TemperatureLogitsWarper(t)(None, logits)
+        # Ours are shifted so the largest is 0 (no overflow at tiny temperatures): the same softmax.
+        torch.testing.assert_close(ours.softmax(-1), theirs.softmax(-1), rtol=0, atol=1e-7)
+        assert torch.equal(ours.amax(-1), torch.zeros(2))
+
+
+@pytest.mark.parametrize("t", [1e-30, 1e-300, 5e-324])
+def test_a_tiny_temperature_tends_to_greedy(logits: torch.Tensor, t: float) -> None:
+    probs = process_logits(logits, Settings(temperature=t, top_k=0, top_p=1.0)).softmax(-1)
+    assert torch.equal(probs[1], torch.nn.functional.one_hot(torch.tensor(5), 64).float())
+    top = (logits[0] == logits[0].max()).float()  # the tie at the top stays a tie
+    assert torch.equal(probs[0], top / top.sum())
 
 
 @pytest.mark.parametrize("k", [1, 3, 12, 64, 100])
@@ -114,7 +125,9 @@ def test_full_chain_in_transformers_order(logits: torch.Tensor) -> None:
         MinPLogitsWarper(0.05),
     ):
         expected = step(seen_ids, expected)
-    assert torch.equal(process_logits(logits, settings, seen), expected)
+    ours = process_logits(logits, settings, seen)
+    assert torch.equal(ours.isfinite(), expected.isfinite())  # the same tokens kept
+    torch.testing.assert_close(ours.softmax(-1), expected.softmax(-1), rtol=0, atol=1e-7)
     # Greedy keeps the penalty and nothing else, as generate(do_sample=False) does.
     greedy_scores = process_logits(logits, Settings(greedy=True, repetition_penalty=1.2), seen)
     assert torch.equal(greedy_scores, RepetitionPenaltyLogitsProcessor(1.2)(seen_ids, logits.clone()))

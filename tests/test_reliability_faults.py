@@ -371,9 +371,6 @@ def damaged(model: Path, tmp_path: Path, how: str) -> Path:
         "model.safetensors",
         pytest.param(
             "tokenizer.json",
-            marks=pytest.mark.xfail(
-                strict=True, reason="models.load_tokenizer names the folder, not the tokenizer file"
-            ),
         ),
     ],
 )

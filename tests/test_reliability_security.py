@@ -107,8 +107,8 @@ def test_a_pickle_named_safetensors_is_not_unpickled(cli, evil_pickle, tmp_path)
     (folder / "pytorch_model.bin").rename(folder / "model.safetensors")
     for argv in (["topk", "hi"], ["topk", "hi", "--allow-pickle"]):
         result = cli(*argv, "-m", folder)
-        # (the message does not name the file yet: test_models.py::test_a_damaged_file_is_named, xfail)
         assert result.code == 1 and result.err.startswith("Error: ") and result.err.count("\n") == 1
+        assert str(folder / "model.safetensors") in result.err, result.err
     assert not marker.exists()
 
 
