@@ -13,21 +13,11 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 
 from gptcli.tokens import TokenText
 
 # Random fixtures at a high temperature emit many byte tokens, so characters get split across tokens.
 HOT = ("--temperature", "3", "--top-k", "0", "--top-p", "1")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from threads, and idle threads spinning slow down a shared machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def json_lines(out: str) -> list[dict]:

@@ -34,15 +34,6 @@ from gptcli.tokens import TokenText, decode
 PROMPTS = ["今天天气", "The weather is", "", "我喜欢在早上喝一杯热茶", "Hello world! 12345", "龙"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from threads, and idle threads spinning slow down a shared machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def lms(models: dict[str, Path]):
     return {name: load_model(str(path)) for name, path in models.items()}
