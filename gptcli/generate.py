@@ -279,7 +279,7 @@ def _stream(
                     prompt_ids=ids,
                     dropped=dropped,
                     seed=None if seed is None else seed + sample,
-                    detok=Detokenizer(lm.tokenizer),
+                    detok=Detokenizer(lm.tokenizer, after=prompt),
                     stops=StopScanner(settings.stop),
                     logprobs=[] if names is not None else None,
                 )
@@ -491,7 +491,7 @@ def _advance(row: _Row, token: int, eos: set[int], max_new_tokens: int, context:
 def _finish(lm: LoadedModel, row: _Row, settings: Settings, started: float) -> Completion:
     # The text is the one-shot decode of the ids, not the sum of the streamed chunks: the two agree
     # (Detokenizer's promise, checked by the tests), and the one-shot decode is the reference.
-    text = decode(lm.tokenizer, row.token_ids)
+    text = decode(lm.tokenizer, row.token_ids, after=row.prompt)
     if row.finish_reason == "stop":
         text = cut_at_stop(text, settings.stop)
     return Completion(

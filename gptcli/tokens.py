@@ -171,9 +171,13 @@ class Detokenizer:
     `push(id)` returns the text that became final with that token ("" while bytes of a character are
     still incomplete); `flush()` returns whatever is left at the end. The concatenation of all chunks
     equals `decode(tokenizer, ids)`, the one-shot decode of the same ids.
+
+    `after` is the text the ids continue (the prompt). WordPiece tokens carry no spaces, so the first
+    word gets a joining space when the prompt ends in a word (as byte-level BPE tokens carry their own):
+    `after + text` reads right either way.
     """
 
-    def __init__(self, tokenizer: PreTrainedTokenizerBase) -> None:
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, after: str = "") -> None:
         self.tokenizer = tokenizer
         self.kind = tokenizer_kind(tokenizer)
         self.ids: list[int] = []
@@ -186,7 +190,8 @@ class Detokenizer:
 
             self._backend = backend
             self._stream = DecodeStream(skip_special_tokens=True)
-        self._last_char = ""  # wordpiece: last character emitted, to decide on a joining space
+        # wordpiece: the last character of the text so far, to decide on a joining space
+        self._last_char = after[-1:] if after[-1:].strip() else ""
 
     def push(self, token_id: int) -> str:
         token_id = int(token_id)
@@ -228,9 +233,9 @@ class Detokenizer:
         return text
 
 
-def decode(tokenizer: PreTrainedTokenizerBase, ids: Iterable[int]) -> str:
+def decode(tokenizer: PreTrainedTokenizerBase, ids: Iterable[int], after: str = "") -> str:
     """One-shot decode of generated ids, without special tokens, with the same rules as Detokenizer."""
-    detok = Detokenizer(tokenizer)
+    detok = Detokenizer(tokenizer, after)
     if detok.kind != "wordpiece":
         return tokenizer.decode(list(ids), skip_special_tokens=True)
     return "".join(detok.push(i) for i in ids)

@@ -107,6 +107,29 @@ def test_bert_output_has_no_special_tokens_or_spaces_between_cjk(cli, bert_model
         assert not (b == " " and "\u4e00" <= a <= "\u9fff" and "\u4e00" <= c <= "\u9fff"), text
 
 
+def test_bert_continuation_of_an_english_word_starts_with_a_space(cli, bert_model: Path) -> None:
+    """WordPiece tokens carry no spaces: `--echo` must not glue the first new word to the prompt's last."""
+    from transformers import AutoTokenizer
+
+    from gptcli.tokens import Detokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(bert_model)
+    world, numbers = tokenizer.convert_tokens_to_ids(["world", "numbers"])
+    cases = {
+        "Hello": " world numbers",
+        "Hello ": "world numbers",
+        "你好": "world numbers",
+        "": "world numbers",
+    }
+    for after, expected in cases.items():
+        detok = Detokenizer(tokenizer, after=after)
+        assert detok.push(world) + detok.push(numbers) == expected, after
+    # And the command: --echo prints the prompt, then exactly the text --json reports.
+    base = ("-m", bert_model, "-n", "12", "--seed", "3", "--ignore-eos", *HOT)
+    (done,) = json_lines(cli("complete", "Hello", *base, "--json").out)
+    assert cli("complete", "Hello", *base, "--echo").out == "Hello" + done["text"] + "\n"
+
+
 def test_num_samples(cli, bpe_model: Path) -> None:
     args = ("complete", "今天", "-m", bpe_model, "-n", "8", *HOT)
     samples = json_lines(cli(*args, "--seed", "7", "-N", "3", "--json").out)
