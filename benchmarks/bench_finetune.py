@@ -84,7 +84,8 @@ def peak_memory(device: str) -> float:
 
 
 def run_gptcli(args: argparse.Namespace, folder: Path, text: Path, out: Path) -> dict:
-    from gptcli.train import TrainConfig, train
+    from gptcli.train import train
+    from gptcli.train_config import TrainConfig
 
     rates: list[float] = []
     peak = [0.0]

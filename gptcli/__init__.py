@@ -21,7 +21,7 @@ _API = {
     "stream": "gptcli.generate",
     "resolve_settings": "gptcli.generate",
     "train": "gptcli.train",
-    "TrainConfig": "gptcli.train",
+    "TrainConfig": "gptcli.train_config",
 }
 
 __all__ = ["__version__", *_API]

@@ -16,7 +16,7 @@ if TYPE_CHECKING:
 
     from gptcli.data import BatchOrder, Blocks
     from gptcli.distributed import Dist
-    from gptcli.train import TrainConfig
+    from gptcli.train_config import TrainConfig
 
 # Config attributes that hold dropout probabilities, across the causal LMs transformers ships.
 _DROPOUT_FIELDS = (

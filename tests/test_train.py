@@ -15,7 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from gptcli.train import TrainConfig, lr_at, train
+from gptcli.train import lr_at, train
+from gptcli.train_config import TrainConfig
 
 import tiny
 

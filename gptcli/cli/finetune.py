@@ -159,7 +159,8 @@ def finetune(
 
     Ctrl-C saves a checkpoint and exits 130; the same command with --resume continues the run.
     """
-    from gptcli.train import TrainConfig, train
+    from gptcli.train import train
+    from gptcli.train_config import TrainConfig
 
     cfg = TrainConfig(
         data=data,
