@@ -19,11 +19,14 @@ from typing import TYPE_CHECKING, Any
 
 from gptcli.errors import GptcliError, UsageError
 from gptcli.hub import cached_snapshot, download, first_line, hub_reachable
+from gptcli.plain import load as load_plain
+from gptcli.plain import load_tokenizer as load_plain_tokenizer
 
 if TYPE_CHECKING:
     import torch
     from transformers import GenerationConfig, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
+    from gptcli import plain
     from gptcli.gpt2 import GPT2
 
 DEFAULT_MODEL = "gpt2"
@@ -50,9 +53,10 @@ class LoadedModel:
 
     name: str
     path: Path
-    tokenizer: PreTrainedTokenizerBase
-    config: PretrainedConfig
-    generation_config: GenerationConfig | None
+    # transformers' classes, or for a plain GPT-2 folder gptcli.plain's stand-ins (no transformers import)
+    tokenizer: PreTrainedTokenizerBase | plain.Tokenizer
+    config: PretrainedConfig | plain.Config
+    generation_config: GenerationConfig | plain.GenerationConfig | None
     device: torch.device
     dtype: torch.dtype
     net: GPT2 | None = None
@@ -317,7 +321,8 @@ def load_tokenizer_only(
     name, path, notice = resolve(name)
     if not trust_remote_code:
         _refuse_remote_code(path)
-    return name, load_tokenizer(path, trust_remote_code=trust_remote_code), notice
+    tokenizer = load_plain_tokenizer(path) or load_tokenizer(path, trust_remote_code=trust_remote_code)
+    return name, tokenizer, notice
 
 
 def load_model(
@@ -342,9 +347,13 @@ def load_model(
     torch_dtype = resolve_dtype(dtype, torch_device)
     name, path, notice = resolve(name, allow_pickle=allow_pickle)
     safetensors = check_model_folder(path, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
-    # The configs first: the tokenizer reads config.json too, and would take the blame for its errors.
-    config, generation_config = _load_configs(path, trust_remote_code)
-    tokenizer = load_tokenizer(path, trust_remote_code=trust_remote_code)
+    plain = load_plain(path) if safetensors else None  # a plain GPT-2: no need to import transformers
+    if plain is not None:
+        config, generation_config, tokenizer = plain
+    else:
+        # The configs first: the tokenizer reads config.json too, and would take the blame for its errors.
+        config, generation_config = _load_configs(path, trust_remote_code)
+        tokenizer = load_tokenizer(path, trust_remote_code=trust_remote_code)
     lm = LoadedModel(
         name,
         path,
@@ -443,7 +452,7 @@ def model_info(lm: LoadedModel) -> dict[str, Any]:
         "embedding_size": getattr(config, "n_embd", None) or getattr(config, "hidden_size", None),
         "context_length": lm.context_length,
         "vocab_size": config.vocab_size,
-        "tokenizer": type(lm.tokenizer).__name__,
+        "tokenizer": getattr(lm.tokenizer, "class_name", None) or type(lm.tokenizer).__name__,
         "tokenizer_size": len(lm.tokenizer),
         "dtype": str(lm.dtype).removeprefix("torch."),
         "device": str(lm.device),

@@ -1,0 +1,271 @@
+"""Plain GPT-2 folders read without transformers: config.json, generation_config.json, tokenizer.json.
+
+`import transformers` takes about 1.5 s here (it indexes every model it ships), more than loading GPT-2's
+weights; `gptcli complete` on a plain GPT-2 otherwise needs only torch and `tokenizers`. For a folder
+that gptcli.gpt2 runs and whose tokenizer.json is byte-level BPE that transformers would use unchanged,
+these small classes stand in for transformers' config, generation config and tokenizer, with the
+attributes and methods gptcli uses and the same values (tests compare them with transformers' on the
+fixtures and the built-in model). Anything else, or anything unusual in those files, returns None from
+`load`, and the folder goes through transformers as before.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any, ClassVar
+
+from gptcli.gpt2 import GPT2Config
+
+# tokenizer_class values under which transformers keeps tokenizer.json's byte-level BPE as it is.
+_GPT2_TOKENIZERS = {"GPT2Tokenizer", "GPT2TokenizerFast", "PreTrainedTokenizerFast", "TokenizersBackend"}
+# The GPT-2 classes' own defaults for tokens the config does not name.
+_GPT2_SPECIALS = {"unk_token": "<|endoftext|>", "bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>"}
+_ROLES = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
+# tokenizer_config.json keys that change what transformers builds: leave such folders to it.
+_UNUSUAL = ("auto_map", "add_bos_token", "add_eos_token", "add_prefix_space", "extra_special_tokens",
+            "additional_special_tokens", "clean_up_tokenization_spaces", "split_special_tokens")  # fmt: skip
+
+
+class JsonConfig:
+    """A JSON object's keys as attributes; a missing key reads as its default, else None."""
+
+    defaults: ClassVar[dict[str, Any]] = {}
+    aliases: ClassVar[dict[str, str]] = {}
+
+    def __init__(self, values: dict[str, Any]) -> None:
+        self._values = dict(values)
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("_"):
+            raise AttributeError(name)
+        name = self.aliases.get(name, name)
+        return self._values.get(name, self.defaults.get(name))
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self._values)
+
+
+class Config(JsonConfig):
+    """config.json of a GPT-2, with GPT2Config's defaults and its attribute names."""
+
+    defaults: ClassVar[dict[str, Any]] = {
+        "model_type": "gpt2",
+        "vocab_size": 50257,
+        "n_positions": 1024,
+        "n_embd": 768,
+        "n_layer": 12,
+        "n_head": 12,
+        "layer_norm_epsilon": 1e-5,
+        "bos_token_id": 50256,
+        "eos_token_id": 50256,
+    }
+    aliases: ClassVar[dict[str, str]] = {
+        "hidden_size": "n_embd",
+        "num_hidden_layers": "n_layer",
+        "num_attention_heads": "n_head",
+        "max_position_embeddings": "n_positions",
+    }
+
+
+class GenerationConfig(JsonConfig):
+    """generation_config.json; without one, config.json's token ids (GenerationConfig.from_model_config)."""
+
+
+class Tokenizer:
+    """tokenizer.json through the `tokenizers` library, with the special tokens of tokenizer_config.json.
+
+    The subset of transformers' tokenizer API that gptcli uses, with the same results. Anything else (an
+    attribute not defined here, `return_tensors=...`) goes to transformers' tokenizer of the same
+    folder, loaded on first use, so Python callers still have the whole API.
+    """
+
+    def __init__(self, path: Path, backend: Any, specials: dict[str, str | None], class_name: str) -> None:
+        self.backend_tokenizer = backend
+        self.name_or_path = str(path)
+        self.class_name = class_name  # what `gptcli info` reports: the class transformers would build
+        self._specials = specials
+        self._full: Any = None
+
+    def transformers_tokenizer(self) -> Any:
+        """transformers' tokenizer of the same folder (imports transformers on first use)."""
+        if self._full is None:
+            from gptcli.models import load_tokenizer
+
+            self._full = load_tokenizer(Path(self.name_or_path))
+        return self._full
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("_"):
+            raise AttributeError(name)
+        return getattr(self.transformers_tokenizer(), name)
+
+    def _id(self, role: str) -> int | None:
+        token = self._specials.get(role)
+        return None if token is None else self.backend_tokenizer.token_to_id(token)
+
+    bos_token_id = property(lambda self: self._id("bos_token"))
+    eos_token_id = property(lambda self: self._id("eos_token"))
+    unk_token_id = property(lambda self: self._id("unk_token"))
+    sep_token_id = property(lambda self: self._id("sep_token"))
+    pad_token_id = property(lambda self: self._id("pad_token"))
+    cls_token_id = property(lambda self: self._id("cls_token"))
+    mask_token_id = property(lambda self: self._id("mask_token"))
+
+    @property
+    def all_special_ids(self) -> list[int]:
+        tokens = dict.fromkeys(t for role in _ROLES if (t := self._specials.get(role)) is not None)
+        return [i for t in tokens if (i := self.backend_tokenizer.token_to_id(t)) is not None]
+
+    def __call__(
+        self,
+        text: str | list[str],
+        add_special_tokens: bool = True,
+        return_attention_mask: bool = True,
+        **more: Any,
+    ) -> Any:
+        """{"input_ids": ids (a list of them for a list of texts), "attention_mask": ones alike}."""
+        if more:  # tensors, padding, truncation...: transformers' tokenizer does all that
+            options = {
+                "add_special_tokens": add_special_tokens,
+                "return_attention_mask": return_attention_mask,
+            }
+            return self.transformers_tokenizer()(text, **options, **more)
+        ids: Any
+        if isinstance(text, str):
+            ids = self.encode(text, add_special_tokens)
+            mask: Any = [1] * len(ids)
+        else:
+            encodings = self.backend_tokenizer.encode_batch(text, add_special_tokens=add_special_tokens)
+            ids = [e.ids for e in encodings]
+            mask = [[1] * len(row) for row in ids]
+        return {"input_ids": ids, "attention_mask": mask} if return_attention_mask else {"input_ids": ids}
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return self.backend_tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def decode(self, ids: int | Iterable[int], skip_special_tokens: bool = False) -> str:
+        ids = [ids] if isinstance(ids, int) else [int(i) for i in ids]
+        return self.backend_tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    def convert_ids_to_tokens(self, ids: int | Iterable[int]) -> Any:
+        if isinstance(ids, int):
+            return self.backend_tokenizer.id_to_token(ids)
+        return [self.backend_tokenizer.id_to_token(int(i)) for i in ids]
+
+    def get_vocab(self) -> dict[str, int]:
+        return self.backend_tokenizer.get_vocab(with_added_tokens=True)
+
+    def __len__(self) -> int:
+        return self.backend_tokenizer.get_vocab_size(with_added_tokens=True)
+
+
+def _json(path: Path) -> dict[str, Any] | None:
+    """The object in `path`; None when it is missing or not an object (transformers then reports it)."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _token(value: Any) -> str | None:
+    """A special token as tokenizer_config.json writes it: a string, or an AddedToken's fields."""
+    if isinstance(value, dict):
+        value = value.get("content")
+    return value if isinstance(value, str) else None
+
+
+def load_tokenizer(path: Path, config: dict[str, Any] | None = None) -> Tokenizer | None:
+    """The folder's tokenizer without transformers, or None when transformers is needed for it."""
+    has_config = (path / "tokenizer_config.json").exists()
+    tokenizer_config = _json(path / "tokenizer_config.json") if has_config else {}
+    if tokenizer_config is None or (path / "special_tokens_map.json").exists():
+        return None
+    class_name = tokenizer_config.get("tokenizer_class")
+    if class_name is None:  # AutoTokenizer picks the class from config.json's model_type
+        if config is None:
+            config = _json(path / "config.json")
+        if config is None or config.get("model_type") != "gpt2":
+            return None
+        class_name = "GPT2Tokenizer"
+    if class_name not in _GPT2_TOKENIZERS or any(key in tokenizer_config for key in _UNUSUAL):
+        return None
+    spec = _json(path / "tokenizer.json")
+    if spec is None or not _plain_byte_level(spec):
+        return None
+    specials = dict(_GPT2_SPECIALS) if class_name.startswith("GPT2") else {}
+    for role in _ROLES:
+        if role in tokenizer_config:
+            specials[role] = _token(tokenizer_config[role])
+    from tokenizers import Tokenizer as Backend
+
+    try:
+        backend = Backend.from_str(json.dumps(spec))
+    except Exception:  # transformers will say what is wrong with it
+        return None
+    return Tokenizer(path, backend, specials, class_name)
+
+
+def _plain_byte_level(spec: dict[str, Any]) -> bool:
+    """Byte-level BPE with nothing that a GPT-2 tokenizer class in transformers would rebuild differently."""
+
+    def kind(part: str) -> str | None:
+        value = spec.get(part)
+        return value.get("type") if isinstance(value, dict) else None
+
+    pre = spec.get("pre_tokenizer") or {}
+    post = spec.get("post_processor") or {}
+    plain_post = (
+        post == {}
+        or kind("post_processor") == "ByteLevel"
+        or (
+            kind("post_processor") == "TemplateProcessing"
+            and not post.get("special_tokens")
+            and post.get("single") == [{"Sequence": {"id": "A", "type_id": 0}}]
+        )
+    )
+    return (
+        kind("model") == "BPE"
+        and spec.get("normalizer") is None
+        and kind("pre_tokenizer") == "ByteLevel"
+        and not pre.get("add_prefix_space", False)
+        and kind("decoder") == "ByteLevel"
+        and plain_post
+    )
+
+
+def _sound_shape(shape: GPT2Config | None) -> bool:
+    if shape is None:
+        return False
+    sizes = (shape.n_layer, shape.n_head, shape.n_embd, shape.n_inner, shape.n_positions, shape.vocab_size)
+    return (
+        all(type(n) is int and n > 0 for n in sizes)
+        and shape.n_embd % shape.n_head == 0
+        and type(shape.layer_norm_epsilon) in (int, float)
+    )
+
+
+def load(path: Path) -> tuple[Config, GenerationConfig, Tokenizer] | None:
+    """(config, generation config, tokenizer) of a plain GPT-2 folder without transformers, or None."""
+    raw = _json(path / "config.json")
+    if raw is None or raw.get("auto_map") or not _sound_shape(GPT2Config.from_config(raw)):
+        return None  # transformers' own checks then name what is wrong in config.json
+    if not (path / "model.safetensors").is_file():
+        return None
+    tokenizer = load_tokenizer(path, raw)
+    if tokenizer is None:
+        return None
+    config = Config(raw)
+    if (path / "generation_config.json").exists():
+        generation = _json(path / "generation_config.json")
+        if generation is None:
+            return None
+    else:
+        generation = {
+            key: getattr(config, key)
+            for key in ("bos_token_id", "eos_token_id", "pad_token_id")
+            if getattr(config, key) is not None
+        }
+    return config, GenerationConfig(generation), tokenizer

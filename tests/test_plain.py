@@ -1,0 +1,135 @@
+"""gptcli.plain stands in for transformers' config, generation config and tokenizer: the same values."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from transformers import AutoConfig, AutoTokenizer, GenerationConfig
+
+from gptcli import plain
+from gptcli.generate import eos_ids
+from gptcli.models import builtin_path, context_length, load_model
+from gptcli.sampling import generation_config_values
+
+TEXTS = [
+    "Hello world",
+    " leading space and  two",
+    "今天天气很好，我们去公园吧。",
+    "emoji 🙂 and combining é and RTL שלום",
+    "<|endoftext|>inside<|endoftext|>",
+    "tabs\tand\nnewlines\r\n",
+    "12345 3.14159 ...!!!",
+]
+
+
+@pytest.fixture(scope="module", params=["bpe", "short", "builtin"])
+def folder(request, models: dict[str, Path]) -> Path:
+    return builtin_path() if request.param == "builtin" else models[request.param]
+
+
+@pytest.fixture(scope="module")
+def pair(folder: Path):
+    loaded = plain.load(folder)
+    assert loaded is not None, f"{folder} should be plain"
+    return loaded, AutoTokenizer.from_pretrained(folder)
+
+
+def test_tokenizer_equals_transformers(pair) -> None:
+    (_, _, ours), theirs = pair
+    for role in ("bos", "eos", "unk", "sep", "pad", "cls", "mask"):
+        assert getattr(ours, f"{role}_token_id") == getattr(theirs, f"{role}_token_id"), role
+    assert ours.all_special_ids == theirs.all_special_ids
+    assert len(ours) == len(theirs) and ours.get_vocab() == theirs.get_vocab()
+    ids = list(range(0, len(theirs), 7))
+    assert ours.convert_ids_to_tokens(ids) == theirs.convert_ids_to_tokens(ids)
+    assert ours.convert_ids_to_tokens(ids[3]) == theirs.convert_ids_to_tokens(ids[3])
+    for text in TEXTS:
+        for flag in (True, False):
+            assert ours.encode(text, add_special_tokens=flag) == theirs.encode(text, add_special_tokens=flag)
+            ids = theirs.encode(text)
+            assert ours.decode(ids, skip_special_tokens=flag) == theirs.decode(ids, skip_special_tokens=flag)
+
+
+def test_calling_the_tokenizer_equals_transformers(pair) -> None:
+    (_, _, ours), theirs = pair
+    assert ours(TEXTS[2]) == dict(theirs(TEXTS[2]))
+    assert ours(TEXTS, add_special_tokens=False) == dict(theirs(TEXTS, add_special_tokens=False))
+    assert ours(TEXTS, return_attention_mask=False) == dict(theirs(TEXTS, return_attention_mask=False))
+    # What the stand-in does not do itself, transformers' tokenizer of the folder does.
+    assert ours(TEXTS[2], return_tensors="pt")["input_ids"].tolist() == (
+        theirs(TEXTS[2], return_tensors="pt")["input_ids"].tolist()
+    )
+    assert ours.tokenize(TEXTS[0]) == theirs.tokenize(TEXTS[0])
+
+
+@settings(max_examples=60, deadline=None)
+@given(text=st.text(max_size=40), ids=st.lists(st.integers(0, 255), max_size=12))
+def test_tokenizer_equals_transformers_on_any_text(pair, text: str, ids: list[int]) -> None:
+    (_, _, ours), theirs = pair
+    assert ours.encode(text, add_special_tokens=False) == theirs.encode(text, add_special_tokens=False)
+    assert ours.decode(ids, skip_special_tokens=True) == theirs.decode(ids, skip_special_tokens=True)
+
+
+def test_configs_equal_transformers(folder: Path, pair) -> None:
+    (config, generation, _), _ = pair
+    theirs = AutoConfig.from_pretrained(folder)
+    for name in ("vocab_size", "n_positions", "n_layer", "n_head", "n_embd", "hidden_size", "model_type"):
+        assert getattr(config, name) == getattr(theirs, name), name
+    for name in ("bos_token_id", "eos_token_id", "architectures", "max_position_embeddings"):
+        assert getattr(config, name) == getattr(theirs, name), name
+    assert context_length(config) == context_length(theirs)
+    try:
+        their_generation = GenerationConfig.from_pretrained(folder)
+    except OSError:
+        their_generation = GenerationConfig.from_model_config(theirs)
+    assert generation_config_values(generation) == generation_config_values(their_generation)
+    assert generation.eos_token_id == their_generation.eos_token_id
+
+
+def test_a_missing_generation_config_takes_the_config_token_ids(models, tmp_path: Path) -> None:
+    folder = Path(shutil.copytree(models["bpe"], tmp_path / "m"))
+    (folder / "generation_config.json").unlink(missing_ok=True)
+    lm = load_model(str(folder), device="cpu")
+    assert isinstance(lm.generation_config, plain.GenerationConfig)
+    their = GenerationConfig.from_model_config(AutoConfig.from_pretrained(folder))
+    assert eos_ids(lm) == {their.eos_token_id} and generation_config_values(lm.generation_config) == {}
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"tokenizer_config.json": {"add_bos_token": True}},
+        {"tokenizer_config.json": {"tokenizer_class": "LlamaTokenizer"}},
+        {"tokenizer.json": {"normalizer": {"type": "Lowercase"}}},
+        {"config.json": {"activation_function": "relu"}},
+    ],
+)
+def test_anything_unusual_goes_through_transformers(models, tmp_path: Path, change) -> None:
+    folder = Path(shutil.copytree(models["bpe"], tmp_path / "m"))
+    for name, values in change.items():
+        data = json.loads((folder / name).read_text())
+        (folder / name).write_text(json.dumps({**data, **values}))
+    assert plain.load(folder) is None
+
+
+def test_bert_style_tokenizers_go_through_transformers(models) -> None:
+    assert plain.load(models["bert"]) is None
+    assert plain.load_tokenizer(models["bert"]) is None
+
+
+def test_complete_and_tokenize_on_a_plain_gpt2_never_import_transformers(models) -> None:
+    code = (
+        "import sys; from gptcli.cli import run\n"
+        "for argv in (['complete', 'hi', '-n', '3', '--greedy'], ['tokenize', 'hi'], ['topk', 'hi']):\n"
+        f"    assert run([*argv, '-m', {str(models['bpe'])!r}]) == 0\n"
+        "assert 'transformers' not in sys.modules, 'transformers was imported'\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
