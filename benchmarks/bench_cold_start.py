@@ -54,8 +54,10 @@ def phases_gptcli(folder: str) -> dict[str, float]:
     import gptcli.cli  # noqa: F401 -- the CLI: typer, rich, the command modules
 
     marks.append(time.perf_counter())
-    import torch  # noqa: F401 -- what load_model imports lazily
-    from transformers import AutoConfig, AutoTokenizer, GenerationConfig  # noqa: F401
+    # What load_model imports lazily: torch and tokenizers; transformers only for folders that are not
+    # plain GPT-2 (gptcli.plain), so not here.
+    import tokenizers  # noqa: F401
+    import torch  # noqa: F401
 
     marks.append(time.perf_counter())
     from gptcli.generate import complete
@@ -66,6 +68,7 @@ def phases_gptcli(folder: str) -> dict[str, float]:
     marks.append(time.perf_counter())
     (done,) = complete(lm, PROMPT, resolve_settings(lm.generation_config, greedy=True, max_new_tokens=NEW))
     end = time.perf_counter()
+    assert "transformers" not in sys.modules, "gptcli imported transformers for a plain GPT-2"
     return _phases(marks, done.first_token_seconds, end)
 
 
@@ -104,7 +107,7 @@ def phases_transformers(folder: str) -> dict[str, float]:
 def _phases(marks: list[float], first_token: float, end: float) -> dict[str, float]:
     return {
         "CLI import": marks[1] - marks[0],
-        "torch + transformers import": marks[2] - marks[1],
+        "library imports (gptcli: torch, tokenizers)": marks[2] - marks[1],
         "load (tokenizer, config, weights)": marks[3] - marks[2],
         "first token (prompt + 1 step)": first_token,
         f"other {NEW - 1} tokens": end - marks[3] - first_token,
