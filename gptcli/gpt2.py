@@ -85,7 +85,34 @@ _DTYPES = {
 }
 
 
-def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+class MappedTensors(dict):
+    """Tensors that live in one memory-mapped file, and a way to give back the pages of one of them."""
+
+    def __init__(self, data: mmap.mmap, tensors: dict[str, torch.Tensor]) -> None:
+        import torch
+
+        super().__init__(tensors)
+        self._data = data
+        self._base = torch.frombuffer(data, dtype=torch.uint8, count=1).data_ptr() if len(data) else 0
+
+    def release(self, tensor: torch.Tensor) -> None:
+        """Drop the pages of `tensor` (one of ours, no longer needed: it was converted) from memory.
+
+        Its whole pages only, so neighbours are untouched; a page read again later comes back from the
+        file (the mapping is private and never written). Without this, converting the fp32 weights to
+        bf16 or int8 keeps both copies resident: 2.2 and 2.5 times the weights' size at peak.
+        """
+        start = tensor.data_ptr() - self._base
+        if not 0 <= start < len(self._data) or not hasattr(self._data, "madvise"):
+            return
+        page = mmap.PAGESIZE
+        first = -(-start // page) * page
+        last = (start + tensor.numel() * tensor.element_size()) // page * page
+        if last > first:
+            self._data.madvise(mmap.MADV_DONTNEED, first, last - first)
+
+
+def read_safetensors(path: Path) -> MappedTensors:
     """Every tensor of a .safetensors file, memory-mapped: nothing is copied, pages load when read.
 
     The format is an 8-byte little-endian header size, a JSON header of {name: dtype, shape, offsets},
@@ -122,7 +149,7 @@ def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
             continue
         flat = torch.frombuffer(data, dtype=dtype, count=count, offset=8 + size + begin)
         tensors[name] = flat.view(info["shape"])
-    return tensors
+    return MappedTensors(data, tensors)
 
 
 # --- The layers ---------------------------------------------------------------------------------------
@@ -257,16 +284,25 @@ class GPT2:
         def small(name: str) -> torch.Tensor:  # biases, LayerNorms, positions: in the activations' dtype
             return w[name].to(device=device, dtype=self.dtype)
 
+        def release(name: str) -> None:
+            """The file's copy of a weight that was converted is not needed any more: drop its pages."""
+            if isinstance(weights, MappedTensors):
+                weights.release(w[name])
+
         def matmul(name: str) -> Any:
             weight = w[name].to(device=device, dtype=dtype)  # no copy when it already is (fp32 on CPU)
             bias = small(name.replace(".weight", ".bias"))
             if quantize == "int8":
                 from gptcli.quantize import Int8Linear
 
-                return Int8Linear.from_conv1d(weight, bias, self.dtype)
-            if weight.dtype == torch.float32:
-                return Conv1D(weight, bias)
-            return Linear.from_conv1d(weight, bias, self.dtype)
+                layer: Any = Int8Linear.from_conv1d(weight, bias, self.dtype)
+                release(name)
+            elif weight.dtype == torch.float32:
+                layer = Conv1D(weight, bias)
+            else:
+                layer = Linear.from_conv1d(weight, bias, self.dtype)
+                release(name)
+            return layer
 
         self.wpe = small("wpe.weight")
         self.ln_f = (small("ln_f.weight"), small("ln_f.bias"))
@@ -289,6 +325,8 @@ class GPT2:
             self.lm_head: Any = Int8Linear(wte, None, self.dtype, rows=True)
         else:
             self.lm_head = Linear(wte, None, self.dtype)
+        if quantize == "int8" or wte.data_ptr() != w["wte.weight"].data_ptr():
+            release("wte.weight")
 
     def _check(self, w: dict[str, torch.Tensor]) -> None:
         c = self.config

@@ -26,12 +26,18 @@ def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric per-row int8 of a [out, in] weight: (int8 [out, in], float32 scales [out]), w ≈ q·s."""
     import torch
 
-    w = weight.float()
-    # The largest |w| of a row maps to 127; a row of zeros keeps scale 1 so nothing divides by zero.
-    scales = w.abs().amax(dim=1) / 127
-    scales = torch.where(scales > 0, scales, torch.ones_like(scales))
-    q = torch.round(w / scales[:, None]).clamp(-127, 127).to(torch.int8)
-    return q.contiguous(), scales
+    q = torch.empty(weight.shape, dtype=torch.int8, device=weight.device)
+    scales = torch.empty(weight.shape[0], dtype=torch.float32, device=weight.device)
+    # A few thousand rows at a time: the float temporaries of a whole 50,257-row embedding table
+    # would be several times the size of the model's int8 weights.
+    for start in range(0, weight.shape[0], 4096):
+        w = weight[start : start + 4096].float()
+        # The largest |w| of a row maps to 127; a row of zeros keeps scale 1 so nothing divides by zero.
+        s = w.abs().amax(dim=1) / 127
+        s = torch.where(s > 0, s, torch.ones_like(s))
+        q[start : start + 4096] = torch.round(w / s[:, None]).clamp(-127, 127).to(torch.int8)
+        scales[start : start + 4096] = s
+    return q, scales
 
 
 def _fbgemm_pack(q: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None) -> Any | None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -123,6 +124,35 @@ def test_mapped_weights_are_never_written_back(models: dict[str, Path], tmp_path
     next(iter(tensors.values())).fill_(123.0)  # a private mapping: the process's copy changes, not the file
     del tensors
     assert (folder / "model.safetensors").read_bytes() == before
+
+
+def _resident_bytes(address: int) -> int:
+    """Bytes in memory of the mapping that holds `address` (/proc/self/smaps Rss)."""
+    inside = False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        span = re.match(r"([0-9a-f]+)-([0-9a-f]+) ", line)  # a mapping's first line
+        if span:
+            inside = int(span[1], 16) <= address < int(span[2], 16)
+        elif inside and line.startswith("Rss:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError(f"no mapping holds {address:#x}")
+
+
+@pytest.mark.skipif(not Path("/proc/self/smaps").exists(), reason="needs Linux's /proc")
+def test_released_weights_leave_memory_and_read_back_the_same(models: dict[str, Path]) -> None:
+    """Converting to bf16/int8 gives back the file's pages, so the fp32 copy is not kept resident."""
+    file = (models["bpe"] / "model.safetensors").resolve()
+    tensors = read_safetensors(file)
+    assert sum(float(t.float().sum()) for t in tensors.values()) != 0  # read every page
+    address = next(iter(tensors.values())).data_ptr()
+    before = _resident_bytes(address)
+    assert before > 0.9 * file.stat().st_size
+    for tensor in tensors.values():
+        tensors.release(tensor)
+    # Only whole pages inside a tensor go (the tiny model's biases and LayerNorms share pages): most of it.
+    assert _resident_bytes(address) < 0.5 * before
+    reference = load_file(file)
+    assert all(torch.equal(tensors[k], reference[k]) for k in tensors)  # pages come back from the file
 
 
 def test_missing_tensor_names_it(models: dict[str, Path], tmp_path: Path) -> None:
