@@ -192,46 +192,39 @@ def load_tokenizer(path: Path, config: dict[str, Any] | None = None) -> Tokenize
         class_name = "GPT2Tokenizer"
     if class_name not in _GPT2_TOKENIZERS or any(key in tokenizer_config for key in _UNUSUAL):
         return None
-    spec = _json(path / "tokenizer.json")
-    if spec is None or not _plain_byte_level(spec):
+    from tokenizers import Tokenizer as Backend
+
+    try:
+        backend = Backend.from_file(str(path / "tokenizer.json"))
+    except Exception:  # transformers will say what is wrong with it
+        return None
+    if not _plain_byte_level(backend):
         return None
     specials = dict(_GPT2_SPECIALS) if class_name.startswith("GPT2") else {}
     for role in _ROLES:
         if role in tokenizer_config:
             specials[role] = _token(tokenizer_config[role])
-    from tokenizers import Tokenizer as Backend
-
-    try:
-        backend = Backend.from_str(json.dumps(spec))
-    except Exception:  # transformers will say what is wrong with it
-        return None
     return Tokenizer(path, backend, specials, class_name)
 
 
-def _plain_byte_level(spec: dict[str, Any]) -> bool:
+def _plain_byte_level(backend: Any) -> bool:
     """Byte-level BPE with nothing that a GPT-2 tokenizer class in transformers would rebuild differently."""
 
-    def kind(part: str) -> str | None:
-        value = spec.get(part)
-        return value.get("type") if isinstance(value, dict) else None
+    def spec(part: Any) -> dict[str, Any]:  # a component's JSON, as in tokenizer.json
+        return {} if part is None else json.loads(part.__getstate__())
 
-    pre = spec.get("pre_tokenizer") or {}
-    post = spec.get("post_processor") or {}
-    plain_post = (
-        post == {}
-        or kind("post_processor") == "ByteLevel"
-        or (
-            kind("post_processor") == "TemplateProcessing"
-            and not post.get("special_tokens")
-            and post.get("single") == [{"Sequence": {"id": "A", "type_id": 0}}]
-        )
+    pre, post, decoder = spec(backend.pre_tokenizer), spec(backend.post_processor), spec(backend.decoder)
+    plain_post = post.get("type") in (None, "ByteLevel") or (
+        post.get("type") == "TemplateProcessing"
+        and not post.get("special_tokens")
+        and post.get("single") == [{"Sequence": {"id": "A", "type_id": 0}}]
     )
     return (
-        kind("model") == "BPE"
-        and spec.get("normalizer") is None
-        and kind("pre_tokenizer") == "ByteLevel"
+        type(backend.model).__name__ == "BPE"
+        and backend.normalizer is None
+        and pre.get("type") == "ByteLevel"
         and not pre.get("add_prefix_space", False)
-        and kind("decoder") == "ByteLevel"
+        and decoder.get("type") == "ByteLevel"
         and plain_post
     )
 
