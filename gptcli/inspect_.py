@@ -177,9 +177,11 @@ def score_text(lm: LoadedModel, text: str, *, stride: int | None = None) -> Scor
         while scored_to < len(ids):
             end = min(begin + context, len(ids))
             window = torch.tensor([ids[begin:end]], device=lm.device)
-            logits = lm.logits(window)[0].float()
-            # logits[j] predicts ids[begin + j + 1]: targets scored_to..end-1 use rows scored_to-1-begin..
-            rows = logits[scored_to - 1 - begin : end - 1 - begin]
+            # Position j predicts ids[begin + j + 1]: targets scored_to..end-1 need positions
+            # scored_to-1-begin..end-2-begin, the window's last ones but its very last. Only those go
+            # through the output layer (a 50,257-wide matmul): after the first window, half of them.
+            keep = end - scored_to + 1
+            rows = lm.logits(window, logits_to_keep=keep)[0, :-1].float()
             logprobs = torch.log_softmax(rows, dim=-1)
             targets = torch.tensor(ids[scored_to:end], device=lm.device)
             chosen = logprobs.gather(1, targets[:, None])[:, 0]
