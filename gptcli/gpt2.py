@@ -99,7 +99,8 @@ class MappedTensors(dict):
         """Drop the pages of `tensor` (one of ours, no longer needed: it was converted) from memory.
 
         Its whole pages only, so neighbours are untouched; a page read again later comes back from the
-        file (the mapping is private and never written). Without this, converting the fp32 weights to
+        file (the mapping is private, and gptcli never writes to it: a caller that edited a tensor in
+        place would see the edit undone). Without this, converting the fp32 weights to
         bf16 or int8 keeps both copies resident: 2.2 and 2.5 times the weights' size at peak.
         """
         start = tensor.data_ptr() - self._base

@@ -181,7 +181,7 @@ def score_text(lm: LoadedModel, text: str, *, stride: int | None = None) -> Scor
             # scored_to-1-begin..end-2-begin, the window's last ones but its very last. Only those go
             # through the output layer (a 50,257-wide matmul): after the first window, half of them.
             keep = end - scored_to + 1
-            rows = lm.logits(window, logits_to_keep=keep)[0, :-1].float()
+            rows = lm.logits(window, logits_to_keep=keep)[0, -keep:-1].float()  # (models that ignore it)
             logprobs = torch.log_softmax(rows, dim=-1)
             targets = torch.tensor(ids[scored_to:end], device=lm.device)
             chosen = logprobs.gather(1, targets[:, None])[:, 0]

@@ -37,8 +37,8 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 # A hub id is "name" or "owner/name" made of letters, digits, '-', '_' and '.', never '..'.
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
 _PICKLE_WEIGHTS = ("pytorch_model.bin", "pytorch_model.bin.index.json")
-# Any of these makes a tokenizer (fast, byte-level BPE, WordPiece, SentencePiece).
-_TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "vocab.txt", "tokenizer.model")
+# Any of these makes a tokenizer (fast, byte-level BPE, WordPiece, SentencePiece, tiktoken).
+_TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "vocab.txt", "tekken.json", "*.model", "*.tiktoken")
 
 
 @dataclass
@@ -299,19 +299,25 @@ def load_tokenizer(path: Path, *, trust_remote_code: bool = False) -> PreTrained
     from transformers import AutoTokenizer
 
     # With no tokenizer files at all transformers builds an empty tokenizer (one token) instead of failing.
-    if not any((path / name).is_file() for name in _TOKENIZER_FILES):
-        raise GptcliError(
-            f"no tokenizer in {path}: expected {path / 'tokenizer.json'} (or vocab.json and merges.txt, "
-            "or a WordPiece vocab.txt)"
-        )
+    missing = GptcliError(
+        f"no tokenizer in {path}: expected {path / 'tokenizer.json'} (or vocab.json and merges.txt, "
+        "or a WordPiece vocab.txt)"
+    )
+    if not trust_remote_code and not any(any(path.glob(name)) for name in _TOKENIZER_FILES):
+        raise missing  # (a model's own tokenizer code may read files of any name)
     _quiet_transformers()
     try:
-        return AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(
+            path, local_files_only=True, trust_remote_code=trust_remote_code
+        )
     except Exception as exc:
         for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
             if (path / name).is_file():
                 _read_json(path / name)  # a file that is not JSON: the error names it
         raise GptcliError(f"could not load the tokenizer in {path}: {first_line(exc)}") from exc
+    if len(tokenizer) <= 1:
+        raise missing
+    return tokenizer
 
 
 def load_tokenizer_only(

@@ -183,11 +183,12 @@ def load_tokenizer(path: Path, config: dict[str, Any] | None = None) -> Tokenize
     tokenizer_config = _json(path / "tokenizer_config.json") if has_config else {}
     if tokenizer_config is None or (path / "special_tokens_map.json").exists():
         return None
-    class_name = tokenizer_config.get("tokenizer_class")
-    if class_name is None:  # AutoTokenizer picks the class from config.json's model_type
-        if config is None:
-            config = _json(path / "config.json")
-        if config is None or config.get("model_type") != "gpt2":
+    if config is None:
+        config = _json(path / "config.json") or {}
+    # AutoTokenizer's order: tokenizer_config.json's class, config.json's, then the model type's.
+    class_name = tokenizer_config.get("tokenizer_class") or config.get("tokenizer_class")
+    if class_name is None:
+        if config.get("model_type") != "gpt2":
             return None
         class_name = "GPT2Tokenizer"
     if class_name not in _GPT2_TOKENIZERS or any(key in tokenizer_config for key in _UNUSUAL):
@@ -198,34 +199,60 @@ def load_tokenizer(path: Path, config: dict[str, Any] | None = None) -> Tokenize
         backend = Backend.from_file(str(path / "tokenizer.json"))
     except Exception:  # transformers will say what is wrong with it
         return None
-    if not _plain_byte_level(backend):
+    if not _plain_byte_level(backend, rebuilt=class_name.startswith("GPT2")):
         return None
+    # transformers truncates or pads only when asked, whatever tokenizer.json stored.
+    backend.no_truncation()
+    backend.no_padding()
     specials = dict(_GPT2_SPECIALS) if class_name.startswith("GPT2") else {}
     for role in _ROLES:
         if role in tokenizer_config:
             specials[role] = _token(tokenizer_config[role])
-    return Tokenizer(path, backend, specials, class_name)
+    # transformers adds every named special token as a special token; here each must already be one.
+    added = {t.content for t in backend.get_added_tokens_decoder().values() if t.special}
+    if any(token is not None and token not in added for token in specials.values()):
+        return None
+    # The name of the class transformers 5 builds for it.
+    shown = "GPT2Tokenizer" if class_name.startswith("GPT2") else "TokenizersBackend"
+    return Tokenizer(path, backend, specials, shown)
 
 
-def _plain_byte_level(backend: Any) -> bool:
-    """Byte-level BPE with nothing that a GPT-2 tokenizer class in transformers would rebuild differently."""
+def _plain_byte_level(backend: Any, *, rebuilt: bool) -> bool:
+    """Byte-level BPE that transformers uses as it is. `rebuilt`: the GPT-2 classes keep only the
+    vocabulary, merges and post-processor, and build a default BPE and pre-tokenizer around them, so
+    anything else in the file must be those defaults."""
 
     def spec(part: Any) -> dict[str, Any]:  # a component's JSON, as in tokenizer.json
         return {} if part is None else json.loads(part.__getstate__())
 
-    pre, post, decoder = spec(backend.pre_tokenizer), spec(backend.post_processor), spec(backend.decoder)
+    model, pre, post, decoder = (
+        backend.model,
+        spec(backend.pre_tokenizer),
+        spec(backend.post_processor),
+        spec(backend.decoder),
+    )
     plain_post = post.get("type") in (None, "ByteLevel") or (
         post.get("type") == "TemplateProcessing"
         and not post.get("special_tokens")
         and post.get("single") == [{"Sequence": {"id": "A", "type_id": 0}}]
     )
+    default_bpe = not (
+        model.byte_fallback
+        or model.fuse_unk
+        or model.ignore_merges
+        or model.continuing_subword_prefix
+        or model.end_of_word_suffix
+        or not pre.get("use_regex", True)
+    )
     return (
-        type(backend.model).__name__ == "BPE"
+        type(model).__name__ == "BPE"
+        and model.dropout is None
         and backend.normalizer is None
         and pre.get("type") == "ByteLevel"
         and not pre.get("add_prefix_space", False)
         and decoder.get("type") == "ByteLevel"
         and plain_post
+        and (default_bpe or not rebuilt)
     )
 
 

@@ -109,14 +109,49 @@ def test_a_missing_generation_config_takes_the_config_token_ids(models, tmp_path
         {"tokenizer_config.json": {"tokenizer_class": "LlamaTokenizer"}},
         {"tokenizer.json": {"normalizer": {"type": "Lowercase"}}},
         {"config.json": {"activation_function": "relu"}},
+        {"tokenizer_config.json": {"tokenizer_class": "GPT2Tokenizer", "eos_token": "<|not-in-vocab|>"}},
+        {"tokenizer.json": {"model": {"dropout": 0.1}}},  # random merges: never what a user wants
+        {
+            "tokenizer_config.json": {"tokenizer_class": "GPT2Tokenizer"},
+            "tokenizer.json": {"model": {"byte_fallback": True}},
+        },
     ],
 )
 def test_anything_unusual_goes_through_transformers(models, tmp_path: Path, change) -> None:
     folder = Path(shutil.copytree(models["bpe"], tmp_path / "m"))
     for name, values in change.items():
         data = json.loads((folder / name).read_text())
-        (folder / name).write_text(json.dumps({**data, **values}))
+        for key, value in values.items():  # one level deep: {"model": {"dropout": 0.1}} changes one key
+            data[key] = (
+                {**data[key], **value}
+                if isinstance(value, dict) and isinstance(data.get(key), dict)
+                else value
+            )
+        (folder / name).write_text(json.dumps(data))
     assert plain.load(folder) is None
+
+
+def test_truncation_and_padding_stored_in_tokenizer_json_are_off_as_in_transformers(
+    models, tmp_path: Path
+) -> None:
+    folder = Path(shutil.copytree(models["bpe"], tmp_path / "m"))
+    data = json.loads((folder / "tokenizer.json").read_text())
+    data["truncation"] = {"max_length": 4, "stride": 0, "strategy": "LongestFirst", "direction": "Right"}
+    (folder / "tokenizer.json").write_text(json.dumps(data))
+    ours = plain.load_tokenizer(folder)
+    assert ours is not None
+    assert ours.encode(TEXTS[2]) == AutoTokenizer.from_pretrained(folder).encode(TEXTS[2])
+    assert len(ours.encode(TEXTS[2])) > 4
+
+
+def test_the_class_named_in_config_json_decides_as_in_transformers(models, tmp_path: Path) -> None:
+    folder = Path(shutil.copytree(models["bpe"], tmp_path / "m"))
+    (folder / "tokenizer_config.json").unlink()
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "tokenizer_class": "PreTrainedTokenizerFast"}))
+    ours, theirs = plain.load_tokenizer(folder), AutoTokenizer.from_pretrained(folder)
+    assert ours is not None and ours.class_name == type(theirs).__name__
+    assert ours.all_special_ids == theirs.all_special_ids and ours.eos_token_id == theirs.eos_token_id
 
 
 def test_bert_style_tokenizers_go_through_transformers(models) -> None:
