@@ -292,8 +292,13 @@ def _stream(
     wanted = next(order, None)
     pending = rows()
     while todo := sorted(itertools.islice(pending, window), key=lambda r: len(r.prompt_ids)):
-        for first in range(0, len(todo), batch_size):
-            for event in _decode(lm, todo[first : first + batch_size], settings, eos, names):
+        first = 0
+        while first < len(todo):
+            # As many rows as fit in the KV cache budget; sorted, so the last row is the longest.
+            longest = len(todo[min(first + batch_size, len(todo)) - 1].prompt_ids)
+            size = _rows_that_fit(lm, longest, settings.max_new_tokens, batch_size)
+            batch, first = todo[first : first + size], first + size
+            for event in _decode(lm, batch, settings, eos, names):
                 if isinstance(event, TextChunk):
                     yield event
                     continue
@@ -303,8 +308,26 @@ def _stream(
                     wanted = next(order, None)
 
 
+# Most bytes one batch's KV cache may take, so that long prompts, or big models, decode fewer rows at a
+# time instead of running out of memory: 32 rows of GPT-2-124M near its full context would take 2.5 GB
+# (26 rows fit), GPT-2-XL's take 0.6 GB a row (3 fit).
+_KV_BUDGET = 2 * 2**30
+
+
+def _rows_that_fit(lm: LoadedModel, prompt_length: int, max_new_tokens: int, wanted: int) -> int:
+    """How many rows (at most `wanted`) of this length decode together within _KV_BUDGET."""
+    config = lm.config
+    layers = getattr(config, "n_layer", None) or getattr(config, "num_hidden_layers", None) or 1
+    width = getattr(config, "n_embd", None) or getattr(config, "hidden_size", None) or 1
+    context = lm.context_length
+    length = min(prompt_length, context) + min(max_new_tokens, context)
+    itemsize = 4 if lm.device.type == "cpu" else lm.dtype.itemsize  # gptcli.gpt2 keeps fp32 KV on CPUs
+    per_row = 2 * layers * width * length * itemsize  # keys and values of every layer
+    return max(1, min(wanted, _KV_BUDGET // per_row))
+
+
 def complete(
-    lm: LoadedModel, prompts: str | Sequence[str], settings: Settings | None = None, *, batch_size: int = 16
+    lm: LoadedModel, prompts: str | Sequence[str], settings: Settings | None = None, *, batch_size: int = 32
 ) -> list[Completion]:
     """Every completion of `prompts` (one prompt or many), in input order."""
     if isinstance(prompts, str):

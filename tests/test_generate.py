@@ -205,6 +205,27 @@ def test_batched_greedy_equals_one_at_a_time(lms, fixture: str) -> None:
     assert len(lengths) > 1  # the first batch really was padded
 
 
+def test_batches_take_fewer_rows_when_their_kv_cache_would_not_fit(lms, monkeypatch) -> None:
+    import gptcli.generate as generate
+
+    lm = lms["bpe"]
+    settings = greedy(max_new_tokens=6)
+    # Room for the KV cache of exactly two rows of the longest prompt (4 bytes, keys and values).
+    longest = max(len(lm.tokenizer.encode(p)) for p in PROMPTS) + 6
+    per_row = 2 * lm.config.n_layer * lm.config.n_embd * longest * 4
+    monkeypatch.setattr(generate, "_KV_BUDGET", 2 * per_row)
+    assert generate._rows_that_fit(lm, longest - 6, 6, 16) == 2
+    sizes = []
+    real_decode = generate._decode
+    monkeypatch.setattr(
+        generate, "_decode", lambda lm, rows, *a: sizes.append(len(rows)) or real_decode(lm, rows, *a)
+    )
+    batched = complete(lm, PROMPTS, settings, batch_size=16)
+    assert max(sizes) == 2 and sum(sizes) == len(PROMPTS)  # (the longest row is in every window here)
+    alone = [complete(lm, p, settings)[0] for p in PROMPTS]
+    assert [d.token_ids for d in batched] == [d.token_ids for d in alone]
+
+
 def test_batched_rows_reach_the_context_at_different_steps(lms) -> None:
     lm = lms["short"]  # 24 positions: every row below stops at the context, each at its own step
     prompts = [

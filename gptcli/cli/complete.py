@@ -128,8 +128,11 @@ def complete(
         typer.Option("--each-line", help="Every input line is a prompt; one JSON line per prompt, in order."),
     ] = False,
     batch_size: Annotated[
-        int, typer.Option("--batch-size", help="Prompts decoded together with --each-line.")
-    ] = 16,
+        int,
+        typer.Option(
+            "--batch-size", help="Most prompts decoded together with --each-line (fewer when long)."
+        ),
+    ] = 32,
     verbose: Annotated[
         bool, typer.Option("--verbose", "-v", help="Settings, time to first token and tokens/s on stderr.")
     ] = False,
