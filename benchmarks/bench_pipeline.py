@@ -2,7 +2,7 @@
 
 64 prompts of 2 to about 120 tokens, greedy, the same number of new tokens each (end-of-text ignored),
 on a GPT-2-124M-shaped model (random weights, built on the fly). gptcli runs what `complete
---each-line` runs (batches of 16, prompts sorted by length, completions back in input order); the
+--each-line` runs (batches of 32, prompts sorted by length, completions back in input order); the
 reference is a transformers loop, one `generate` per prompt. Also shown: gptcli one prompt at a time,
 and gptcli batched without sorting by length (what sorting buys). The variants take turns; medians.
 The greedy ids of every prompt must equal the reference's.
@@ -44,7 +44,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--new-tokens", type=int, default=None)
     parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--batch-size", type=int, default=32)
     args = parser.parse_args()
     new = args.new_tokens or (8 if args.quick else 32)
 
