@@ -162,13 +162,13 @@ def apply_temperature(logits: torch.Tensor, temperature: float) -> torch.Tensor:
     """`logits / temperature`, shifted so that the largest is 0 (softmax does not change).
 
     The shift keeps a tiny temperature from overflowing the largest logits to inf (inf - inf is NaN in
-    softmax): instead the distribution tends to greedy, as temperature -> 0 should. A temperature below
-    the dtype's smallest normal number acts as that number.
+    softmax): instead the distribution tends to greedy, as temperature -> 0 should. Below 1e-30 every
+    token but the likeliest (and its exact ties) already has probability 0 in float32, so a smaller
+    temperature acts as 1e-30: dividing by less would only overflow log-probabilities to -inf, which
+    JSON cannot carry.
     """
-    import torch
-
     shifted = logits - logits.amax(dim=-1, keepdim=True)
-    return shifted / max(temperature, torch.finfo(logits.dtype).tiny)
+    return shifted / max(temperature, 1e-30)
 
 
 def top_k_filter(logits: torch.Tensor, k: int) -> torch.Tensor:
