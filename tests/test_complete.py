@@ -8,11 +8,11 @@ import select
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
+from forked import fork_main
 
 from gptcli.tokens import TokenText
 
@@ -255,36 +255,10 @@ def test_each_line_with_a_prompt_is_a_usage_error(cli, bpe_model: Path) -> None:
 
 
 def _forked_gptcli(*args: object) -> tuple[int, int, int]:
-    """Run `gptcli ARGS` in a forked child with stdout and stderr on real pipes; (pid, out fd, err fd).
-
-    A fork, not `python -m gptcli`: the child starts with torch already imported, where a fresh
-    interpreter spends seconds on imports (start-up is covered by test_inspect). The child runs the
-    console-script entry point `gptcli.cli.main` with the default SIGINT handling of an interpreter.
-    """
+    """Run `gptcli ARGS` in a forked child with stdout and stderr on real pipes; (pid, out fd, err fd)."""
     out_r, out_w = os.pipe()
     err_r, err_w = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # the child: never return into pytest
-        code = 1
-        try:
-            os.dup2(out_w, 1)
-            os.dup2(err_w, 2)
-            for fd in (out_r, out_w, err_r, err_w):
-                os.close(fd)
-            # pytest's capture replaced sys.stdout/err; give the child the streams a real process has.
-            sys.stdout = open(1, "w", encoding="utf-8", closefd=False)  # noqa: SIM115
-            sys.stderr = open(2, "w", encoding="utf-8", closefd=False)  # noqa: SIM115
-            signal.signal(signal.SIGINT, signal.default_int_handler)
-            signal.signal(signal.SIGPIPE, signal.SIG_IGN)  # as CPython sets it at start-up
-            os.environ["TOKENIZERS_PARALLELISM"] = "false"  # no fork warning from tokenizers
-            sys.argv = ["gptcli", *map(str, args)]
-            from gptcli.cli import main
-
-            main()
-        except SystemExit as exc:
-            code = exc.code if isinstance(exc.code, int) else 1
-        finally:
-            os._exit(code)
+    pid = fork_main(*args, stdout=out_w, stderr=err_w, close=[out_r, out_w, err_r, err_w])
     os.close(out_w)
     os.close(err_w)
     return pid, out_r, err_r

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from forked import fork_main
 
 import tiny
 
@@ -85,31 +86,16 @@ class Child:
 def fork_gptcli(*args: object, log: Path, file_limit: int | None = None) -> Child:
     """Run `gptcli ARGS` in a forked child, stdout and stderr into `log`; `file_limit` caps the size of
     every file the child writes (RLIMIT_FSIZE: a write past it fails with EFBIG, as on a full disk)."""
-    pid = os.fork()
-    if pid == 0:  # the child: never return into pytest
-        code = 1
-        try:
-            fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-            os.dup2(fd, 1)
-            os.dup2(fd, 2)
-            os.close(fd)
-            sys.stdout = open(1, "w", encoding="utf-8", closefd=False)  # noqa: SIM115
-            sys.stderr = open(2, "w", encoding="utf-8", closefd=False)  # noqa: SIM115
-            signal.signal(signal.SIGINT, signal.default_int_handler)
-            signal.signal(signal.SIGTERM, signal.SIG_DFL)
-            signal.signal(signal.SIGPIPE, signal.SIG_IGN)  # as CPython sets them at start-up
-            signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-            if file_limit is not None:
-                resource.setrlimit(resource.RLIMIT_FSIZE, (file_limit, resource.RLIM_INFINITY))
-            os.environ["TOKENIZERS_PARALLELISM"] = "false"
-            sys.argv = ["gptcli", *map(str, args)]
-            from gptcli.cli import main
+    fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
 
-            main()
-        except SystemExit as exc:
-            code = exc.code if isinstance(exc.code, int) else 1
-        finally:
-            os._exit(code)
+    def limit() -> None:
+        if file_limit is not None:
+            resource.setrlimit(resource.RLIMIT_FSIZE, (file_limit, resource.RLIM_INFINITY))
+
+    try:
+        pid = fork_main(*args, stdout=fd, stderr=fd, close=[fd], before=limit)
+    finally:
+        os.close(fd)
     return Child(pid, log)
 
 
