@@ -55,7 +55,7 @@ def phases_gptcli(folder: str) -> dict[str, float]:
 
     marks.append(time.perf_counter())
     # What load_model imports lazily: torch and tokenizers; transformers only for folders that are not
-    # plain GPT-2 (gptcli.plain), so not here.
+    # plain GPT-2 (gptcli.gpt2_folder), so not here.
     import tokenizers  # noqa: F401
     import torch  # noqa: F401
 

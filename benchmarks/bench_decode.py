@@ -161,8 +161,8 @@ def quality(folder: Path, text: str) -> list[list[object]]:
     import torch
 
     from gptcli.generate import complete
-    from gptcli.inspect_ import score_text
     from gptcli.models import load_model
+    from gptcli.predict import score_text
     from gptcli.sampling import resolve_settings
 
     base = load_model(str(folder), device="cpu")

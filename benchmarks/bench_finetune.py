@@ -84,8 +84,8 @@ def peak_memory(device: str) -> float:
 
 
 def run_gptcli(args: argparse.Namespace, folder: Path, text: Path, out: Path) -> dict:
-    from gptcli.train import train
-    from gptcli.train_config import TrainConfig
+    from gptcli.training.config import TrainConfig
+    from gptcli.training.loop import train
 
     rates: list[float] = []
     peak = [0.0]

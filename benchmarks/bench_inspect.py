@@ -40,8 +40,8 @@ def main() -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from gptcli.inspect_ import next_token_distribution, score_text
     from gptcli.models import load_model
+    from gptcli.predict import next_token_distribution, score_text
 
     folder = model_folder()
 

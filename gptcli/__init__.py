@@ -14,14 +14,15 @@ _API = {
     "LoadedModel": "gptcli.models",
     "GptcliError": "gptcli.errors",
     "UsageError": "gptcli.errors",
-    "next_token_distribution": "gptcli.inspect_",
-    "score_text": "gptcli.inspect_",
-    "tokenize": "gptcli.inspect_",
+    "next_token_distribution": "gptcli.predict",
+    "score_text": "gptcli.predict",
+    "tokenize": "gptcli.tokens",
     "complete": "gptcli.generate",
     "stream": "gptcli.generate",
-    "resolve_settings": "gptcli.generate",
-    "train": "gptcli.train",
-    "TrainConfig": "gptcli.train_config",
+    "Settings": "gptcli.sampling",
+    "resolve_settings": "gptcli.sampling",
+    "train": "gptcli.training.loop",
+    "TrainConfig": "gptcli.training.config",
 }
 
 __all__ = ["__version__", *_API]

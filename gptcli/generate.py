@@ -16,17 +16,14 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from gptcli.errors import UsageError
-from gptcli.inspect_ import fit_context, left_pad, pad_id
-from gptcli.sampling import Settings, check_flags, draw, resolve_settings
+from gptcli.batching import check_batch_size, fit_context, left_pad, pad_id
+from gptcli.sampling import Settings, draw, resolve_settings
 from gptcli.tokens import Detokenizer, TokenText, decode, encode_prompt
-
-# Settings and their resolution are gptcli.sampling's; importing them from here keeps working.
-__all__ = ["Completion", "Settings", "TextChunk", "check_flags", "complete", "resolve_settings", "stream"]
 
 if TYPE_CHECKING:
     import torch
 
+    from gptcli.contracts import Tokenizer
     from gptcli.models import LoadedModel
 
 # --- Events -------------------------------------------------------------------------------------------
@@ -135,7 +132,7 @@ class KVStepper:
     last position: the decoder for checkpoints gptcli.gpt2 does not run (same interface as its
     CachedDecoder)."""
 
-    def __init__(self, model: Any, batch_size: int, max_length: int) -> None:
+    def __init__(self, model: Any) -> None:
         from transformers import DynamicCache
 
         self.model = model
@@ -183,7 +180,7 @@ def _decoder(lm: LoadedModel, batch_size: int, max_length: int) -> Any:
         from gptcli.gpt2 import CachedDecoder
 
         return CachedDecoder(lm.net, batch_size, max_length)
-    return KVStepper(lm.model, batch_size, max_length)
+    return KVStepper(lm.model)
 
 
 @dataclass
@@ -207,7 +204,7 @@ class _Row:
 
 
 def encode_for_context(
-    tokenizer: Any, prompt: str, context: int, max_new_tokens: int
+    tokenizer: Tokenizer, prompt: str, context: int, max_new_tokens: int
 ) -> tuple[list[int], int]:
     """The prompt's ids, cut from the left when they fill the context, keeping room to generate.
 
@@ -247,8 +244,7 @@ def stream(
     """
     settings = settings or resolve_settings(lm.generation_config)
     settings.validate()  # here, not at the first next(): a generator body runs only when iterated
-    if batch_size < 1:
-        raise UsageError(f"--batch-size must be at least 1 (got {batch_size})")
+    check_batch_size(batch_size)
     return _stream(lm, prompts, settings, batch_size)
 
 
@@ -316,10 +312,7 @@ _KV_BUDGET = 2 * 2**30
 
 def _rows_that_fit(lm: LoadedModel, prompt_length: int, max_new_tokens: int, wanted: int) -> int:
     """How many rows (at most `wanted`) of this length decode together within _KV_BUDGET."""
-    config = lm.config
-    layers = getattr(config, "n_layer", None) or getattr(config, "num_hidden_layers", None) or 1
-    width = getattr(config, "n_embd", None) or getattr(config, "hidden_size", None) or 1
-    context = lm.context_length
+    layers, width, context = lm.config.num_hidden_layers, lm.config.hidden_size, lm.context_length
     length = min(prompt_length, context) + min(max_new_tokens, context)
     itemsize = 4 if lm.device.type == "cpu" else lm.dtype.itemsize  # gptcli.gpt2 keeps fp32 KV on CPUs
     per_row = 2 * layers * width * length * itemsize  # keys and values of every layer

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-from gptcli.errors import GptcliError, UsageError
+from gptcli.errors import GptcliError, UsageError, first_line
 
 # Files a causal LM needs from a hub repo; pickle weights are fetched only when the caller allows them.
 _HUB_FILES = ["*.json", "*.safetensors", "*.txt", "*.model", "*.tiktoken"]
@@ -81,12 +81,6 @@ def download(repo_id: str, *, allow_pickle: bool = False, probed: bool = False) 
         return Path(snapshot_download(repo_id, allow_patterns=patterns))
     except Exception as exc:  # the hub's errors are many; the user needs the one line
         raise GptcliError(f"could not download {repo_id!r} from the hub: {first_line(exc)}") from exc
-
-
-def first_line(exc: BaseException) -> str:
-    """The first line of an exception's message (library errors can be long)."""
-    text = str(exc).strip() or type(exc).__name__
-    return text.splitlines()[0]
 
 
 def cached_models() -> list[dict[str, Any]]:

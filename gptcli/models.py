@@ -17,16 +17,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from gptcli.errors import GptcliError, UsageError
-from gptcli.hub import cached_snapshot, download, first_line, hub_reachable
-from gptcli.plain import load as load_plain
-from gptcli.plain import load_tokenizer as load_plain_tokenizer
+from gptcli import gpt2_folder
+from gptcli.errors import GptcliError, UsageError, first_line
+from gptcli.hub import cached_snapshot, download, hub_reachable
 
 if TYPE_CHECKING:
     import torch
-    from transformers import GenerationConfig, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-    from gptcli import plain
+    from gptcli.contracts import GenerationConfig, ModelConfig, Tokenizer
     from gptcli.gpt2 import GPT2
 
 DEFAULT_MODEL = "gpt2"
@@ -53,10 +52,11 @@ class LoadedModel:
 
     name: str
     path: Path
-    # transformers' classes, or for a plain GPT-2 folder gptcli.plain's stand-ins (no transformers import)
-    tokenizer: PreTrainedTokenizerBase | plain.Tokenizer
-    config: PretrainedConfig | plain.Config
-    generation_config: GenerationConfig | plain.GenerationConfig | None
+    # transformers' classes, or for a plain GPT-2 folder gptcli.gpt2_folder's stand-ins (no transformers
+    # import); gptcli.contracts declares what gptcli uses of either
+    tokenizer: Tokenizer
+    config: ModelConfig
+    generation_config: GenerationConfig | None
     device: torch.device
     dtype: torch.dtype
     net: GPT2 | None = None
@@ -69,6 +69,10 @@ class LoadedModel:
     @property
     def model(self) -> PreTrainedModel:
         """The transformers model (never quantized), loaded from `path` on first use when `net` runs."""
+        return self.load_transformers_model()
+
+    def load_transformers_model(self) -> PreTrainedModel:
+        """`model`, loaded now if it is not yet (imports transformers)."""
         if self._model is None:
             self._model = _load_transformers_model(
                 self.path, self.device, self.dtype, self.allow_pickle, self.trust_remote_code
@@ -115,7 +119,7 @@ class LoadedModel:
         return self.net.forward(input_ids, position_ids, mask=mask, logits_to_keep=logits_to_keep)
 
 
-def context_length(config: Any) -> int:
+def context_length(config: object) -> int:
     """How many positions the model can attend to (GPT-2: n_positions)."""
     for key in ("n_positions", "max_position_embeddings", "n_ctx", "seq_length"):
         value = getattr(config, key, None)
@@ -258,7 +262,7 @@ def check_model_folder(path: Path, *, allow_pickle: bool, trust_remote_code: boo
     if not config_file.is_file():
         raise GptcliError(f"no config.json in {path}: not a model folder saved with save_pretrained")
     if not trust_remote_code:
-        _refuse_remote_code(path)
+        refuse_remote_code(path)
     else:
         _read_json(config_file)
     if any(path.glob("*.safetensors")):
@@ -275,7 +279,7 @@ def check_model_folder(path: Path, *, allow_pickle: bool, trust_remote_code: boo
     return False
 
 
-def _refuse_remote_code(path: Path) -> None:
+def refuse_remote_code(path: Path) -> None:
     """Refuse a folder whose config or tokenizer config points at its own Python code (auto_map)."""
     for name in ("config.json", "tokenizer_config.json"):
         file = path / name
@@ -322,13 +326,23 @@ def load_tokenizer(path: Path, *, trust_remote_code: bool = False) -> PreTrained
 
 def load_tokenizer_only(
     name: str | None = None, *, trust_remote_code: bool = False
-) -> tuple[str, PreTrainedTokenizerBase, str | None]:
+) -> tuple[str, Tokenizer, str | None]:
     """(name, tokenizer, notice) of model `name`, without loading weights (for `gptcli tokenize`)."""
     name, path, notice = resolve(name)
     if not trust_remote_code:
-        _refuse_remote_code(path)
-    tokenizer = load_plain_tokenizer(path) or load_tokenizer(path, trust_remote_code=trust_remote_code)
+        refuse_remote_code(path)
+    tokenizer: Tokenizer | None = gpt2_folder.load_tokenizer(path)
+    if tokenizer is None:
+        tokenizer = load_tokenizer(path, trust_remote_code=trust_remote_code)
     return name, tokenizer, notice
+
+
+def check_quantize(quantize: str | None) -> None:
+    """Refuse a --quantize method gptcli does not have (before a model loads, too)."""
+    from gptcli.quantize import METHODS
+
+    if quantize is not None and quantize not in METHODS:
+        raise UsageError(f"--quantize must be {' or '.join(METHODS)} (got {quantize!r})")
 
 
 def load_model(
@@ -345,15 +359,15 @@ def load_model(
     `quantize="int8"` stores a plain GPT-2's matmul weights as int8 (gptcli.quantize); other models
     cannot be quantized.
     """
-    from gptcli.quantize import METHODS
-
-    if quantize is not None and quantize not in METHODS:
-        raise UsageError(f"unknown quantization {quantize!r}: use {', '.join(METHODS)}")
+    check_quantize(quantize)
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)
     name, path, notice = resolve(name, allow_pickle=allow_pickle)
     safetensors = check_model_folder(path, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
-    plain = load_plain(path) if safetensors else None  # a plain GPT-2: no need to import transformers
+    plain = gpt2_folder.load(path) if safetensors else None  # a plain GPT-2: no need to import transformers
+    config: ModelConfig
+    generation_config: GenerationConfig | None
+    tokenizer: Tokenizer
     if plain is not None:
         config, generation_config, tokenizer = plain
     else:
@@ -377,23 +391,25 @@ def load_model(
     if lm.net is None:
         if quantize:
             raise UsageError(f"--quantize works with plain GPT-2 checkpoints only; {path} is not one")
-        lm.model  # noqa: B018 -- load it now, so that a broken checkpoint fails here
+        lm.load_transformers_model()  # now, so that a broken checkpoint fails here
     return lm
 
 
-def _load_configs(path: Path, trust_remote_code: bool) -> tuple[PretrainedConfig, GenerationConfig | None]:
+def _load_configs(path: Path, trust_remote_code: bool) -> tuple[ModelConfig, GenerationConfig | None]:
     """config.json, and the generation config transformers' from_pretrained would give the model."""
-    from transformers import AutoConfig, GenerationConfig
+    from transformers import AutoConfig
+    from transformers import GenerationConfig as HFGenerationConfig
 
     try:
         config = AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=trust_remote_code)
     except Exception as exc:
         raise GptcliError(f"could not read {path / 'config.json'}: {first_line(exc)}") from exc
+    generation_config: HFGenerationConfig | None
     try:
-        generation_config = GenerationConfig.from_pretrained(path, local_files_only=True)
+        generation_config = HFGenerationConfig.from_pretrained(path, local_files_only=True)
     except OSError:  # no generation_config.json: what transformers derives from config.json
         try:
-            generation_config = GenerationConfig.from_model_config(config)
+            generation_config = HFGenerationConfig.from_model_config(config)
         except Exception:
             generation_config = None
     return config, generation_config
@@ -453,9 +469,9 @@ def model_info(lm: LoadedModel) -> dict[str, Any]:
         )[0],
         "model_type": config.model_type,
         "parameters": lm.num_parameters,
-        "layers": getattr(config, "n_layer", None) or getattr(config, "num_hidden_layers", None),
-        "heads": getattr(config, "n_head", None) or getattr(config, "num_attention_heads", None),
-        "embedding_size": getattr(config, "n_embd", None) or getattr(config, "hidden_size", None),
+        "layers": config.num_hidden_layers,
+        "heads": config.num_attention_heads,
+        "embedding_size": config.hidden_size,
         "context_length": lm.context_length,
         "vocab_size": config.vocab_size,
         "tokenizer": getattr(lm.tokenizer, "class_name", None) or type(lm.tokenizer).__name__,

@@ -14,10 +14,10 @@ from collections.abc import Iterable
 from functools import cache
 from typing import TYPE_CHECKING, Any
 
-from gptcli.errors import UsageError
+from gptcli.textio import check_text
 
 if TYPE_CHECKING:
-    from transformers import PreTrainedTokenizerBase
+    from gptcli.contracts import Tokenizer
 
 _BYTE_FALLBACK = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")
 
@@ -40,7 +40,7 @@ def _byte_decoder() -> dict[str, int]:
     return {chr(c): b for b, c in zip(printable, chars, strict=True)}
 
 
-def tokenizer_kind(tokenizer: PreTrainedTokenizerBase) -> str:
+def tokenizer_kind(tokenizer: Tokenizer) -> str:
     """'bytelevel', 'wordpiece' or 'other', from the tokenizer's decoder."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
     decoder = type(getattr(backend, "decoder", None)).__name__
@@ -54,7 +54,7 @@ def tokenizer_kind(tokenizer: PreTrainedTokenizerBase) -> str:
 class TokenText:
     """Exact bytes and readable pieces of a tokenizer's tokens, cached per id."""
 
-    def __init__(self, tokenizer: PreTrainedTokenizerBase) -> None:
+    def __init__(self, tokenizer: Tokenizer) -> None:
         self.tokenizer = tokenizer
         self.kind = tokenizer_kind(tokenizer)
         self.special_ids = set(tokenizer.all_special_ids)
@@ -84,14 +84,17 @@ class TokenText:
         self._bytes[token_id] = data
         return data
 
-    def piece(self, token_id: int) -> str:
-        """A one-line readable form: the text if the bytes are valid UTF-8, else `<e4 bb>`."""
-        return readable(self.bytes(token_id))
-
     def describe(self, token_id: int) -> dict[str, Any]:
         """{"id", "token", "bytes"} as the --json outputs give it (bytes in hex)."""
         data = self.bytes(token_id)
         return {"id": int(token_id), "token": readable(data), "bytes": data.hex()}
+
+
+def tokenize(tokenizer: Tokenizer, text: str) -> list[dict[str, Any]]:
+    """The tokens of `text` (no special tokens added): [{"id", "token", "bytes"}]."""
+    names = TokenText(tokenizer)
+    ids = tokenizer.encode(text, add_special_tokens=False) if text else []
+    return [names.describe(i) for i in ids]
 
 
 _ESCAPES = {"\n": "\\n", "\t": "\\t", "\r": "\\r", "\\": "\\\\"}
@@ -108,26 +111,7 @@ def readable(data: bytes) -> str:
     )
 
 
-def check_text(text: str, what: str = "the text") -> str:
-    """`text` as text UTF-8 can hold, or UsageError naming the first byte that is not UTF-8.
-
-    On POSIX, argv bytes that are not UTF-8 reach Python as lone surrogates (surrogateescape); the
-    tokenizers would refuse them with a TypeError that says nothing of the input. The byte offset is
-    the one `stdin is not valid UTF-8` reports for the same bytes.
-    """
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        try:
-            return text.encode("utf-8", "surrogateescape").decode("utf-8")  # escaped bytes that are UTF-8
-        except UnicodeDecodeError as exc:
-            raise UsageError(f"{what} is not valid UTF-8 (byte offset {exc.start})") from None
-        except UnicodeEncodeError as exc:  # a surrogate that no byte stands for (from Python, not argv)
-            raise UsageError(f"{what} is not valid Unicode text (a lone surrogate at {exc.start})") from None
-    return text
-
-
-def encode_prompt(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
+def encode_prompt(tokenizer: Tokenizer, text: str) -> list[int]:
     """Token ids of a prompt, the way the model saw text in training; never empty.
 
     BERT-style tokenizers frame text as [CLS] text [SEP]; a model that continues text was trained on
@@ -144,7 +128,7 @@ def encode_prompt(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
     return ids
 
 
-def start_token_id(tokenizer: PreTrainedTokenizerBase) -> int:
+def start_token_id(tokenizer: Tokenizer) -> int:
     """The token that stands for "start of text": BOS, else CLS, else EOS."""
     for candidate in (tokenizer.bos_token_id, tokenizer.cls_token_id, tokenizer.eos_token_id):
         if candidate is not None:
@@ -177,7 +161,7 @@ class Detokenizer:
     `after + text` reads right either way.
     """
 
-    def __init__(self, tokenizer: PreTrainedTokenizerBase, after: str = "") -> None:
+    def __init__(self, tokenizer: Tokenizer, after: str = "") -> None:
         self.tokenizer = tokenizer
         self.kind = tokenizer_kind(tokenizer)
         self.ids: list[int] = []
@@ -233,7 +217,7 @@ class Detokenizer:
         return text
 
 
-def decode(tokenizer: PreTrainedTokenizerBase, ids: Iterable[int], after: str = "") -> str:
+def decode(tokenizer: Tokenizer, ids: Iterable[int], after: str = "") -> str:
     """One-shot decode of generated ids, without special tokens, with the same rules as Detokenizer."""
     detok = Detokenizer(tokenizer, after)
     if detok.kind != "wordpiece":

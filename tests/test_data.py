@@ -1,4 +1,4 @@
-"""gptcli.data: reading inputs strictly, tokenizing once into a cache, packing, splitting, batch order."""
+"""gptcli.training.data: strict reading, one tokenization into a cache, packing, splits, batch order."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from gptcli.data import (
+from gptcli.errors import UsageError
+from gptcli.training.data import (
     BatchOrder,
     make_blocks,
     prepare_tokens,
@@ -20,7 +21,6 @@ from gptcli.data import (
     splits_exactly,
     tokenize_to_file,
 )
-from gptcli.errors import UsageError
 
 import tiny
 

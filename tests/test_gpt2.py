@@ -12,9 +12,9 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
+from gptcli.batching import left_pad
 from gptcli.errors import GptcliError
 from gptcli.gpt2 import CachedDecoder, read_safetensors
-from gptcli.inspect_ import left_pad
 from gptcli.models import load_model
 
 PROMPTS = ["今天天气很好", "The weather is nice today, so we", "", "龙"]

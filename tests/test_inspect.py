@@ -12,8 +12,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from gptcli.inspect_ import next_token_distribution, score_text
 from gptcli.models import load_model
+from gptcli.predict import next_token_distribution, score_text
 
 
 @pytest.fixture(scope="module")

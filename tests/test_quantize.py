@@ -82,7 +82,7 @@ def test_int8_stores_the_matmul_weights_as_int8(bpe_model: Path) -> None:
 
 
 def test_quantize_errors(bpe_model: Path, tmp_path: Path, cli) -> None:
-    with pytest.raises(UsageError, match="unknown quantization 'int4'"):
+    with pytest.raises(UsageError, match=r"--quantize must be int8 \(got 'int4'\)"):
         load_model(str(bpe_model), quantize="int4")
     folder = tmp_path / "scaled"
     shutil.copytree(bpe_model, folder)

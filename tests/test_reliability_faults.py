@@ -128,7 +128,7 @@ def metrics(out: Path) -> list[dict]:
 
 def leftovers(out: Path) -> list[str]:
     """Temporary files and folders of interrupted writes."""
-    found = [*out.glob(".*.tmp-*"), *out.glob(".export-*"), *(out / "data").glob(".*.tmp-*")]
+    found = [*out.glob(".*.tmp-*"), *out.glob(".export.tmp-*"), *(out / "data").glob(".*.tmp-*")]
     return sorted(p.name for p in found)
 
 

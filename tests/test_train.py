@@ -1,4 +1,4 @@
-"""`gptcli finetune` and gptcli.train on the tiny fixture models: real training runs, real processes."""
+"""`gptcli finetune` and gptcli.training on the tiny fixture models: real training runs, real processes."""
 
 from __future__ import annotations
 
@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from gptcli.train import lr_at, train
-from gptcli.train_config import TrainConfig
+from gptcli.training.config import TrainConfig
+from gptcli.training.loop import lr_at, train
 
 import tiny
 
@@ -353,3 +353,31 @@ def test_schedule_warms_up_then_decays_to_min_lr():
     assert lrs[4] == 1.0 and lrs[20] == pytest.approx(0.1)
     assert all(a >= b for a, b in itertools.pairwise(lrs[4:]))
     assert lr_at(0, 1.0, 0.1, 0, 20) == 1.0  # --warmup 0
+
+
+def test_every_finetune_option_defaults_to_trainconfig() -> None:
+    """The command is generated from TrainConfig: each option's default is the field's, nothing else."""
+    import dataclasses
+
+    import typer
+
+    from gptcli.cli import app
+
+    command = typer.main.get_command(app).commands["finetune"]  # type: ignore[attr-defined]
+    params = {p.name: p for p in command.params if p.name != "help"}
+    defaults = TrainConfig()
+    checked = 0
+    for f in dataclasses.fields(TrainConfig):
+        if f.name == "betas":  # no option: a fixed choice, documented on the field
+            assert f.name not in params
+            continue
+        param = params[f.name]
+        expected = getattr(defaults, f.name)
+        given = param.default if param.default is not None else ([] if isinstance(expected, list) else None)
+        if f.name in ("data", "out_dir"):  # required: no default on the command line
+            assert param.required, f.name
+        else:
+            assert given == expected, (f.name, given, expected)
+        assert param.help == f.metadata["cli"]["help"], f.name
+        checked += 1
+    assert checked == len(params) == 36

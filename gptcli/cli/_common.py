@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 
 from gptcli.errors import UsageError
+from gptcli.textio import decode_utf8, read_file_text, strip_one_newline
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -170,22 +171,7 @@ def read_stdin() -> str:
     """All of stdin as text; refuses a terminal (nothing piped) and invalid UTF-8 with a clear message."""
     if sys.stdin is None or sys.stdin.isatty():
         raise UsageError("no input: pass the text as an argument or pipe it on stdin")
-    data = sys.stdin.buffer.read()
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise UsageError(f"stdin is not valid UTF-8 (byte offset {exc.start})") from exc
-
-
-def read_file(path: Path) -> str:
-    try:
-        data = path.expanduser().read_bytes()
-    except OSError as exc:
-        raise UsageError(f"cannot read {path}: {exc.strerror or exc}") from exc
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise UsageError(f"{path} is not valid UTF-8 (byte offset {exc.start})") from exc
+    return decode_utf8(sys.stdin.buffer.read(), "stdin")
 
 
 def read_text(text: str | None, file: Path | None = None, *, strip_newline: bool = True) -> str:
@@ -196,13 +182,11 @@ def read_text(text: str | None, file: Path | None = None, *, strip_newline: bool
     if file is not None:
         if text not in (None, "-"):
             raise UsageError("give the text as an argument or with -f/--file, not both")
-        return read_file(file)
+        return read_file_text(file)
     if text is not None and text != "-":
         return text
     data = read_stdin()
-    if strip_newline and data.endswith("\n"):
-        data = data[:-1].removesuffix("\r")
-    return data
+    return strip_one_newline(data) if strip_newline else data
 
 
 def read_lines() -> list[str]:

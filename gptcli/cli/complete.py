@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
+from gptcli.batching import check_batch_size
 from gptcli.cli._common import (
     AllowPickleOpt,
     DeviceOpt,
@@ -25,8 +26,8 @@ from gptcli.cli._common import (
     read_text,
 )
 from gptcli.errors import UsageError
-from gptcli.quantize import METHODS
-from gptcli.sampling import Settings  # light: torch is imported only when decoding starts
+from gptcli.models import check_quantize
+from gptcli.sampling import Settings, check_flags, resolve_settings  # light: no torch until decoding
 
 if TYPE_CHECKING:
     from gptcli.generate import Completion
@@ -148,7 +149,7 @@ def complete(
 
     Values in the model's generation_config.json replace the defaults shown; flags replace both.
     """
-    from gptcli.generate import TextChunk, check_flags, resolve_settings, stream
+    from gptcli.generate import TextChunk, stream
 
     flags = {
         "max_new_tokens": max_new_tokens,
@@ -165,10 +166,8 @@ def complete(
         "logprobs": logprobs,
     }
     check_flags(**flags)
-    if quantize is not None and quantize not in METHODS:
-        raise UsageError(f"--quantize must be {' or '.join(METHODS)} (got {quantize!r})")
-    if batch_size < 1:
-        raise UsageError(f"--batch-size must be at least 1 (got {batch_size})")
+    check_quantize(quantize)
+    check_batch_size(batch_size)
     if each_line:
         if prompt not in (None, "-"):
             raise UsageError("--each-line reads prompts from stdin or -f; do not pass PROMPT too")

@@ -1,22 +1,24 @@
-"""The `finetune` command: options -> TrainConfig -> gptcli.train.train, with progress on stderr."""
+"""The `finetune` command: options -> TrainConfig -> gptcli.training.loop.train, with progress on stderr.
+
+The command's options are generated from TrainConfig's fields (their help, flags and panels are written
+there), so a default or a help text exists once.
+"""
 
 from __future__ import annotations
 
+import inspect
 import sys
-from pathlib import Path
+import typing
+from dataclasses import MISSING, fields
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from gptcli.cli._common import AllowPickleOpt, DeviceOpt, ModelOpt, TrustCodeOpt, command, is_tty, stderr
+from gptcli.cli._common import command, is_tty, stderr
+from gptcli.training.config import TrainConfig
 
 if TYPE_CHECKING:
-    from gptcli.train import TrainEvent, TrainResult
-
-_DATA = "Data"
-_TRAIN = "Training"
-_RUN = "Evaluation, checkpoints, output"
-_SCRATCH = "From scratch (--from-scratch)"
+    from gptcli.training.loop import TrainEvent, TrainResult
 
 EPILOG = """\
 [bold]Examples[/bold]
@@ -33,124 +35,36 @@ EPILOG = """\
 """
 
 
-@command(epilog=EPILOG)
-def finetune(
-    data: Annotated[
-        list[str],
-        typer.Argument(help="Training text: .txt files (one document each), .jsonl files, or - for stdin."),
-    ],
-    out: Annotated[
-        Path, typer.Option("--out", "-o", help="Output folder: checkpoints, metrics, then the trained model.")
-    ],
-    model: ModelOpt = None,
-    text_field: Annotated[
-        str, typer.Option(help="JSONL field that holds the text.", rich_help_panel=_DATA)
-    ] = "text",
-    val: Annotated[
-        list[str] | None,
-        typer.Option("--val", help="Validation file(s) instead of --val-split.", rich_help_panel=_DATA),
-    ] = None,
-    val_split: Annotated[
-        float, typer.Option(help="Fraction of blocks held out for validation.", rich_help_panel=_DATA)
-    ] = 0.05,
-    block_size: Annotated[
-        int | None,
-        typer.Option(
-            help="Tokens per sequence. (default: the model's context, at most 1024)",
-            show_default=False,
-            rich_help_panel=_DATA,
-        ),
-    ] = None,
-    steps: Annotated[
-        int | None,
-        typer.Option(
-            help="Optimizer steps. (default: one epoch)", show_default=False, rich_help_panel=_TRAIN
-        ),
-    ] = None,
-    epochs: Annotated[
-        float | None,
-        typer.Option(help="Passes over the data, instead of --steps.", rich_help_panel=_TRAIN),
-    ] = None,
-    batch_size: Annotated[
-        int, typer.Option(help="Sequences per process per micro-step.", rich_help_panel=_TRAIN)
-    ] = 8,
-    grad_accum: Annotated[
-        int, typer.Option(help="Micro-steps per optimizer step.", rich_help_panel=_TRAIN)
-    ] = 1,
-    lr: Annotated[float, typer.Option(help="Peak learning rate.", rich_help_panel=_TRAIN)] = 5e-5,
-    min_lr: Annotated[
-        float | None,
-        typer.Option(
-            help="Final learning rate of the cosine decay. (default: lr/10)", rich_help_panel=_TRAIN
-        ),
-    ] = None,
-    warmup: Annotated[
-        int | None,
-        typer.Option(
-            help="Warm-up steps; 0 turns it off. (default: 5% of steps, at most 1000)",
-            show_default=False,
-            rich_help_panel=_TRAIN,
-        ),
-    ] = None,
-    weight_decay: Annotated[float, typer.Option(help="AdamW weight decay.", rich_help_panel=_TRAIN)] = 0.1,
-    clip: Annotated[float, typer.Option(help="Gradient-norm clip; 0: none.", rich_help_panel=_TRAIN)] = 1.0,
-    dropout: Annotated[
-        float | None,
-        typer.Option(help="Override the model's dropout. (default: the model's)", rich_help_panel=_TRAIN),
-    ] = None,
-    seed: Annotated[
-        int, typer.Option(help="Seed for init, data order and dropout.", rich_help_panel=_TRAIN)
-    ] = 1337,
-    device: DeviceOpt = "auto",
-    precision: Annotated[
-        str,
-        typer.Option(help="auto|fp32|bf16|fp16 (auto: bf16 on GPU, fp32 on CPU).", rich_help_panel=_TRAIN),
-    ] = "auto",
-    compile_: Annotated[
-        bool, typer.Option("--compile", help="torch.compile the model.", rich_help_panel=_TRAIN)
-    ] = False,
-    eval_every: Annotated[
-        int, typer.Option(help="Steps between validation losses.", rich_help_panel=_RUN)
-    ] = 200,
-    eval_batches: Annotated[
-        int, typer.Option(help="Batches per validation loss.", rich_help_panel=_RUN)
-    ] = 20,
-    save_every: Annotated[int, typer.Option(help="Steps between checkpoints.", rich_help_panel=_RUN)] = 500,
-    log_every: Annotated[int, typer.Option(help="Steps between metrics lines.", rich_help_panel=_RUN)] = 10,
-    resume: Annotated[
-        bool,
-        typer.Option("--resume", help="Continue the run in --out from its checkpoint.", rich_help_panel=_RUN),
-    ] = False,
-    overwrite: Annotated[
-        bool,
-        typer.Option(
-            "--overwrite", help="Write into --out even if it holds other files.", rich_help_panel=_RUN
-        ),
-    ] = False,
-    from_scratch: Annotated[
-        bool,
-        typer.Option("--from-scratch", help="Train new random weights.", rich_help_panel=_SCRATCH),
-    ] = False,
-    n_layer: Annotated[
-        int | None, typer.Option(help="Blocks. (default: 6)", rich_help_panel=_SCRATCH)
-    ] = None,
-    n_head: Annotated[int | None, typer.Option(help="Heads. (default: 6)", rich_help_panel=_SCRATCH)] = None,
-    n_embd: Annotated[
-        int | None, typer.Option(help="Width. (default: 384)", rich_help_panel=_SCRATCH)
-    ] = None,
-    context: Annotated[
-        int | None, typer.Option(help="Positions. (default: 256)", rich_help_panel=_SCRATCH)
-    ] = None,
-    config: Annotated[
-        Path | None, typer.Option("--config", help="A config.json to start from.", rich_help_panel=_SCRATCH)
-    ] = None,
-    tokenizer: Annotated[
-        str | None,
-        typer.Option(help="Tokenizer hub id or folder. (default: -m's)", rich_help_panel=_SCRATCH),
-    ] = None,
-    allow_pickle: AllowPickleOpt = False,
-    trust_remote_code: TrustCodeOpt = False,
-) -> None:
+def _parameters() -> list[inspect.Parameter]:
+    """One typer parameter per TrainConfig field that has an option (all but `betas`)."""
+    hints = typing.get_type_hints(TrainConfig)
+    params = []
+    for f in fields(TrainConfig):
+        cli = f.metadata.get("cli")
+        if cli is None:
+            continue
+        kind = hints[f.name]
+        if f.name == "out_dir":  # required: a run's output must go somewhere the user chose
+            info: Any = typer.Option(*cli["flags"], help=cli["help"])
+            default: Any = inspect.Parameter.empty
+        elif cli["argument"]:
+            info, default = typer.Argument(help=cli["help"]), inspect.Parameter.empty
+        else:
+            default = f.default if f.default is not MISSING else None  # [] -> None: typer's "not given"
+            if f.default_factory is not MISSING:  # type: ignore[misc]
+                kind = kind | None
+            flags = cli["flags"] or ("--" + f.name.replace("_", "-"),)
+            shown = default is not None and "(default:" not in cli["help"]
+            info = typer.Option(*flags, help=cli["help"], show_default=shown, rich_help_panel=cli["panel"])
+        params.append(
+            inspect.Parameter(
+                f.name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=Annotated[kind, info]
+            )
+        )
+    return params
+
+
+def finetune(**options: Any) -> None:
     """Fine-tune a model on your text (or train one from scratch), on CPU, a GPU, or many under torchrun.
 
     Progress goes to stderr, and every logged step is a line in OUT/metrics.jsonl.
@@ -159,46 +73,10 @@ def finetune(
 
     Ctrl-C saves a checkpoint and exits 130; the same command with --resume continues the run.
     """
-    from gptcli.train import train
-    from gptcli.train_config import TrainConfig
+    from gptcli.training.loop import train
 
     cfg = TrainConfig(
-        data=data,
-        out_dir=out,
-        model=model,
-        text_field=text_field,
-        val=val or [],
-        val_split=val_split,
-        block_size=block_size,
-        steps=steps,
-        epochs=epochs,
-        batch_size=batch_size,
-        grad_accum=grad_accum,
-        lr=lr,
-        min_lr=min_lr,
-        warmup=warmup,
-        weight_decay=weight_decay,
-        clip=clip,
-        dropout=dropout,
-        seed=seed,
-        device=device,
-        precision=precision,
-        compile=compile_,
-        eval_every=eval_every,
-        eval_batches=eval_batches,
-        save_every=save_every,
-        log_every=log_every,
-        resume=resume,
-        overwrite=overwrite,
-        from_scratch=from_scratch,
-        n_layer=n_layer,
-        n_head=n_head,
-        n_embd=n_embd,
-        context=context,
-        model_config=config,
-        tokenizer=tokenizer,
-        allow_pickle=allow_pickle,
-        trust_remote_code=trust_remote_code,
+        **{name: [] if value is None and name == "val" else value for name, value in options.items()}
     )
     view = ProgressView(live=is_tty(sys.stderr))
     try:
@@ -209,6 +87,12 @@ def finetune(
         print(summary(result), file=sys.stderr, flush=True)
     if result.interrupted:
         raise typer.Exit(130)
+
+
+_PARAMETERS = _parameters()
+finetune.__signature__ = inspect.Signature(_PARAMETERS)  # type: ignore[attr-defined]
+finetune.__annotations__ = {p.name: p.annotation for p in _PARAMETERS}
+command(epilog=EPILOG)(finetune)
 
 
 def _duration(seconds: float) -> str:

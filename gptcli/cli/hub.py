@@ -9,20 +9,14 @@ import typer
 from gptcli.cli._common import AllowPickleOpt, JsonOpt, command, emit_json
 
 
-def _size(n: int) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1000 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return f"{n:.1f} GB"
-
-
 @command()
 def models(json_: JsonOpt = False) -> None:
     """The built-in model and the models in the local Hugging Face cache.
 
     Add one with `gptcli pull NAME` (hub id) or use any folder saved with save_pretrained: `-m ./folder`.
     """
+    from rich.filesize import decimal
+
     from gptcli.hub import cached_models
     from gptcli.models import BUILTIN, builtin_path
 
@@ -37,7 +31,7 @@ def models(json_: JsonOpt = False) -> None:
         return
     width = max((len(m["id"]) for m in found), default=0)
     for m in found:
-        print(f"{m['id']:<{width}}  {_size(m['size']):>9}  {m['path']}")
+        print(f"{m['id']:<{width}}  {decimal(m['size']):>9}  {m['path']}")
     if len(found) <= 1:
         print("(add models with `gptcli pull NAME`, or pass -m with a folder saved by save_pretrained)")
 

@@ -25,7 +25,7 @@ from gptcli.cli._common import (
     stdout,
 )
 from gptcli.errors import UsageError
-from gptcli.tokens import check_text
+from gptcli.textio import check_text
 
 TextArg = Annotated[str | None, typer.Argument(help="The text; read from stdin when absent or '-'.")]
 EachLineOpt = Annotated[
@@ -70,15 +70,15 @@ def tokenize(
     Pieces that are not whole characters (GPT-2 splits most CJK characters into byte pieces) are shown
     by their bytes, e.g. <e4 bb>.
     """
-    from gptcli.inspect_ import tokenize as tokenize_text
     from gptcli.models import load_tokenizer_only
+    from gptcli.tokens import tokenize as tokenize_text
 
     source = check_text(read_text(text))
     name, tokenizer, notice = load_tokenizer_only(model, trust_remote_code=trust_remote_code)
     if notice:
         note(notice)
     if (count or ids) and not json_:
-        # Ids alone, as inspect_.tokenize encodes them: describing every token of a 10 MB file would
+        # Ids alone, as tokens.tokenize encodes them: describing every token of a 10 MB file would
         # cost several times the encoding itself.
         token_ids = tokenizer.encode(source, add_special_tokens=False) if source else []
         print(len(token_ids) if count else " ".join(map(str, token_ids)))
@@ -110,12 +110,9 @@ def topk(
     On a terminal: a table with rank, id, piece, probability, log-probability. Piped: tab-separated
     `rank id piece prob logprob` lines. An empty prompt conditions on the start-of-text token.
     """
-    from gptcli.inspect_ import next_token_distribution
+    from gptcli.predict import check_topk_options, next_token_distribution
 
-    if k < 1:
-        raise UsageError("-k must be at least 1")
-    if not temperature > 0 or math.isinf(temperature):
-        raise UsageError("--temperature must be a positive number")
+    check_topk_options(k=k, temperature=temperature, batch_size=batch_size)
     prompts = read_lines() if each_line else [check_text(read_text(prompt))]
     if each_line and prompt not in (None, "-"):
         raise UsageError("--each-line reads prompts from stdin; do not pass PROMPT too")
@@ -175,7 +172,7 @@ def score(
     On a terminal the text is shown as a heat map: the redder a token, the more it surprised the model.
     Piped: tab-separated `id piece logprob rank` lines, with the totals on stderr.
     """
-    from gptcli.inspect_ import score_text
+    from gptcli.predict import score_text
 
     source = check_text(read_text(text, file, strip_newline=False))
     if not source:

@@ -1,4 +1,4 @@
-"""Looking inside the model: tokenization, next-token distributions and per-token scores (perplexity).
+"""What the model predicts: next-token distributions (`topk`) and per-token scores, perplexity (`score`).
 
 All probabilities are computed as float32 log-softmax over the model's logits, so they match a direct
 transformers computation whatever dtype the weights are in.
@@ -11,58 +11,22 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from gptcli.batching import check_batch_size, fit_context, left_pad, pad_id
 from gptcli.errors import UsageError
 from gptcli.sampling import apply_temperature
 from gptcli.tokens import TokenText, encode_prompt, start_token_id
 
 if TYPE_CHECKING:
-    import torch
-    from transformers import PreTrainedTokenizerBase
-
     from gptcli.models import LoadedModel
 
 
-def tokenize(tokenizer: PreTrainedTokenizerBase, text: str) -> list[dict[str, Any]]:
-    """The tokens of `text` (no special tokens added): [{"id", "token", "bytes"}]."""
-    names = TokenText(tokenizer)
-    ids = tokenizer.encode(text, add_special_tokens=False) if text else []
-    return [names.describe(i) for i in ids]
-
-
-def fit_context(ids: list[int], limit: int) -> tuple[list[int], int]:
-    """Keep the last `limit` ids; return them and how many were dropped from the left."""
-    if len(ids) <= limit:
-        return ids, 0
-    return ids[-limit:], len(ids) - limit
-
-
-def pad_id(tokenizer: PreTrainedTokenizerBase) -> int:
-    """The id used for padding; masked out, so any valid id works (GPT-2 has no pad token)."""
-    for candidate in (tokenizer.pad_token_id, tokenizer.eos_token_id, tokenizer.bos_token_id):
-        if candidate is not None:
-            return int(candidate)
-    return 0
-
-
-def left_pad(
-    rows: Sequence[Sequence[int]], pad: int, device: torch.device
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Batch rows of ids with padding on the left: (input_ids, attention_mask, position_ids).
-
-    Left padding puts every row's last real token in the last column, where the next token is read.
-    Positions count real tokens only, so a padded row sees the same positions as when it runs alone.
-    """
-    import torch
-
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, row in enumerate(rows):
-        if row:
-            ids[i, width - len(row) :] = torch.tensor(list(row), dtype=torch.long)
-            mask[i, width - len(row) :] = 1
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    return ids.to(device), mask.to(device), positions.to(device)
+def check_topk_options(*, k: int = 10, temperature: float = 1.0, batch_size: int = 16) -> None:
+    """Refuse a -k, --temperature or --batch-size that cannot work (before a model loads, too)."""
+    if k < 1:
+        raise UsageError("-k must be at least 1")
+    if not temperature > 0 or math.isinf(temperature):
+        raise UsageError("--temperature must be a positive number")
+    check_batch_size(batch_size)
 
 
 @dataclass
@@ -92,12 +56,7 @@ def next_token_distribution(
     """
     import torch
 
-    if k < 1:
-        raise UsageError("-k must be at least 1")
-    if not temperature > 0 or math.isinf(temperature):
-        raise UsageError("--temperature must be a positive number")
-    if batch_size < 1:
-        raise UsageError("--batch-size must be at least 1")
+    check_topk_options(k=k, temperature=temperature, batch_size=batch_size)
     names = TokenText(lm.tokenizer)
     k = min(k, lm.config.vocab_size)
     encoded = [fit_context(encode_prompt(lm.tokenizer, p), lm.context_length) for p in prompts]

@@ -11,21 +11,37 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
-from contextlib import nullcontext
-from dataclasses import dataclass, field
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
 
 from gptcli import __version__
-from gptcli.errors import GptcliError
-from gptcli.train_config import TrainConfig
-
-if TYPE_CHECKING:
-    import torch
-
-    from gptcli.checkpoint import RunLock
-    from gptcli.data import BatchOrder, Blocks
-    from gptcli.distributed import Dist
+from gptcli.errors import GptcliError, first_line
+from gptcli.training import distributed
+from gptcli.training.checkpoint import (
+    MetricsLog,
+    RunLock,
+    all_finite,
+    check_out_dir,
+    claim_out_dir,
+    export_model,
+    load_checkpoint,
+    non_finite_message,
+    plot_losses,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
+from gptcli.training.config import TrainConfig
+from gptcli.training.data import BatchOrder, Blocks, shard_start
+from gptcli.training.distributed import Dist, StopRequest
+from gptcli.training.setup import build_model, load_data, model_flops_per_token, peak_flops, resolve_precision
 
 
 @dataclass
@@ -64,58 +80,74 @@ class TrainResult:
 EventHandler = Callable[[TrainEvent], None]
 
 
+@dataclass
+class Position:
+    """Where a run is: what a checkpoint records besides the weights, and a resume restores."""
+
+    step: int = 0
+    samples_seen: int = 0
+    """The data position: the batch order is a function of it."""
+    tokens_seen: int = 0
+    pending_loss: float = 0.0
+    """The loss summed since the last logged step, so the first mean logged after a resume is the same."""
+    pending_steps: int = 0
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """How many optimizer steps, and the learning rate at each: linear warm-up, then cosine decay."""
+
+    total_steps: int
+    warmup: int
+    lr: float
+    min_lr: float
+
+    @classmethod
+    def for_run(cls, cfg: TrainConfig, blocks: int, global_batch: int) -> Schedule:
+        total = cfg.steps or max(1, math.ceil((cfg.epochs or 1.0) * blocks / global_batch))
+        warmup = min(total // 20, 1000) if cfg.warmup is None else cfg.warmup
+        return cls(total, warmup, cfg.lr, cfg.lr / 10 if cfg.min_lr is None else cfg.min_lr)
+
+    def lr_at(self, step: int) -> float:
+        return lr_at(step, self.lr, self.min_lr, self.warmup, self.total_steps)
+
+
+class Reporter:
+    """Sends TrainEvents to the handler (rank 0's; None on the other ranks)."""
+
+    def __init__(self, on_event: EventHandler | None) -> None:
+        self.on_event = on_event
+
+    def __call__(
+        self,
+        kind: str,
+        step: int = 0,
+        total: int = 0,
+        metrics: dict[str, Any] | None = None,
+        message: str = "",
+    ) -> None:
+        if self.on_event is not None:
+            self.on_event(TrainEvent(kind, step, total, metrics or {}, message))
+
+
 def train(config: TrainConfig, on_event: EventHandler | None = None) -> TrainResult:
     """Train as `config` says; report progress through `on_event`; return how it ended.
 
     Under torchrun every process calls this; only rank 0 calls `on_event` and writes files.
     Raises GptcliError for what the user can fix (bad data, foreign out_dir, a loss that became NaN).
     """
-    from gptcli import distributed
-    from gptcli.checkpoint import RunLock
-
     config.check()
     ddp = distributed.setup(config.device)
     lock = RunLock(Path(config.out_dir).expanduser())  # taken by rank 0, which alone writes
     try:
-        return _train(config, ddp, lock, on_event if ddp.is_main else None)
+        return _train(config, ddp, lock, Reporter(on_event if ddp.is_main else None))
     finally:
         lock.release()
         ddp.close()
 
 
-def _train(cfg: TrainConfig, ddp: Dist, lock: RunLock, on_event: EventHandler | None) -> TrainResult:
-    import torch
-    import torch.nn.functional as F
-
-    from gptcli.checkpoint import (
-        MetricsLog,
-        all_finite,
-        check_out_dir,
-        claim_out_dir,
-        export_model,
-        load_checkpoint,
-        non_finite_message,
-        plot_losses,
-        rng_state,
-        save_checkpoint,
-        set_rng_state,
-    )
-    from gptcli.data import shard_start
-    from gptcli.distributed import StopRequest
-    from gptcli.train_setup import (
-        build_model,
-        load_data,
-        model_flops_per_token,
-        peak_flops,
-        resolve_precision,
-    )
-
-    def report(kind: str, metrics: dict[str, Any] | None = None, message: str = "") -> None:
-        if on_event is not None:
-            on_event(TrainEvent(kind, step, total_steps, metrics or {}, message))
-
+def _train(cfg: TrainConfig, ddp: Dist, lock: RunLock, report: Reporter) -> TrainResult:
     started = time.perf_counter()
-    step = total_steps = 0
     device = ddp.device
     precision = resolve_precision(cfg.precision, device)
     if device.type == "cuda":
@@ -136,84 +168,58 @@ def _train(cfg: TrainConfig, ddp: Dist, lock: RunLock, on_event: EventHandler | 
     train_data, val_data, notes = load_data(cfg, ddp, tokenizer, model.config, out)
     notes = ([notice] if notice else []) + notes
     global_batch = cfg.batch_size * cfg.grad_accum * ddp.world
-    total_steps = cfg.steps or max(1, math.ceil((cfg.epochs or 1.0) * len(train_data.blocks) / global_batch))
-    warmup = min(total_steps // 20, 1000) if cfg.warmup is None else cfg.warmup
-    min_lr = cfg.lr / 10 if cfg.min_lr is None else cfg.min_lr
+    schedule = Schedule.for_run(cfg, len(train_data.blocks), global_batch)
+    total_steps = schedule.total_steps
     block_size = train_data.blocks.block_size
 
     model.to(device)
     model.train()
     optimizer = make_optimizer(model, cfg, device)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == torch.float16)
-
-    # Resume: weights, optimizer moments, scaler, position in the data, RNG streams, pending loss sum.
-    samples_seen = tokens_seen = pending_steps = 0
-    pending_loss = 0.0
     torch.manual_seed(cfg.seed + ddp.rank)  # different dropout masks on each rank, as in nanoGPT
+    at = Position()
     if resume_from is not None:
-        state = load_checkpoint(resume_from)
-        try:
-            model.load_state_dict(state["model"])
-            optimizer.load_state_dict(state["optimizer"])
-        except (RuntimeError, ValueError, KeyError) as exc:
-            raise GptcliError(
-                f"the checkpoint {resume_from} does not fit this model (was the run started with another "
-                f"-m or model size?): {str(exc).strip().splitlines()[0]}"
-            ) from exc
-        scaler.load_state_dict(state["scaler"])
-        step, samples_seen, tokens_seen = state["step"], state["samples_seen"], state["tokens_seen"]
-        pending_loss, pending_steps = state["pending_loss"], state["pending_steps"]
-        rng = state["rng"]
-        if len(rng) != ddp.world:
-            notes.append(f"the checkpoint was written by {len(rng)} process(es), this run has {ddp.world}")
-        set_rng_state(rng[ddp.rank % len(rng)], device)
-        notes.append(f"resumed from step {step} ({resume_from})")
-        del state
+        at = restore(resume_from, model, optimizer, scaler, ddp, notes)
 
     raw_model = model
     if cfg.compile:
         model = torch.compile(model)
     if ddp.enabled:
-        from torch.nn.parallel import DistributedDataParallel
-
         model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     autocast = torch.autocast(device.type, dtype=precision) if precision != torch.float32 else nullcontext()
-    metrics = (
-        MetricsLog(out / "metrics.jsonl", keep_until=step if resume_from else None) if ddp.is_main else None
-    )
+    metrics = None
+    if ddp.is_main:
+        metrics = MetricsLog(out / "metrics.jsonl", keep_until=at.step if resume_from else None)
     params = sum(p.numel() for p in raw_model.parameters())
     flops_per_token = model_flops_per_token(raw_model.config, params, block_size)
     peak = peak_flops(device)
-
-    report(
-        "start",
-        {
-            "parameters": params,
-            "train_tokens": len(train_data.blocks) * block_size,
-            "val_tokens": len(val_data) * block_size if val_data else 0,
-            "global_batch": global_batch,
-            "block_size": block_size,
-            "processes": ddp.world,
-            "device": str(device),
-            "precision": str(precision).removeprefix("torch."),
-            "start_step": step,
-        },
-    )
+    start_metrics = {
+        "parameters": params,
+        "train_tokens": len(train_data.blocks) * block_size,
+        "val_tokens": len(val_data) * block_size if val_data else 0,
+        "global_batch": global_batch,
+        "block_size": block_size,
+        "processes": ddp.world,
+        "device": str(device),
+        "precision": str(precision).removeprefix("torch."),
+        "start_step": at.step,
+    }
+    report("start", at.step, total_steps, start_metrics)
     for note in notes:
-        report("note", message=note)
+        report("note", at.step, total_steps, message=note)
 
     # The loop. Tensors stay on the device between log steps: no .item() (a GPU sync) until then.
-    loss_sum = torch.tensor(pending_loss, device=device)
-    interval_steps, interval_start = pending_steps, time.perf_counter()
+    loss_sum = torch.tensor(at.pending_loss, device=device)
+    interval_steps, interval_start = at.pending_steps, time.perf_counter()
     last_loss = last_val = None
-    last_saved = step if resume_from else None
+    last_saved = at.step if resume_from else None
     with StopRequest(under_torchrun=ddp.enabled) as stop:
-        while step < total_steps:
-            lr = lr_at(step, cfg.lr, min_lr, warmup, total_steps)
+        while at.step < total_steps:
+            lr = schedule.lr_at(at.step)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             for micro in range(cfg.grad_accum):
-                start = shard_start(samples_seen, micro, ddp.rank, ddp.world, cfg.batch_size)
+                start = shard_start(at.samples_seen, micro, ddp.rank, ddp.world, cfg.batch_size)
                 x, y = get_batch(train_data.blocks, train_data.order, start, cfg.batch_size, device)
                 # Only the last micro-step all-reduces gradients; the others just accumulate locally.
                 last = micro == cfg.grad_accum - 1
@@ -229,15 +235,15 @@ def _train(cfg: TrainConfig, ddp: Dist, lock: RunLock, on_event: EventHandler | 
             scaler.step(optimizer)
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
-            step += 1
-            samples_seen += global_batch
-            tokens_seen += global_batch * block_size
+            at.step += 1
+            at.samples_seen += global_batch
+            at.tokens_seen += global_batch * block_size
             interval_steps += 1
 
-            done = step == total_steps
-            evaluate = val_data is not None and (step % cfg.eval_every == 0 or done)
-            save = step % cfg.save_every == 0 or done
-            log = step % cfg.log_every == 0 or evaluate or done
+            done = at.step == total_steps
+            evaluate = val_data is not None and (at.step % cfg.eval_every == 0 or done)
+            save = at.step % cfg.save_every == 0 or done
+            log = at.step % cfg.log_every == 0 or evaluate or done
             stopping = ddp.any(stop.requested)
             if not (log or save or stopping):
                 continue
@@ -246,77 +252,119 @@ def _train(cfg: TrainConfig, ddp: Dist, lock: RunLock, on_event: EventHandler | 
             if not math.isfinite(mean_loss):
                 what = "infinite" if math.isinf(mean_loss) else "NaN"
                 raise GptcliError(
-                    non_finite_message(f"the training loss became {what}", step, last_saved, out)
+                    non_finite_message(f"the training loss became {what}", at.step, last_saved, out)
                 )
             if log:
-                now = time.perf_counter()
-                seconds_per_step = (now - interval_start) / interval_steps
+                seconds_per_step = (time.perf_counter() - interval_start) / interval_steps
                 record: dict[str, Any] = {
-                    "step": step,
+                    "step": at.step,
                     "loss": mean_loss,
                     "lr": lr,
-                    "tokens": tokens_seen,
+                    "tokens": at.tokens_seen,
                     "tokens_per_second": global_batch * block_size / seconds_per_step,
                 }
                 if peak:
-                    per_device = record["tokens_per_second"] / ddp.world
-                    record["mfu"] = flops_per_token * per_device / peak
-                if evaluate:
-                    assert val_data is not None
+                    record["mfu"] = flops_per_token * record["tokens_per_second"] / ddp.world / peak
+                if evaluate and val_data is not None:
                     last_val = record["val_loss"] = estimate_val_loss(raw_model, val_data, cfg, ddp, autocast)
                 last_loss = mean_loss
                 if metrics is not None:
                     metrics.write(record)
-                report("log", {**record, "eta_seconds": seconds_per_step * (total_steps - step)})
+                eta = seconds_per_step * (total_steps - at.step)
+                report("log", at.step, total_steps, {**record, "eta_seconds": eta})
                 loss_sum.zero_()
                 interval_steps = 0
             if save or stopping:
                 if not all_finite(raw_model):  # never let a checkpoint replace a good one with NaN weights
                     raise GptcliError(
-                        non_finite_message("the weights became NaN or infinite", step, last_saved, out)
+                        non_finite_message("the weights became NaN or infinite", at.step, last_saved, out)
                     )
-                state = {
-                    "format": 1,
-                    "step": step,
-                    "samples_seen": samples_seen,  # the data position: the batch order is a function of it
-                    "tokens_seen": tokens_seen,
-                    "pending_loss": ddp.mean(loss_sum).item(),  # so the next logged mean is the same
-                    "pending_steps": interval_steps,
-                    "rng": ddp.gather(rng_state(device)),  # every rank's dropout stream
-                    "model": raw_model.state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                    "scaler": scaler.state_dict(),
-                    "schedule": {"lr": cfg.lr, "min_lr": min_lr, "warmup": warmup, "steps": total_steps},
-                    "config": cfg.to_dict(),
-                }
+                at.pending_loss, at.pending_steps = ddp.mean(loss_sum).item(), interval_steps
+                state = checkpoint_state(at, raw_model, optimizer, scaler, schedule, cfg, ddp)
                 if ddp.is_main:
                     save_checkpoint(state, out, previous=last_saved)
-                    report("save", {"step": step})
-                last_saved = step
+                    report("save", at.step, total_steps, {"step": at.step})
+                last_saved = at.step
                 del state
             if stopping:
                 break
             interval_start = time.perf_counter()  # evaluation and saving are not training speed
 
-    interrupted = step < total_steps
     if ddp.is_main:
         export_model(raw_model, tokenizer, out)
         plot_losses(out / "metrics.jsonl", out / "loss.png")
     if metrics is not None:
         metrics.close()
+    seconds = time.perf_counter() - started
+    interrupted = at.step < total_steps
     result = TrainResult(
-        out,
-        step,
-        total_steps,
-        tokens_seen,
-        last_loss,
-        last_val,
-        time.perf_counter() - started,
-        interrupted,
-        ddp.is_main,
+        out, at.step, total_steps, at.tokens_seen, last_loss, last_val, seconds, interrupted, ddp.is_main
     )
-    report("end", {"loss": last_loss, "val_loss": last_val, "tokens": tokens_seen, "seconds": result.seconds})
+    end = {"loss": last_loss, "val_loss": last_val, "tokens": at.tokens_seen, "seconds": seconds}
+    report("end", at.step, total_steps, end)
     return result
+
+
+def checkpoint_state(
+    at: Position,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler,
+    schedule: Schedule,
+    cfg: TrainConfig,
+    ddp: Dist,
+) -> dict[str, Any]:
+    """Everything a resume needs to go on as if the run had never stopped (every rank must call this:
+    it gathers each rank's RNG state)."""
+    return {
+        "format": 1,
+        **asdict(at),
+        "rng": ddp.gather(rng_state(ddp.device)),  # every rank's dropout stream
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scaler": scaler.state_dict(),
+        "schedule": {
+            "lr": schedule.lr,
+            "min_lr": schedule.min_lr,
+            "warmup": schedule.warmup,
+            "steps": schedule.total_steps,
+        },
+        "config": cfg.to_dict(),
+    }
+
+
+def restore(
+    path: Path,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler,
+    ddp: Dist,
+    notes: list[str],
+) -> Position:
+    """Load a checkpoint into the model, optimizer and scaler, set this rank's RNG stream, and return
+    where the run was; what the user should know goes into `notes`."""
+    state = load_checkpoint(path)
+    try:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+    except (RuntimeError, ValueError, KeyError) as exc:
+        raise GptcliError(
+            f"the checkpoint {path} does not fit this model (was the run started with another "
+            f"-m or model size?): {first_line(exc)}"
+        ) from exc
+    scaler.load_state_dict(state["scaler"])
+    rng = state["rng"]
+    if len(rng) != ddp.world:
+        notes.append(f"the checkpoint was written by {len(rng)} process(es), this run has {ddp.world}")
+    set_rng_state(rng[ddp.rank % len(rng)], ddp.device)
+    notes.append(f"resumed from step {state['step']} ({path})")
+    return Position(
+        state["step"],
+        state["samples_seen"],
+        state["tokens_seen"],
+        state["pending_loss"],
+        state["pending_steps"],
+    )
 
 
 def lr_at(step: int, lr: float, min_lr: float, warmup: int, total: int) -> float:
@@ -331,8 +379,6 @@ def lr_at(step: int, lr: float, min_lr: float, warmup: int, total: int) -> float
 
 def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
     """AdamW with weight decay on matrices and embeddings only; the fused kernel on CUDA."""
-    import torch
-
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [
         {"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
@@ -345,8 +391,6 @@ def get_batch(
     blocks: Blocks, order: BatchOrder, start: int, batch_size: int, device: torch.device
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Inputs and next-token targets for samples start .. start+batch_size-1 of the training order."""
-    import torch
-
     tokens = torch.from_numpy(blocks.read(order.take(start, batch_size)))
     if device.type == "cuda":  # pinned memory lets the copy overlap with compute
         tokens = tokens.pin_memory()
@@ -354,16 +398,14 @@ def get_batch(
     return tokens[:, :-1], tokens[:, 1:]
 
 
-def estimate_val_loss(model: Any, val: Blocks, cfg: TrainConfig, ddp: Dist, autocast: Any) -> float:
+def estimate_val_loss(
+    model: torch.nn.Module, val: Blocks, cfg: TrainConfig, ddp: Dist, autocast: AbstractContextManager[Any]
+) -> float:
     """Mean loss per token over the first eval_batches x batch_size x processes validation blocks.
 
     Always the same blocks, split among the processes, so successive values (and runs with different
     numbers of processes) compare.
     """
-    import numpy as np
-    import torch
-    import torch.nn.functional as F
-
     count = min(len(val), cfg.eval_batches * cfg.batch_size * ddp.world)
     mine = np.arange(ddp.rank, count, ddp.world)
     total = torch.zeros(2, dtype=torch.float64, device=ddp.device)

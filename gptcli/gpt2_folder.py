@@ -14,9 +14,14 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any
 
 from gptcli.gpt2 import GPT2Config
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+    from gptcli.contracts import Tokenizer as TokenizerLike
 
 # tokenizer_class values under which transformers keeps tokenizer.json's byte-level BPE as it is.
 _GPT2_TOKENIZERS = {"GPT2Tokenizer", "GPT2TokenizerFast", "PreTrainedTokenizerFast", "TokenizersBackend"}
@@ -28,57 +33,82 @@ _UNUSUAL = ("auto_map", "add_bos_token", "add_eos_token", "add_prefix_space", "e
             "additional_special_tokens", "clean_up_tokenization_spaces", "split_special_tokens")  # fmt: skip
 
 
-class JsonConfig:
-    """A JSON object's keys as attributes; a missing key reads as its default, else None."""
+class Config:
+    """config.json of a plain GPT-2: its values, with GPT2Config's defaults for missing keys, under GPT-2's
+    names and the generic ones (num_hidden_layers...), as transformers' GPT2Config answers them.
 
-    defaults: ClassVar[dict[str, Any]] = {}
-    aliases: ClassVar[dict[str, str]] = {}
+    A name config.json may hold but gptcli does not use is not an attribute: a misspelt name in gptcli's
+    code is an AttributeError, not a silent None.
+    """
 
     def __init__(self, values: dict[str, Any]) -> None:
         self._values = dict(values)
+        get = values.get
+        self.model_type: str = get("model_type", "gpt2")
+        self.architectures: list[str] | None = get("architectures")
+        self.vocab_size: int = get("vocab_size", 50257)
+        self.n_positions: int = get("n_positions", 1024)
+        self.n_embd: int = get("n_embd", 768)
+        self.n_layer: int = get("n_layer", 12)
+        self.n_head: int = get("n_head", 12)
+        self.layer_norm_epsilon: float = get("layer_norm_epsilon", 1e-5)
+        self.bos_token_id: int | None = get("bos_token_id", 50256)
+        self.eos_token_id: int | None = get("eos_token_id", 50256)
+        self.pad_token_id: int | None = get("pad_token_id")
+        self.tokenizer_class: str | None = get("tokenizer_class")
 
-    def __getattr__(self, name: str) -> Any:
-        if name.startswith("_"):
-            raise AttributeError(name)
-        name = self.aliases.get(name, name)
-        return self._values.get(name, self.defaults.get(name))
+    @property
+    def hidden_size(self) -> int:
+        return self.n_embd
+
+    @property
+    def num_hidden_layers(self) -> int:
+        return self.n_layer
+
+    @property
+    def num_attention_heads(self) -> int:
+        return self.n_head
+
+    @property
+    def max_position_embeddings(self) -> int:
+        return self.n_positions
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self._values)
 
 
-class Config(JsonConfig):
-    """config.json of a GPT-2, with GPT2Config's defaults and its attribute names."""
+class GenerationConfig:
+    """generation_config.json; without one, config.json's token ids (GenerationConfig.from_model_config).
 
-    defaults: ClassVar[dict[str, Any]] = {
-        "model_type": "gpt2",
-        "vocab_size": 50257,
-        "n_positions": 1024,
-        "n_embd": 768,
-        "n_layer": 12,
-        "n_head": 12,
-        "layer_norm_epsilon": 1e-5,
-        "bos_token_id": 50256,
-        "eos_token_id": 50256,
-    }
-    aliases: ClassVar[dict[str, str]] = {
-        "hidden_size": "n_embd",
-        "num_hidden_layers": "n_layer",
-        "num_attention_heads": "n_head",
-        "max_position_embeddings": "n_positions",
-    }
+    Every setting gptcli reads is an attribute, None when the file does not set it (as in transformers 5).
+    """
 
+    def __init__(self, values: dict[str, Any]) -> None:
+        self._values = dict(values)
+        get = values.get
+        self.max_new_tokens: int | None = get("max_new_tokens")
+        self.temperature: float | None = get("temperature")
+        self.top_k: int | None = get("top_k")
+        self.top_p: float | None = get("top_p")
+        self.min_p: float | None = get("min_p")
+        self.repetition_penalty: float | None = get("repetition_penalty")
+        self.do_sample: bool | None = get("do_sample")
+        self.stop_strings: Any = get("stop_strings")
+        self.bos_token_id: Any = get("bos_token_id")
+        self.eos_token_id: Any = get("eos_token_id")
+        self.pad_token_id: Any = get("pad_token_id")
 
-class GenerationConfig(JsonConfig):
-    """generation_config.json; without one, config.json's token ids (GenerationConfig.from_model_config)."""
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self._values)
 
 
 class Tokenizer:
     """tokenizer.json through the `tokenizers` library, with the special tokens of tokenizer_config.json.
 
-    The subset of transformers' tokenizer API that gptcli uses, with the same results. Anything else (an
-    attribute not defined here, `return_tensors=...`) goes to transformers' tokenizer of the same
-    folder, loaded on first use, so Python callers still have the whole API.
+    The tokenizer API gptcli uses (gptcli.contracts.Tokenizer), with transformers' results. For the rest
+    of transformers' API, ask for `transformers_tokenizer()`: transformers' tokenizer of the same folder,
+    loaded (and transformers imported) on that call. Calls with options this class does not take
+    (`return_tensors=...`, padding) are handed to it the same way.
     """
 
     def __init__(self, path: Path, backend: Any, specials: dict[str, str | None], class_name: str) -> None:
@@ -88,18 +118,13 @@ class Tokenizer:
         self._specials = specials
         self._full: Any = None
 
-    def transformers_tokenizer(self) -> Any:
-        """transformers' tokenizer of the same folder (imports transformers on first use)."""
+    def transformers_tokenizer(self) -> PreTrainedTokenizerBase:
+        """transformers' tokenizer of the same folder (imports transformers on the first call)."""
         if self._full is None:
             from gptcli.models import load_tokenizer
 
             self._full = load_tokenizer(Path(self.name_or_path))
         return self._full
-
-    def __getattr__(self, name: str) -> Any:
-        if name.startswith("_"):
-            raise AttributeError(name)
-        return getattr(self.transformers_tokenizer(), name)
 
     def _id(self, role: str) -> int | None:
         token = self._specials.get(role)
@@ -121,6 +146,7 @@ class Tokenizer:
     def __call__(
         self,
         text: str | list[str],
+        *,
         add_special_tokens: bool = True,
         return_attention_mask: bool = True,
         **more: Any,
@@ -134,7 +160,7 @@ class Tokenizer:
             return self.transformers_tokenizer()(text, **options, **more)
         ids: Any
         if isinstance(text, str):
-            ids = self.encode(text, add_special_tokens)
+            ids = self.encode(text, add_special_tokens=add_special_tokens)
             mask: Any = [1] * len(ids)
         else:
             encodings = self.backend_tokenizer.encode_batch(text, add_special_tokens=add_special_tokens)
@@ -142,11 +168,11 @@ class Tokenizer:
             mask = [[1] * len(row) for row in ids]
         return {"input_ids": ids, "attention_mask": mask} if return_attention_mask else {"input_ids": ids}
 
-    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+    def encode(self, text: str, *, add_special_tokens: bool = True) -> list[int]:
         return self.backend_tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
 
-    def decode(self, ids: int | Iterable[int], skip_special_tokens: bool = False) -> str:
-        ids = [ids] if isinstance(ids, int) else [int(i) for i in ids]
+    def decode(self, token_ids: int | Iterable[int], *, skip_special_tokens: bool = False) -> str:
+        ids = [token_ids] if isinstance(token_ids, int) else [int(i) for i in token_ids]
         return self.backend_tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
 
     def convert_ids_to_tokens(self, ids: int | Iterable[int]) -> Any:
@@ -289,3 +315,10 @@ def load(path: Path) -> tuple[Config, GenerationConfig, Tokenizer] | None:
             if getattr(config, key) is not None
         }
     return config, GenerationConfig(generation), tokenizer
+
+
+def transformers_tokenizer(tokenizer: TokenizerLike) -> PreTrainedTokenizerBase:
+    """transformers' own tokenizer: `tokenizer` itself, or the one the stand-in was made from."""
+    if isinstance(tokenizer, Tokenizer):
+        return tokenizer.transformers_tokenizer()
+    return tokenizer  # type: ignore[return-value]

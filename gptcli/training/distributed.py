@@ -12,12 +12,13 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any, TypeVar
+
+import torch
+import torch.distributed as dist
 
 from gptcli.errors import GptcliError
-
-if TYPE_CHECKING:
-    import torch
+from gptcli.models import resolve_device
 
 T = TypeVar("T")
 
@@ -47,8 +48,6 @@ class Dist:
         """The sum of `value` over all processes (the tensor itself in a single process)."""
         if not self.enabled:
             return value
-        import torch.distributed as dist
-
         value = value.detach().clone()
         dist.all_reduce(value, op=dist.ReduceOp.SUM)  # gloo has no AVG
         return value
@@ -61,9 +60,6 @@ class Dist:
         """Whether `flag` is true on any process; every process must call it at the same point."""
         if not self.enabled:
             return flag
-        import torch
-        import torch.distributed as dist
-
         value = torch.tensor([int(flag)])
         dist.all_reduce(value, op=dist.ReduceOp.MAX, group=self.control)
         return bool(value.item())
@@ -72,8 +68,6 @@ class Dist:
         """Every process's `obj`, in rank order."""
         if not self.enabled:
             return [obj]
-        import torch.distributed as dist
-
         out: list[Any] = [None] * self.world
         dist.all_gather_object(out, obj, group=self.control)
         return out
@@ -82,8 +76,6 @@ class Dist:
         """Run `fn` on rank 0 alone and hand its result, or its error, to every process."""
         if not self.enabled:
             return fn()
-        import torch.distributed as dist
-
         box: list[Any] = [None]
         failure: BaseException | None = None
         if self.is_main:
@@ -100,34 +92,19 @@ class Dist:
             raise GptcliError(value)
         return value
 
-    def barrier(self) -> None:
-        if self.enabled:
-            import torch.distributed as dist
-
-            dist.barrier(group=self.control)
-
     def close(self) -> None:
-        if self.enabled:
-            import torch.distributed as dist
-
-            if dist.is_initialized():
-                dist.destroy_process_group()
+        if self.enabled and dist.is_initialized():
+            dist.destroy_process_group()
 
 
 def setup(device_spec: str) -> Dist:
     """Join the process group when torchrun started us (NCCL on GPUs, gloo on CPU), and pick the device."""
-    import torch
-
-    from gptcli.models import resolve_device
-
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     device = resolve_device(device_spec)
     if world <= 1:
         return Dist(0, 0, 1, device)
-
-    import torch.distributed as dist
 
     if device.type == "cuda":
         if local_rank >= torch.cuda.device_count():

@@ -1,4 +1,4 @@
-"""gptcli.plain stands in for transformers' config, generation config and tokenizer: the same values."""
+"""gptcli.gpt2_folder stands in for transformers' config, generation config and tokenizer: the same values."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from transformers import AutoConfig, AutoTokenizer, GenerationConfig
 
-from gptcli import plain
+from gptcli import gpt2_folder as plain
 from gptcli.generate import eos_ids
 from gptcli.models import builtin_path, context_length, load_model
 from gptcli.sampling import generation_config_values
@@ -58,7 +58,7 @@ def test_tokenizer_equals_transformers(pair) -> None:
 
 
 def test_calling_the_tokenizer_equals_transformers(pair) -> None:
-    (_, _, ours), theirs = pair
+    (config, _, ours), theirs = pair
     assert ours(TEXTS[2]) == dict(theirs(TEXTS[2]))
     assert ours(TEXTS, add_special_tokens=False) == dict(theirs(TEXTS, add_special_tokens=False))
     assert ours(TEXTS, return_attention_mask=False) == dict(theirs(TEXTS, return_attention_mask=False))
@@ -66,7 +66,12 @@ def test_calling_the_tokenizer_equals_transformers(pair) -> None:
     assert ours(TEXTS[2], return_tensors="pt")["input_ids"].tolist() == (
         theirs(TEXTS[2], return_tensors="pt")["input_ids"].tolist()
     )
-    assert ours.tokenize(TEXTS[0]) == theirs.tokenize(TEXTS[0])
+    # The rest of transformers' API is asked for by name; a name the stand-in lacks is an error.
+    assert ours.transformers_tokenizer().tokenize(TEXTS[0]) == theirs.tokenize(TEXTS[0])
+    with pytest.raises(AttributeError):
+        ours.tokenize  # noqa: B018
+    with pytest.raises(AttributeError):
+        config.vocab_sise  # noqa: B018 -- a misspelt config key is an error, not None
 
 
 @settings(max_examples=60, deadline=None)

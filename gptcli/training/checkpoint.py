@@ -21,14 +21,15 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
-from gptcli.errors import GptcliError, UsageError
+import torch
+
+from gptcli.errors import GptcliError, UsageError, first_line
+from gptcli.training.atomic import atomic_write, atomic_write_json, free_space, fsync_dir, is_temp
 
 if TYPE_CHECKING:
-    import torch
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 MARKER = "gptcli-run.json"
@@ -39,75 +40,6 @@ DATA = "data"
 LOCK = ".lock"
 # What --overwrite may delete: only files a run of ours wrote, never anything else in the folder.
 _OURS = (MARKER, CHECKPOINT, METRICS, PLOT, DATA)
-# Temporary names: atomic_write's ".NAME.tmp-PID" (here and in data/), export_model's ".export-XXXX/".
-_TEMPS = (
-    *(f".{name}.tmp-" for name in (MARKER, CHECKPOINT, METRICS, PLOT)),
-    ".export-",
-    *(f".{name}.tmp-" for name in ("train.bin", "val.bin", "meta.json")),
-)
-
-
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:  # not possible on every OS (Windows); the rename is still atomic
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def atomic_write(path: Path, write: Callable[[IO[bytes]], None]) -> None:
-    """Write `path` through `write(file)` under a temporary name, fsync it, then rename it into place.
-
-    Raises GptcliError when the file cannot be written (a full disk, a file-size limit); `path` then
-    still holds its previous content.
-    """
-    temp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    sink: _Sink | None = None
-    try:
-        with open(temp, "wb") as f:
-            sink = _Sink(f)
-            write(sink)  # type: ignore[arg-type]
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(temp, path)
-    except (OSError, RuntimeError) as exc:  # torch.save reports a failed write as a RuntimeError
-        cause = sink.error if sink is not None and sink.error is not None else exc
-        reason = getattr(cause, "strerror", None) or str(cause).strip().splitlines()[0]
-        raise GptcliError(f"could not write {path} ({reason}{_free_space(path.parent)})") from exc
-    finally:
-        temp.unlink(missing_ok=True)
-    _fsync_dir(path.parent)
-
-
-class _Sink:
-    """A file that remembers why a write failed: torch.save turns the OSError (a full disk, a file-size
-    limit) into a RuntimeError that only says `unexpected pos 704 vs 598`."""
-
-    def __init__(self, file: IO[bytes]) -> None:
-        self._file = file
-        self.error: OSError | None = None
-
-    def write(self, data: Any) -> int:
-        try:
-            return self._file.write(data)
-        except OSError as exc:
-            self.error = exc
-            raise
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._file, name)
-
-
-def _free_space(folder: Path) -> str:
-    try:
-        return f"; {shutil.disk_usage(folder).free / 1e6:,.0f} MB free on that disk"
-    except OSError:
-        return ""
 
 
 class RunLock:
@@ -204,7 +136,7 @@ def _check_contents(out_dir: Path, *, resume: bool, overwrite: bool) -> Path | N
 
 def _ours_in_passing(name: str) -> bool:
     """The lock, and temporary files of a run that was killed: ours, and never a reason to refuse."""
-    return name == LOCK or name.startswith(_TEMPS)
+    return name == LOCK or is_temp(name)
 
 
 def claim_out_dir(
@@ -217,7 +149,7 @@ def claim_out_dir(
     resume_from = _check_contents(out_dir, resume=resume, overwrite=overwrite)
     # Under the lock no other run is writing, so every temporary file here is a killed run's leftover.
     for leftover in [*out_dir.glob(".*"), *(out_dir / DATA).glob(".*")]:
-        if not leftover.name.startswith(_TEMPS):
+        if not is_temp(leftover.name):
             continue
         if leftover.is_dir():
             shutil.rmtree(leftover, ignore_errors=True)
@@ -232,7 +164,7 @@ def claim_out_dir(
                 target.unlink(missing_ok=True)
     out_dir.mkdir(parents=True, exist_ok=True)
     marker = {"gptcli": describe.get("version"), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **describe}
-    atomic_write(out_dir / MARKER, lambda f: f.write(json.dumps(marker, indent=1, default=str).encode()))
+    atomic_write_json(out_dir / MARKER, marker)
     return resume_from
 
 
@@ -245,8 +177,6 @@ def _read_marker(path: Path) -> bool:
 
 def save_checkpoint(state: dict[str, Any], out_dir: Path, previous: int | None) -> None:
     """Write checkpoint.pt atomically; on failure say that the previous one (step `previous`) is kept."""
-    import torch
-
     try:
         atomic_write(out_dir / CHECKPOINT, lambda f: torch.save(state, f))
     except GptcliError as exc:
@@ -260,20 +190,17 @@ def save_checkpoint(state: dict[str, Any], out_dir: Path, previous: int | None) 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:
     """Our own checkpoint: tensors, numbers and strings only, so the weights_only loader reads it."""
-    import torch
-
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise GptcliError(f"cannot read the checkpoint {path}: {reason}") from exc
+        raise GptcliError(f"cannot read the checkpoint {path}: {first_line(exc)}") from exc
 
 
 def export_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, out_dir: Path) -> None:
     """Save a model folder (safetensors, config, generation config, tokenizer) into `out_dir`, atomically
     file by file, so `from_pretrained(out_dir)` and `gptcli complete -m out_dir` load it."""
     try:
-        with tempfile.TemporaryDirectory(dir=out_dir, prefix=".export-") as temp:
+        with tempfile.TemporaryDirectory(dir=out_dir, prefix=".export.tmp-") as temp:
             model.save_pretrained(temp, safe_serialization=True)
             tokenizer.save_pretrained(temp)
             for file in sorted(Path(temp).iterdir()):
@@ -281,12 +208,12 @@ def export_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, out
                     os.fsync(f.fileno())
                 os.replace(file, out_dir / file.name)
     except Exception as exc:  # a full disk, as safetensors or the tokenizer report it
-        reason = getattr(exc, "strerror", None) or str(exc).strip().splitlines()[0]
+        reason = getattr(exc, "strerror", None) or first_line(exc)
         raise GptcliError(
-            f"could not write the model folder into {out_dir} ({reason}{_free_space(out_dir)}); "
+            f"could not write the model folder into {out_dir} ({reason}{free_space(out_dir)}); "
             f"the checkpoint is kept, and --resume writes the model folder again"
         ) from exc
-    _fsync_dir(out_dir)
+    fsync_dir(out_dir)
 
 
 class MetricsLog:
@@ -313,7 +240,7 @@ class MetricsLog:
             self._file.flush()
         except OSError as exc:
             raise GptcliError(
-                f"could not write {self.path} ({exc.strerror or exc}{_free_space(self.path.parent)}); "
+                f"could not write {self.path} ({exc.strerror or exc}{free_space(self.path.parent)}); "
                 "free some space, then --resume"
             ) from exc
 
@@ -333,7 +260,7 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
 
 def plot_losses(metrics: Path, out: Path) -> None:
     """loss.png: training and validation loss against tokens seen."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.backends.backend_agg import FigureCanvasAgg  # matplotlib: only at the end of a run
     from matplotlib.figure import Figure
 
     records = read_metrics(metrics)
@@ -357,8 +284,6 @@ def plot_losses(metrics: Path, out: Path) -> None:
 
 def rng_state(device: torch.device) -> dict[str, Any]:
     """The random streams dropout draws from, so a resumed run draws the same masks."""
-    import torch
-
     return {
         "cpu": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
@@ -366,8 +291,6 @@ def rng_state(device: torch.device) -> dict[str, Any]:
 
 
 def set_rng_state(state: dict[str, Any], device: torch.device) -> None:
-    import torch
-
     torch.set_rng_state(state["cpu"])
     if device.type == "cuda" and state.get("cuda") is not None:
         torch.cuda.set_rng_state(state["cuda"], device)
@@ -388,6 +311,4 @@ def non_finite_message(what: str, step: int, last_saved: int | None, out: Path) 
 
 def all_finite(model: torch.nn.Module) -> bool:
     """Whether every weight is finite: checked before a checkpoint may replace the last good one."""
-    import torch
-
     return bool(torch.stack([p.isfinite().all() for p in model.parameters()]).all())

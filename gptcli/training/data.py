@@ -22,10 +22,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+
 from gptcli.errors import GptcliError, UsageError
+from gptcli.textio import decode_utf8
+from gptcli.training.atomic import atomic_write_json, temp_path
 
 if TYPE_CHECKING:
-    import numpy as np
     from transformers import PreTrainedTokenizerBase
 
 CACHE_FORMAT = 1
@@ -52,8 +55,6 @@ class Blocks:
 
     def read(self, which: np.ndarray) -> np.ndarray:
         """The blocks numbered `which`, as an int64 array of shape (len(which), block_size + 1)."""
-        import numpy as np
-
         offsets = self.starts[which][:, None] + np.arange(self.block_size + 1)
         return self.tokens[offsets].astype(np.int64)
 
@@ -72,8 +73,6 @@ class TokenCache:
 
     def open(self, split: str) -> np.ndarray:
         """The ids of `split` ('train' or 'val') as a read-only memmap."""
-        import numpy as np
-
         count = self.train_tokens if split == "train" else self.val_tokens
         if count == 0:
             return np.zeros(0, dtype=self.dtype)
@@ -81,13 +80,6 @@ class TokenCache:
 
 
 # ---- reading ---------------------------------------------------------------------------------------
-
-
-def _decode(data: bytes, where: str) -> str:
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise UsageError(f"{where} is not valid UTF-8 (byte offset {exc.start})") from exc
 
 
 def _read_bytes(path: str, stdin: bytes | None) -> bytes:
@@ -121,11 +113,11 @@ def read_documents(
         data = _read_bytes(path, stdin)
         where = "stdin" if path == "-" else path
         if not path.lower().endswith(".jsonl"):
-            yield _decode(data, where)
+            yield decode_utf8(data, where)
             continue
         offset = 0
         for number, line in enumerate(data.split(b"\n"), 1):
-            text = _jsonl_line(line, where, offset)
+            text = decode_utf8(line, where, offset=offset)
             offset += len(line) + 1
             if not text.strip():
                 continue
@@ -139,13 +131,6 @@ def read_documents(
                     f"{where} line {number} has no string field {text_field!r} (use --text-field NAME)"
                 )
             yield value
-
-
-def _jsonl_line(line: bytes, where: str, offset: int) -> str:
-    try:
-        return line.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise UsageError(f"{where} is not valid UTF-8 (byte offset {offset + exc.start})") from exc
 
 
 def split_document(text: str, piece_chars: int = PIECE_CHARS) -> list[str]:
@@ -192,8 +177,6 @@ def tokenize_to_file(
 
     Returns (tokens written, non-empty documents).
     """
-    import numpy as np
-
     exact = splits_exactly(tokenizer)
     tokens = documents_seen = 0
     batch: list[str] = []
@@ -289,7 +272,7 @@ def prepare_tokens(
     counts = {}
     documents = 0
     for split, paths in (("train", train_paths), ("val", val_paths)):
-        temp = folder / f".{split}.bin.tmp-{os.getpid()}"
+        temp = temp_path(folder / f"{split}.bin")
         docs = read_documents(paths, text_field, stdin)
         try:
             counts[split], found = tokenize_to_file(docs, tokenizer, eos_id, temp, dtype)
@@ -313,7 +296,7 @@ def prepare_tokens(
         "documents": documents,
         "recipe": recipe,
     }
-    _write_json_atomic(folder / "meta.json", meta)
+    atomic_write_json(folder / "meta.json", meta)
     return TokenCache(folder, fingerprint, dtype, counts["train"], counts["val"], documents, reused=False)
 
 
@@ -340,22 +323,11 @@ def _read_meta(folder: Path, fingerprint: str) -> TokenCache | None:
     )
 
 
-def _write_json_atomic(path: Path, obj: Any) -> None:
-    temp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(temp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(temp, path)
-
-
 # ---- blocks, validation split, batch order --------------------------------------------------------
 
 
 def make_blocks(tokens: np.ndarray, block_size: int, what: str) -> Blocks:
     """All whole blocks of `tokens`; refuses (rather than pads) data shorter than one block."""
-    import numpy as np
-
     count = (len(tokens) - 1) // block_size
     if count < 1:
         raise UsageError(
@@ -371,8 +343,6 @@ def split_validation(blocks: Blocks, fraction: float) -> tuple[Blocks, Blocks | 
     Spreading the held-out blocks keeps them representative when files differ (a tail split would hold
     out only the last file). Returns (train, val); val is None when too little data for one block.
     """
-    import numpy as np
-
     index = np.arange(len(blocks))
     is_val = np.floor((index + 1) * fraction) > np.floor(index * fraction)
     if not is_val.any():
@@ -398,8 +368,6 @@ class BatchOrder:
         self._perm: np.ndarray | None = None
 
     def _permutation(self, epoch: int) -> np.ndarray:
-        import numpy as np
-
         if epoch != self._epoch:
             self._perm = np.random.default_rng([self.seed, epoch]).permutation(self.blocks)
             self._epoch = epoch
@@ -408,8 +376,6 @@ class BatchOrder:
 
     def take(self, start: int, count: int) -> np.ndarray:
         """Block numbers of samples start, start+1, ..., start+count-1."""
-        import numpy as np
-
         out = np.empty(count, dtype=np.int64)
         for i in range(count):
             epoch, pos = divmod(start + i, self.blocks)

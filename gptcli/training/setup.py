@@ -3,20 +3,33 @@
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from gptcli.errors import GptcliError, UsageError
-from gptcli.hub import first_line
+import torch
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    PretrainedConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 
-if TYPE_CHECKING:
-    import torch
-    from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
-
-    from gptcli.data import BatchOrder, Blocks
-    from gptcli.distributed import Dist
-    from gptcli.train_config import TrainConfig
+from gptcli.errors import GptcliError, UsageError, first_line
+from gptcli.models import (
+    check_model_folder,
+    context_length,
+    load_tokenizer,
+    refuse_remote_code,
+    resolve,
+    resolve_device,
+    resolve_dtype,
+)
+from gptcli.training.config import TrainConfig
+from gptcli.training.data import BatchOrder, Blocks, make_blocks, prepare_tokens, split_validation
+from gptcli.training.distributed import Dist
 
 # Config attributes that hold dropout probabilities, across the causal LMs transformers ships.
 _DROPOUT_FIELDS = (
@@ -59,10 +72,6 @@ class TrainData:
 
 def resolve_precision(spec: str, device: torch.device) -> torch.dtype:
     """auto|fp32|bf16|fp16 -> the autocast dtype (float32 means no autocast)."""
-    import torch
-
-    from gptcli.models import resolve_dtype
-
     dtype = resolve_dtype(spec, device)
     if dtype == torch.bfloat16 and device.type == "cuda" and not torch.cuda.is_bf16_supported():
         raise GptcliError("this GPU has no bf16 support: use --precision fp16 (or fp32)")
@@ -71,17 +80,16 @@ def resolve_precision(spec: str, device: torch.device) -> torch.dtype:
 
 def build_model(cfg: TrainConfig) -> tuple[PreTrainedTokenizerBase, PreTrainedModel, str | None]:
     """The tokenizer and fp32 model to train (a pretrained one loaded safely, or new random weights),
-    and a notice for the user when the default model had to stand in."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
+    and a notice for the user when the default model had to stand in.
 
-    from gptcli.models import check_model_folder, load_tokenizer, load_tokenizer_only, resolve
-
+    The tokenizer is always transformers' (not gptcli.gpt2_folder's stand-in): the run ends by saving
+    it with the model, which only transformers' tokenizer does.
+    """
     if cfg.from_scratch:
-        # load_tokenizer_only refuses a tokenizer with its own code (auto_map) unless trusted.
-        _, tokenizer, notice = load_tokenizer_only(
-            cfg.tokenizer or cfg.model, trust_remote_code=cfg.trust_remote_code
-        )
+        _, path, notice = resolve(cfg.tokenizer or cfg.model)
+        if not cfg.trust_remote_code:
+            refuse_remote_code(path)  # a tokenizer with its own code (auto_map) runs only if trusted
+        tokenizer = load_tokenizer(path, trust_remote_code=cfg.trust_remote_code)
         config = scratch_config(cfg, tokenizer)
         check_model_fits(config, cfg.device)
         return tokenizer, AutoModelForCausalLM.from_config(config, dtype=torch.float32), notice
@@ -116,10 +124,6 @@ def build_model(cfg: TrainConfig) -> tuple[PreTrainedTokenizerBase, PreTrainedMo
 
 def memory_bytes(device: torch.device | str) -> int | None:
     """The most memory a run on `device` can have: the GPU's, else this machine's RAM (None: unknown)."""
-    import os
-
-    import torch
-
     device = torch.device(device) if isinstance(device, str) else device
     if device.type == "cuda" and torch.cuda.is_available():
         return torch.cuda.get_device_properties(device).total_memory
@@ -137,8 +141,6 @@ def check_model_fits(config: PretrainedConfig, device: str) -> None:
     """Refuse a new model whose weights, gradients and AdamW moments (16 bytes a parameter in fp32)
     cannot fit in memory, before building it: a slip like --n-layer 1000000 would otherwise allocate
     for minutes (or loop for ever over the layers) before failing."""
-    from gptcli.models import resolve_device
-
     limit = memory_bytes(resolve_device(device))
     width = getattr(config, "hidden_size", 0) or 0
     inner = getattr(config, "intermediate_size", None) or getattr(config, "n_inner", None) or 4 * width
@@ -168,8 +170,6 @@ def check_batch_fits(batch_size: int, block_size: int, vocab_size: int, device: 
 
 def scratch_config(cfg: TrainConfig, tokenizer: PreTrainedTokenizerBase) -> PretrainedConfig:
     """The config of a new model: --config JSON (or GPT-2's), then --n-layer/--n-head/--n-embd/--context."""
-    from transformers import AutoConfig
-
     values: dict[str, Any] = {}
     if cfg.model_config is not None:
         values = _read_config(cfg.model_config, cfg.trust_remote_code)
@@ -248,9 +248,6 @@ def load_data(
     cfg: TrainConfig, ddp: Dist, tokenizer: PreTrainedTokenizerBase, config: PretrainedConfig, out: Path
 ) -> tuple[TrainData, Blocks | None, list[str]]:
     """Tokenize (rank 0, once; cached in OUTDIR/data) and pack the data; return train, val and notes."""
-    from gptcli.data import BatchOrder, make_blocks, prepare_tokens, split_validation
-    from gptcli.models import context_length
-
     context = context_length(config)
     block_size = cfg.block_size or min(context, 1024)
     if block_size > context:
@@ -293,8 +290,6 @@ def peak_flops(device: torch.device) -> float | None:
     """The GPU's dense bf16 peak, for MFU; None off CUDA (MFU means little on a CPU)."""
     if device.type != "cuda":
         return None
-    import torch
-
     name = torch.cuda.get_device_name(device)
     for key, flops in _PEAK_BF16:
         if key in name:
