@@ -47,15 +47,24 @@ class ModelConfig(Protocol):
     Both answer the generic names (num_hidden_layers...) as well as GPT-2's own (n_layer...).
     """
 
-    model_type: str
-    architectures: list[str] | None
-    vocab_size: int
-    num_hidden_layers: int
-    num_attention_heads: int
-    hidden_size: int
-    bos_token_id: Any
-    eos_token_id: Any
-    pad_token_id: Any
+    @property
+    def model_type(self) -> str: ...
+    @property
+    def architectures(self) -> list[str] | None: ...
+    @property
+    def vocab_size(self) -> int: ...
+    @property
+    def num_hidden_layers(self) -> int: ...
+    @property
+    def num_attention_heads(self) -> int: ...
+    @property
+    def hidden_size(self) -> int: ...
+    @property
+    def bos_token_id(self) -> Any: ...
+    @property
+    def eos_token_id(self) -> Any: ...
+    @property
+    def pad_token_id(self) -> Any: ...
 
     def to_dict(self) -> dict[str, Any]: ...
 
@@ -63,12 +72,21 @@ class ModelConfig(Protocol):
 class GenerationConfig(Protocol):
     """generation_config.json: the decoding defaults a model ships (each None when not set)."""
 
-    max_new_tokens: int | None
-    temperature: float | None
-    top_k: int | None
-    top_p: float | None
-    min_p: float | None
-    repetition_penalty: float | None
-    do_sample: bool | None
-    stop_strings: Any
-    eos_token_id: Any
+    @property
+    def max_new_tokens(self) -> int | None: ...
+    @property
+    def temperature(self) -> float | None: ...
+    @property
+    def top_k(self) -> int | None: ...
+    @property
+    def top_p(self) -> float | None: ...
+    @property
+    def min_p(self) -> float | None: ...
+    @property
+    def repetition_penalty(self) -> float | None: ...
+    @property
+    def do_sample(self) -> bool | None: ...
+    @property
+    def stop_strings(self) -> Any: ...
+    @property
+    def eos_token_id(self) -> Any: ...

@@ -410,10 +410,9 @@ def _threads(count: int | None) -> Iterator[None]:
 
     One sequence's decoding step is ~50 small matrix-vector products, each bound by memory bandwidth,
     which one core nearly saturates on the CPUs measured; a second thread then adds a wake-up and a
-    join at each product instead of speed. Measured on 2 cores (docs/performance.md): one thread
-    decodes int8 at 47 tokens/s against 34 with two, fp32 at 23.6 against 21.7, and is never the
-    slow one when other work shares the machine. Prompts and batches, which are matrix-matrix
-    products, keep every thread.
+    join at each product instead of speed: on 2 cores one thread decodes faster, in fp32 and int8,
+    quiet or loaded (docs/performance.md has the figures). Prompts and batches, which are
+    matrix-matrix products, keep every thread.
     """
     import torch
 

@@ -101,7 +101,7 @@ class MappedTensors(dict):
         Its whole pages only, so neighbours are untouched; a page read again later comes back from the
         file (the mapping is private, and gptcli never writes to it: a caller that edited a tensor in
         place would see the edit undone). Without this, converting the fp32 weights to
-        bf16 or int8 keeps both copies resident: 2.2 and 2.5 times the weights' size at peak.
+        bf16 or int8 keeps both copies resident, over twice the weights' size at peak.
         """
         start = tensor.data_ptr() - self._base
         if not 0 <= start < len(self._data) or not hasattr(self._data, "madvise"):
@@ -177,8 +177,8 @@ class Conv1D:
 class Linear:
     """y = x Wᵀ + b with W [out, in] in its own dtype (bf16, fp16 or fp32); x is cast to it and y back.
 
-    bf16 weights must be [out, in]: torch's CPU bf16 kernel is seven times slower on the [in, out]
-    layout transformers keeps (measured; docs/performance.md). Also the tied output layer, whose
+    bf16 weights must be [out, in]: torch's CPU bf16 kernel is many times slower on the [in, out]
+    layout transformers keeps (docs/performance.md). Also the tied output layer, whose
     embedding table is [vocab, width] already, and which `rows` looks the input embeddings up in.
     """
 

@@ -1,7 +1,7 @@
 """Plain GPT-2 folders read without transformers: config.json, generation_config.json, tokenizer.json.
 
-`import transformers` takes about 1.5 s here (it indexes every model it ships), more than loading GPT-2's
-weights; `gptcli complete` on a plain GPT-2 otherwise needs only torch and `tokenizers`. For a folder
+`import transformers` takes longer than loading GPT-2's weights (it indexes every model it ships:
+docs/performance.md has the figures); `gptcli complete` on a plain GPT-2 otherwise needs only torch and `tokenizers`. For a folder
 that gptcli.gpt2 runs and whose tokenizer.json is byte-level BPE that transformers would use unchanged,
 these small classes stand in for transformers' config, generation config and tokenizer, with the
 attributes and methods gptcli uses and the same values (tests compare them with transformers' on the
@@ -212,7 +212,7 @@ def load_tokenizer(path: Path, config: dict[str, Any] | None = None) -> Tokenize
     if config is None:
         config = _json(path / "config.json") or {}
     # AutoTokenizer's order: tokenizer_config.json's class, config.json's, then the model type's.
-    class_name = tokenizer_config.get("tokenizer_class") or config.get("tokenizer_class")
+    class_name: str | None = tokenizer_config.get("tokenizer_class") or config.get("tokenizer_class")
     if class_name is None:
         if config.get("model_type") != "gpt2":
             return None
@@ -230,7 +230,7 @@ def load_tokenizer(path: Path, config: dict[str, Any] | None = None) -> Tokenize
     # transformers truncates or pads only when asked, whatever tokenizer.json stored.
     backend.no_truncation()
     backend.no_padding()
-    specials = dict(_GPT2_SPECIALS) if class_name.startswith("GPT2") else {}
+    specials: dict[str, str | None] = dict(_GPT2_SPECIALS) if class_name.startswith("GPT2") else {}
     for role in _ROLES:
         if role in tokenizer_config:
             specials[role] = _token(tokenizer_config[role])

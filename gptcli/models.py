@@ -15,7 +15,7 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from gptcli import gpt2_folder
 from gptcli.errors import GptcliError, UsageError, first_line
@@ -331,10 +331,19 @@ def load_tokenizer_only(
     name, path, notice = resolve(name)
     if not trust_remote_code:
         refuse_remote_code(path)
-    tokenizer: Tokenizer | None = gpt2_folder.load_tokenizer(path)
+    tokenizer = gpt2_folder.load_tokenizer(path)
     if tokenizer is None:
-        tokenizer = load_tokenizer(path, trust_remote_code=trust_remote_code)
+        return name, as_contract(load_tokenizer(path, trust_remote_code=trust_remote_code)), notice
     return name, tokenizer, notice
+
+
+def as_contract(tokenizer: PreTrainedTokenizerBase) -> Tokenizer:
+    """transformers' tokenizer seen through gptcli.contracts.Tokenizer, the API gptcli uses.
+
+    A cast, not a check: transformers declares `decode` for batches too (`str | list[str]`), and
+    gptcli only ever decodes one flat list of ids, which gives a str.
+    """
+    return cast("Tokenizer", tokenizer)
 
 
 def check_quantize(quantize: str | None) -> None:
@@ -373,7 +382,7 @@ def load_model(
     else:
         # The configs first: the tokenizer reads config.json too, and would take the blame for its errors.
         config, generation_config = _load_configs(path, trust_remote_code)
-        tokenizer = load_tokenizer(path, trust_remote_code=trust_remote_code)
+        tokenizer = as_contract(load_tokenizer(path, trust_remote_code=trust_remote_code))
     lm = LoadedModel(
         name,
         path,
@@ -412,7 +421,8 @@ def _load_configs(path: Path, trust_remote_code: bool) -> tuple[ModelConfig, Gen
             generation_config = HFGenerationConfig.from_model_config(config)
         except Exception:
             generation_config = None
-    return config, generation_config
+    # transformers' configs carry every name gptcli reads (ModelConfig), declared or set by subclasses.
+    return cast("ModelConfig", config), cast("GenerationConfig | None", generation_config)
 
 
 def _load_gpt2(path: Path, device: torch.device, dtype: torch.dtype, quantize: str | None) -> GPT2 | None:
@@ -449,9 +459,8 @@ def _load_transformers_model(
     except Exception as exc:
         weights = next(iter(sorted(path.glob("*.safetensors"))), path / _PICKLE_WEIGHTS[0])
         raise GptcliError(f"could not load the model weights from {weights}: {first_line(exc)}") from exc
-    model.to(device)
     model.eval()
-    return model
+    return model.to(device)  # type: ignore[arg-type]  # transformers' decorator hides nn.Module.to's signature
 
 
 def _only_pickle(path: Path) -> bool:

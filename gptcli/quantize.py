@@ -3,9 +3,9 @@
 Decoding a token reads every weight once, so on a CPU it is bound by memory bandwidth, and int8 weights
 are a quarter of fp32's bytes. What multiplies by them:
 - on a CPU, FBGEMM's dynamic int8 matmul (`quantized::linear_dynamic`): each token's activations are
-  quantized to 8 bits on the fly and multiplied in integers with AVX2. It is about 2.5 times faster
-  here than the weight-only kernel below, whose CPU path for fp32 activations is not vectorized and
-  whose bf16 path is no faster than fp32 (measured: docs/performance.md);
+  quantized to 8 bits on the fly and multiplied in integers with AVX2. It is several times faster
+  than the weight-only kernel below, whose CPU path for fp32 activations is not vectorized and whose
+  bf16 path is no faster than fp32 (docs/performance.md has the figures);
 - elsewhere, or where torch lacks FBGEMM (torch marks its quantized tensors deprecated),
   `_weight_int8pack_mm`: float activations times int8 weights, weight-only.
 Quality against fp32 (topk probabilities, perplexity) is measured in docs/performance.md.

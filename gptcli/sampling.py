@@ -123,7 +123,7 @@ def generation_config_values(generation_config: Any) -> dict[str, Any]:
 
 def resolve_settings(generation_config: Any = None, **flags: Any) -> Settings:
     """Our defaults, replaced by the model's generation_config.json, replaced by explicit flags (not None)."""
-    values = {f.name: f.default for f in fields(Settings) if f.name != "sources"}
+    values: dict[str, Any] = {f.name: f.default for f in fields(Settings) if f.name != "sources"}
     sources = dict.fromkeys(values, DEFAULT)
     for layer, source in ((generation_config_values(generation_config), GENERATION_CONFIG), (flags, FLAG)):
         for name, value in layer.items():
@@ -233,8 +233,8 @@ def candidates(
 
     The same distribution as `process_logits` (its finite entries, the same formulas), computed on the
     top-k candidates instead of the whole vocabulary when top-k is on: top-p sorts its input, and a
-    sort of GPT-2's 50,257 logits takes about 7 ms on a CPU core, as long as a quarter of a decoding
-    step, where sorting 50 takes microseconds. Entries outside the filters are -inf.
+    sort of GPT-2's 50,257 logits costs a sizeable share of a CPU decoding step, where sorting 50 costs
+    nothing (docs/performance.md). Entries outside the filters are -inf.
     """
     import torch
 

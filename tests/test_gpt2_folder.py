@@ -164,6 +164,7 @@ def test_bert_style_tokenizers_go_through_transformers(models) -> None:
     assert plain.load_tokenizer(models["bert"]) is None
 
 
+@pytest.mark.slow
 def test_complete_and_tokenize_on_a_plain_gpt2_never_import_transformers(models) -> None:
     code = (
         "import sys; from gptcli.cli import run\n"

@@ -159,6 +159,7 @@ def reference(bpe_model: Path, corpus: Path, tmp_path_factory: pytest.TempPathFa
 # -- SIGKILL at random moments ----------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_sigkill_at_random_moments_then_resume_equals_the_uninterrupted_run(
     bpe_model: Path, corpus: Path, reference: tuple[Path, float], tmp_path: Path
 ) -> None:
@@ -226,6 +227,7 @@ def digest(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+@pytest.mark.slow
 def test_sigterm_then_a_full_disk_then_resume_equals_the_uninterrupted_run(
     bpe_model: Path, corpus: Path, reference: tuple[Path, float], tmp_path: Path
 ) -> None:
@@ -308,6 +310,7 @@ def test_a_full_disk_while_exporting_keeps_the_checkpoint(
 # -- two runs on one folder -----------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_a_second_run_on_the_same_folder_is_refused(
     bpe_model: Path, corpus: Path, reference: tuple[Path, float], tmp_path: Path, cli
 ) -> None:

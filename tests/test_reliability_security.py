@@ -299,6 +299,7 @@ def test_a_relative_path_to_a_model_loads(cli, sandbox: Path) -> None:
 # -- where finetune writes -------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_finetune_writes_only_in_outdir_and_the_caches(bpe_model: Path, corpus: Path, tmp_path: Path) -> None:
     """A real process with HOME, HF_HOME, TMPDIR and the working directory in separate folders: files
     appear only in OUTDIR, the Hugging Face cache, and the user cache (~/.cache, where matplotlib keeps

@@ -95,6 +95,7 @@ def test_loss_falls_and_the_output_is_a_model_folder(cli, bpe_model: Path, corpu
     assert greedy.tolist() == ids.tolist()
 
 
+@pytest.mark.slow
 def test_resume_after_sigkill_gives_the_same_losses(bpe_model: Path, corpus: Path, tmp_path: Path):
     """Kill a real run with SIGKILL between two saves; resuming it must retrace the uninterrupted run.
 
@@ -144,6 +145,7 @@ def _safe_metrics(out: Path) -> list[dict]:
     return records
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_ctrl_c_or_sigterm_saves_a_checkpoint_and_exits_130(cli, bpe_model, corpus, tmp_path, sig):
     out = tmp_path / "out"
@@ -167,6 +169,7 @@ def test_ctrl_c_or_sigterm_saves_a_checkpoint_and_exits_130(cli, bpe_model, corp
     assert (out / "model.safetensors").exists()
 
 
+@pytest.mark.slow
 def test_two_processes_under_torchrun_match_one_process(bpe_model: Path, corpus: Path, tmp_path: Path):
     """2 gloo processes x batch 2 see the same sequences per step as 1 process x batch 4."""
     common = ["--steps", "6", "--grad-accum", "2", "--block-size", "32", "--lr", "3e-3", "--dropout", "0"]

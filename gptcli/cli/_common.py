@@ -112,7 +112,7 @@ def load(
     """Load a model with a spinner on stderr when it is a terminal."""
     # Before torch loads (its OpenMP runtime reads this once): idle threads sleep instead of spinning.
     # On a machine busy with other work, spinning threads wait a scheduler slice at every parallel
-    # kernel, which made decoding 4 times slower on a shared 2-core machine (docs/performance.md).
+    # kernel, which made decoding several times slower on a shared 2-core machine (docs/performance.md).
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     from gptcli.models import load_model
 

@@ -51,7 +51,7 @@ def _parameters() -> list[inspect.Parameter]:
             info, default = typer.Argument(help=cli["help"]), inspect.Parameter.empty
         else:
             default = f.default if f.default is not MISSING else None  # [] -> None: typer's "not given"
-            if f.default_factory is not MISSING:  # type: ignore[misc]
+            if f.default_factory is not MISSING:
                 kind = kind | None
             flags = cli["flags"] or ("--" + f.name.replace("_", "-"),)
             shown = default is not None and "(default:" not in cli["help"]

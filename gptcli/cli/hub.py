@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -20,7 +20,7 @@ def models(json_: JsonOpt = False) -> None:
     from gptcli.hub import cached_models
     from gptcli.models import BUILTIN, builtin_path
 
-    found = []
+    found: list[dict[str, Any]] = []
     if (builtin_path() / "config.json").is_file():
         size = sum(f.stat().st_size for f in builtin_path().iterdir() if f.is_file())
         found.append({"id": BUILTIN, "size": size, "path": str(builtin_path())})

@@ -135,8 +135,9 @@ def _topk_table(tokens: list[dict[str, Any]]) -> None:
     from rich.table import Table
 
     table = Table(box=None, header_style="bold")
-    for column, justify in (("rank", "right"), ("id", "right"), ("piece", "left")):
-        table.add_column(column, justify=justify)
+    table.add_column("rank", justify="right")
+    table.add_column("id", justify="right")
+    table.add_column("piece", justify="left")
     table.add_column("prob", justify="right")
     table.add_column("logprob", justify="right")
     table.add_column("", justify="left")

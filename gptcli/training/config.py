@@ -197,8 +197,8 @@ class TrainConfig:
             "--n-embd": self.n_embd,
             "--context": self.context,
         }
-        for name, value in optional.items():
-            if value is not None and value < 1:
+        for name, given in optional.items():
+            if given is not None and given < 1:
                 raise UsageError(f"{name} must be at least 1")
         numbers = {
             "--epochs": self.epochs,
@@ -238,9 +238,9 @@ class TrainConfig:
             "--config": self.model_config,
             "--tokenizer": self.tokenizer,
         }
-        given = [name for name, value in scratch_only.items() if value is not None]
-        if given and not self.from_scratch:
-            raise UsageError(f"{', '.join(given)} only apply with --from-scratch")
+        scratch_given = [name for name, value in scratch_only.items() if value is not None]
+        if scratch_given and not self.from_scratch:
+            raise UsageError(f"{', '.join(scratch_given)} only apply with --from-scratch")
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON values (paths as strings), for gptcli-run.json and the checkpoint."""

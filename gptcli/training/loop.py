@@ -14,7 +14,7 @@ from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -172,7 +172,7 @@ def _train(cfg: TrainConfig, ddp: Dist, lock: RunLock, report: Reporter) -> Trai
     total_steps = schedule.total_steps
     block_size = train_data.blocks.block_size
 
-    model.to(device)
+    model.to(device)  # type: ignore[arg-type]  # transformers' decorator hides nn.Module.to's signature
     model.train()
     optimizer = make_optimizer(model, cfg, device)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == torch.float16)
@@ -181,11 +181,14 @@ def _train(cfg: TrainConfig, ddp: Dist, lock: RunLock, report: Reporter) -> Trai
     if resume_from is not None:
         at = restore(resume_from, model, optimizer, scaler, ddp, notes)
 
-    raw_model = model
+    raw_model = model  # what is saved; `net` is what runs: compiled, wrapped for DDP
+    net: torch.nn.Module = model
     if cfg.compile:
-        model = torch.compile(model)
+        net = cast(torch.nn.Module, torch.compile(model))
     if ddp.enabled:
-        model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        net = DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
+    # Only the last micro-step of a step all-reduces gradients; the others just accumulate locally.
+    no_sync = net.no_sync if isinstance(net, DistributedDataParallel) else nullcontext
     autocast = torch.autocast(device.type, dtype=precision) if precision != torch.float32 else nullcontext()
     metrics = None
     if ddp.is_main:
@@ -221,11 +224,10 @@ def _train(cfg: TrainConfig, ddp: Dist, lock: RunLock, report: Reporter) -> Trai
             for micro in range(cfg.grad_accum):
                 start = shard_start(at.samples_seen, micro, ddp.rank, ddp.world, cfg.batch_size)
                 x, y = get_batch(train_data.blocks, train_data.order, start, cfg.batch_size, device)
-                # Only the last micro-step all-reduces gradients; the others just accumulate locally.
                 last = micro == cfg.grad_accum - 1
-                with nullcontext() if last or not ddp.enabled else model.no_sync():
+                with nullcontext() if last else no_sync():
                     with autocast:
-                        logits = model(input_ids=x, use_cache=False).logits
+                        logits = net(input_ids=x, use_cache=False).logits
                     loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten()) / cfg.grad_accum
                     scaler.scale(loss).backward()
                 loss_sum += loss.detach()
