@@ -1,12 +1,12 @@
 """Plain GPT-2 folders read without transformers: config.json, generation_config.json, tokenizer.json.
 
 `import transformers` takes longer than loading GPT-2's weights (it indexes every model it ships:
-docs/performance.md has the figures); `gptcli complete` on a plain GPT-2 otherwise needs only torch and `tokenizers`. For a folder
-that gptcli.gpt2 runs and whose tokenizer.json is byte-level BPE that transformers would use unchanged,
-these small classes stand in for transformers' config, generation config and tokenizer, with the
-attributes and methods gptcli uses and the same values (tests compare them with transformers' on the
-fixtures and the built-in model). Anything else, or anything unusual in those files, returns None from
-`load`, and the folder goes through transformers as before.
+docs/performance.md has the figures); `gptcli complete` on a plain GPT-2 otherwise needs only torch
+and `tokenizers`. For a folder that gptcli.gpt2 runs and whose tokenizer.json is byte-level BPE that
+transformers would use unchanged, these small classes stand in for transformers' config, generation
+config and tokenizer, with the attributes and methods gptcli uses and the same values (tests compare
+them with transformers' on the fixtures and the built-in model). Anything else, or anything unusual in
+those files, returns None from `load`, and the folder goes through transformers as before.
 """
 
 from __future__ import annotations
