@@ -116,6 +116,10 @@ class MappedTensors(dict):
 def read_safetensors(path: Path) -> MappedTensors:
     """Every tensor of a .safetensors file, memory-mapped: nothing is copied, pages load when read.
 
+    Why not `safetensors.safe_open`: gptcli needs the mmap itself, to give back the file pages of a
+    weight once it has been converted to bf16 or int8 (`MappedTensors.release`, madvise), which the
+    library does not expose; and a private (copy-on-write) mapping, so tensors are writable in place.
+
     The format is an 8-byte little-endian header size, a JSON header of {name: dtype, shape, offsets},
     then the data. The mapping is private (copy-on-write), so the tensors are writable and the file
     is never changed. Raises GptcliError saying what is wrong with the file.
