@@ -7,7 +7,7 @@ transformers computation whatever dtype the weights are in.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -17,6 +17,7 @@ from gptcli.sampling import apply_temperature
 from gptcli.tokens import TokenText, encode_prompt, start_token_id
 
 if TYPE_CHECKING:
+    from gptcli.contracts import Tokenizer
     from gptcli.models import LoadedModel
 
 
@@ -49,10 +50,12 @@ def next_token_distribution(
     k: int = 10,
     temperature: float = 1.0,
     batch_size: int = 16,
+    on_progress: Callable[[int], None] | None = None,
 ) -> list[Distribution]:
     """The k most likely next tokens after each prompt, prompts batched with left padding.
 
     An empty prompt is conditioned on the start token (BOS, or EOS for GPT-2's <|endoftext|>).
+    `on_progress(prompts_done)` is called after each batch.
     """
     import torch
 
@@ -75,6 +78,8 @@ def next_token_distribution(
                 ):
                     tokens.append({"rank": rank, **names.describe(tid), "prob": math.exp(lp), "logprob": lp})
                 results.append(Distribution(prompts[start + row], prompt_ids, tokens, dropped))
+            if on_progress is not None:
+                on_progress(len(results))
     return results
 
 
@@ -84,6 +89,9 @@ class Score:
 
     tokens: list[dict[str, Any]] = field(default_factory=list)  # {"id", "token", "bytes", "logprob", "rank"}
     num_bytes: int = 0
+    unknown: int = 0
+    """How many tokens are the tokenizer's unknown token ([UNK]): text it cannot spell. Predicting one
+    counts as a hit, so with many of them perplexity says little about the text."""
 
     @property
     def num_tokens(self) -> int:
@@ -108,17 +116,24 @@ class Score:
             "perplexity": self.perplexity,
             "bits_per_byte": self.bits_per_byte,
             "num_tokens": self.num_tokens,
+            "unknown_tokens": self.unknown,
         }
 
 
-def score_text(lm: LoadedModel, text: str, *, stride: int | None = None) -> Score:
+def score_text(
+    lm: LoadedModel,
+    text: str,
+    *,
+    stride: int | None = None,
+    on_progress: Callable[[int, int], None] | None = None,
+) -> Score:
     """Log-probability and rank of every token of `text`, each predicted from the tokens before it.
 
     The text is preceded by the start token so its first token is scored too. Texts longer than the
     context are scored with a sliding window (as in the transformers perplexity guide): each window
     is `context` tokens long, starts `stride` tokens after the previous one, and scores only the
     tokens the previous window did not, so every token is scored once with at least
-    `context - stride` tokens of history.
+    `context - stride` tokens of history. `on_progress(tokens_scored, tokens)` follows the windows.
     """
     import torch
 
@@ -129,7 +144,7 @@ def score_text(lm: LoadedModel, text: str, *, stride: int | None = None) -> Scor
     names = TokenText(lm.tokenizer)
     text_ids = lm.tokenizer.encode(text, add_special_tokens=False) if text else []
     ids = [start_token_id(lm.tokenizer), *text_ids]
-    score = Score(num_bytes=len(text.encode("utf-8")))
+    score = Score(num_bytes=len(text.encode("utf-8")), unknown=_count_unknown(lm.tokenizer, text_ids))
     scored_to = 1  # ids[0] is the start token: context, not a prediction
     begin = 0
     with torch.inference_mode():
@@ -148,6 +163,17 @@ def score_text(lm: LoadedModel, text: str, *, stride: int | None = None) -> Scor
             for tid, lp, rank in zip(targets.tolist(), chosen.tolist(), ranks.tolist(), strict=True):
                 score.tokens.append({**names.describe(tid), "logprob": lp, "rank": rank})
             scored_to = end
+            if on_progress is not None:
+                on_progress(scored_to - 1, len(ids) - 1)
             # The next window must hold at least the token before the first one it scores.
             begin = min(begin + stride, scored_to - 1)
     return score
+
+
+def _count_unknown(tokenizer: Tokenizer, ids: list[int]) -> int:
+    """How many of `ids` are the unknown token; 0 where that token is also end-of-text (GPT-2 names
+    <|endoftext|> as its unk_token, but encoding text never produces it for want of a spelling)."""
+    unk = tokenizer.unk_token_id
+    if unk is None or unk in (tokenizer.eos_token_id, tokenizer.bos_token_id):
+        return 0
+    return sum(i == unk for i in ids)

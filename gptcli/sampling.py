@@ -64,6 +64,14 @@ class Settings:
         for f in fields(self):
             if f.name != "sources":
                 _check(f.name, getattr(self, f.name), self.sources.get(f.name, FLAG))
+        if self.num_samples > 1 and not self.sampling:
+            why = "--greedy" if self.greedy else "--temperature 0"
+            if self.sources.get("greedy") == GENERATION_CONFIG:
+                why = f"do_sample false in the model's {GENERATION_CONFIG} (pass --sample to sample)"
+            raise UsageError(
+                f"-N {self.num_samples} with greedy decoding ({why}) would print {self.num_samples} "
+                "identical completions"
+            )
 
 
 def _check(name: str, value: Any, source: str = FLAG) -> None:
@@ -87,16 +95,34 @@ def _check(name: str, value: Any, source: str = FLAG) -> None:
     if name == "logprobs" and value is not None and value < 0:
         raise bad("must be >= 0 (the number of alternatives per token)")
     if name == "stop" and any(not s for s in value):
-        raise bad("must not be empty")
+        raise UsageError(f"{where} must not be empty: an empty stop text would end every completion at once")
     if name == "seed" and value is not None and not 0 <= value < 2**63:
         raise bad("must be between 0 and 2**63 - 1")
 
 
+# Flags that only change how tokens are drawn at random: they mean nothing with --greedy.
+_SAMPLING_ONLY = ("temperature", "top_k", "top_p", "min_p", "seed")
+
+
 def check_flags(**flags: Any) -> None:
-    """Validate explicit flag values (None: not given) before anything slow, like loading a model."""
+    """Validate explicit flag values (None: not given) before anything slow, like loading a model.
+
+    Flags that contradict each other are refused rather than one silently winning.
+    """
     for name, value in flags.items():
         if value is not None:
             _check(name, value)
+    if flags.get("greedy"):
+        given = [_FLAGS[name] for name in _SAMPLING_ONLY if flags.get(name) is not None]
+        if given:
+            raise UsageError(
+                f"{', '.join(given)} {'has' if len(given) == 1 else 'have'} no effect with --greedy"
+            )
+        samples = flags.get("num_samples") or 1
+        if samples > 1:
+            raise UsageError(f"-N {samples} with --greedy would print {samples} identical completions")
+    if flags.get("temperature") == 0 and (flags.get("num_samples") or 1) > 1:
+        raise UsageError("-N with --temperature 0 (greedy) would print identical completions")
 
 
 def generation_config_values(generation_config: Any) -> dict[str, Any]:

@@ -14,6 +14,7 @@ from collections.abc import Iterable
 from functools import cache
 from typing import TYPE_CHECKING, Any
 
+from gptcli.errors import UsageError
 from gptcli.textio import check_text
 
 if TYPE_CHECKING:
@@ -91,10 +92,57 @@ class TokenText:
 
 
 def tokenize(tokenizer: Tokenizer, text: str) -> list[dict[str, Any]]:
-    """The tokens of `text` (no special tokens added): [{"id", "token", "bytes"}]."""
+    """The tokens of `text` (no special tokens added): [{"id", "token", "bytes", "start", "end"}].
+
+    `start`/`end` are character offsets into `text` as the `tokenizers` library gives them (the pieces
+    of one split character share its offsets); they are left out for tokenizers without that library.
+    """
     names = TokenText(tokenizer)
-    ids = tokenizer.encode(text, add_special_tokens=False) if text else []
-    return [names.describe(i) for i in ids]
+    if not text:
+        return []
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        return [names.describe(i) for i in tokenizer.encode(text, add_special_tokens=False)]
+    encoding = backend.encode(text, add_special_tokens=False)
+    return [
+        {**names.describe(i), "start": start, "end": end}
+        for i, (start, end) in zip(encoding.ids, encoding.offsets, strict=True)
+    ]
+
+
+def detokenize(tokenizer: Tokenizer, ids: Iterable[int]) -> str:
+    """The text of token ids, special tokens written out by name: what `tokenize` took apart.
+
+    Byte pieces join into characters; bytes that do not form UTF-8 become U+FFFD (the exact bytes are
+    in `TokenText.describe`). WordPiece tokens are joined by the same rules as `complete`'s output.
+    """
+    names = TokenText(tokenizer)
+    ids = [int(i) for i in ids]
+    size = len(tokenizer)
+    for i in ids:
+        if not 0 <= i < size:
+            raise UsageError(f"token id {i} is not in the vocabulary (ids 0 to {size - 1})")
+    if names.kind != "wordpiece":
+        return b"".join(names.bytes(i) for i in ids).decode("utf-8", errors="replace")
+    joiner = Detokenizer(tokenizer)
+    return "".join(names.bytes(i).decode() if i in names.special_ids else joiner.push(i) for i in ids)
+
+
+def describe_tokenizer(tokenizer: Tokenizer) -> str:
+    """What a person would call a tokenizer: its algorithm, then the class the hub would name,
+    e.g. "byte-level BPE (GPT2Tokenizer)", "WordPiece (BertTokenizer)"."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    algorithm = type(backend.model).__name__ if backend is not None else ""
+    kinds = {
+        "BPE": "byte-level BPE" if tokenizer_kind(tokenizer) == "bytelevel" else "BPE",
+        "WordPiece": "WordPiece",
+        "Unigram": "Unigram (SentencePiece)",
+        "WordLevel": "word-level",
+    }
+    name = getattr(tokenizer, "class_name", None) or type(tokenizer).__name__
+    if name in ("TokenizersBackend", "PreTrainedTokenizerFast"):  # transformers' generic wrappers
+        name = "tokenizers"
+    return f"{kinds.get(algorithm, algorithm or 'tokenizer')} ({name})"
 
 
 _ESCAPES = {"\n": "\\n", "\t": "\\t", "\r": "\\r", "\\": "\\\\"}
@@ -193,10 +241,11 @@ class Detokenizer:
         return chunk
 
     def flush(self) -> str:
-        """Text held back at the end (incomplete bytes decode as U+FFFD, as in the one-shot decode)."""
+        """Text held back at the end. The bytes of a character that the ids leave unfinished are not
+        text: they are left out (as by `decode`), never shown as U+FFFD."""
         if self.kind == "wordpiece":
             return ""
-        full = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        full = _without_unfinished_character(self.tokenizer, self.ids)
         rest = full[len(self.emitted) :] if full.startswith(self.emitted) else ""
         self.emitted += rest
         return rest
@@ -218,8 +267,34 @@ class Detokenizer:
 
 
 def decode(tokenizer: Tokenizer, ids: Iterable[int], after: str = "") -> str:
-    """One-shot decode of generated ids, without special tokens, with the same rules as Detokenizer."""
+    """One-shot decode of generated ids, without special tokens, with the same rules as Detokenizer
+    (a character the ids leave unfinished at the end is left out)."""
     detok = Detokenizer(tokenizer, after)
     if detok.kind != "wordpiece":
-        return tokenizer.decode(list(ids), skip_special_tokens=True)
+        return _without_unfinished_character(tokenizer, list(ids))
     return "".join(detok.push(i) for i in ids)
+
+
+def unfinished_tail(data: bytes) -> int:
+    """How many bytes at the end of `data` begin a UTF-8 character that is not finished (0 to 3)."""
+    for n in range(1, min(3, len(data)) + 1):
+        if data[-n] & 0xC0 == 0x80:  # a continuation byte: the character starts further back
+            continue
+        try:
+            data[-n:].decode("utf-8")
+        except UnicodeDecodeError as exc:
+            return n if exc.start == 0 and exc.reason == "unexpected end of data" else 0
+        return 0
+    return 0
+
+
+def _without_unfinished_character(tokenizer: Tokenizer, ids: list[int]) -> str:
+    """The decode of `ids` (special tokens skipped), less the U+FFFD that stands for a character the
+    last tokens began but did not finish (a budget or a stop that ended between its bytes)."""
+    text = tokenizer.decode(ids, skip_special_tokens=True)
+    if not text.endswith("\ufffd"):
+        return text
+    names = TokenText(tokenizer)
+    last = [i for i in ids if i not in names.special_ids][-3:]  # a character has at most 4 bytes
+    tail = b"".join(names.bytes(i) for i in last)
+    return text[:-1] if unfinished_tail(tail) else text

@@ -64,22 +64,27 @@ class Result:
 
 
 @pytest.fixture
-def cli(capsysbinary: pytest.CaptureFixture[bytes], monkeypatch: pytest.MonkeyPatch):
-    """Run `gptcli ARGS` in this process; returns Result(code, out, err). `stdin` is text or bytes."""
-    import io
-
+def cli(capsysbinary: pytest.CaptureFixture[bytes], monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
+    """Run `gptcli ARGS` in this process; returns Result(code, out, err). `stdin` is text or bytes,
+    given through a real file (as `gptcli ... < file` would), so gptcli sees a real descriptor."""
     from gptcli.cli import run
 
     def invoke(*args: str, stdin: str | bytes | None = None) -> Result:
         data = stdin.encode("utf-8") if isinstance(stdin, str) else stdin
         if data is not None:
-            fake = io.TextIOWrapper(io.BytesIO(data), encoding="utf-8")
-            monkeypatch.setattr(sys, "stdin", fake)
+            path = tmp_path / f"stdin-{os.urandom(4).hex()}"
+            path.write_bytes(data)
+            stream = open(path, encoding="utf-8")  # noqa: SIM115 (closed at teardown)
+            request_close.append(stream)
+            monkeypatch.setattr(sys, "stdin", stream)
         code = run([str(a) for a in args])
         captured = capsysbinary.readouterr()
         return Result(code, captured.out.decode("utf-8"), captured.err.decode("utf-8"))
 
-    return invoke
+    request_close: list = []
+    yield invoke
+    for stream in request_close:
+        stream.close()
 
 
 def run_gptcli(

@@ -127,7 +127,9 @@ def test_num_samples(cli, bpe_model: Path) -> None:
     assert len({tuple(s["token_ids"]) for s in samples}) == 3
     (second,) = json_lines(cli(*args, "--seed", "8", "--json").out)  # sample k is seed + k
     assert second["token_ids"] == samples[1]["token_ids"]
-    assert cli(*args, "--seed", "7", "-N", "3").out == "".join(s["text"] + "\n" for s in samples)
+    # Plain text: each sample under a line that says which it is.
+    plain = cli(*args, "--seed", "7", "-N", "3").out
+    assert plain == "".join(f"── sample {i} of 3 ──\n{s['text']}\n" for i, s in enumerate(samples, 1))
 
 
 def test_verbose_reports_speed_on_stderr_only(cli, bpe_model: Path) -> None:
@@ -306,6 +308,6 @@ def test_ctrl_c_keeps_the_text_and_ends_the_line(bpe_model: Path) -> None:
     printed += _read_all(out, pid)
     errors = _read_all(err, pid)
     assert _exit_code(pid) == 130
-    text = printed.decode("utf-8")
+    text = printed.decode("utf-8").removeprefix("── sample 1 of 1000 ──\n")
     assert text.startswith("今天") and text.endswith("\n")  # printed text kept, its line ended
     assert b"Traceback" not in errors and b"Error" not in errors

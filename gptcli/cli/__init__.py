@@ -44,6 +44,23 @@ def _fail(message: str, code: int) -> int:
     return code
 
 
+def _usage_message(exc: typer.TyperException) -> str:
+    """The parser's message, with only the "did you mean" suggestions that look like the typo.
+
+    The parser suggests any option that is 60% alike, which with the shared "--" offers `--verbose`
+    for `--bogus`; compared without the dashes, at 75%, a suggestion is one a person would make.
+    """
+    typo, offered = getattr(exc, "option_name", None), getattr(exc, "possibilities", None)
+    if not isinstance(typo, str) or not offered:
+        return exc.format_message()
+    import difflib
+
+    names = {name.lstrip("-"): name for name in offered}
+    close = difflib.get_close_matches(typo.lstrip("-"), list(names), n=3, cutoff=0.75)
+    message = f"No such option: {typo}"
+    return message + (f" (did you mean {' or '.join(names[c] for c in close)}?)" if close else "")
+
+
 def _one_line(message: str) -> str:
     """`message` as one printable line: an error may quote what the user typed, and that text may hold
     newlines, control characters, bidi overrides or lone surrogates (bytes of argv that were not UTF-8),
@@ -54,8 +71,10 @@ def _one_line(message: str) -> str:
 def run(argv: list[str] | None = None) -> int:
     """Run the CLI and return its exit code; every failure becomes one `Error:` line on stderr."""
     debug = os.environ.get("GPTCLI_DEBUG", "") not in ("", "0")
+    args = sys.argv[1:] if argv is None else argv
     try:
-        result = app(args=argv, prog_name="gptcli", standalone_mode=False)
+        # A bare `gptcli` asks for the help: print it and succeed.
+        result = app(args=args or ["--help"], prog_name="gptcli", standalone_mode=False)
         return result if isinstance(result, int) else 0
     except GptcliError as exc:
         if debug:
@@ -64,7 +83,7 @@ def run(argv: list[str] | None = None) -> int:
     except typer.TyperException as exc:  # bad usage caught by the parser: unknown option, bad value...
         if debug:
             raise
-        return _fail(exc.format_message(), exc.exit_code)
+        return _fail(_usage_message(exc), exc.exit_code)
     except BrokenPipeError:
         return quiet_broken_pipe()
     except (KeyboardInterrupt, typer.Abort):

@@ -14,9 +14,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
+from typer.core import TyperCommand
 
-from gptcli.errors import UsageError
-from gptcli.textio import decode_utf8, read_file_text, strip_one_newline
+from gptcli.textio import read_input, read_input_lines
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -34,6 +34,18 @@ app = typer.Typer(
 )
 
 
+class _Command(TyperCommand):
+    """A command whose flags show no value placeholder in --help (typer would show `<bool>`, as if
+    `--json` took a value)."""
+
+    def get_params(self, ctx: Any) -> list[Any]:
+        params = super().get_params(ctx)
+        for param in params:
+            if getattr(param, "is_flag", False) and param.metavar is None:
+                param.metavar = ""
+        return params
+
+
 def command(**kwargs: Any) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """`app.command`, plus the quiet exit on a closed pipe that every command needs.
 
@@ -49,7 +61,7 @@ def command(**kwargs: Any) -> Callable[[Callable[..., Any]], Callable[..., Any]]
             except BrokenPipeError:
                 raise typer.Exit(quiet_broken_pipe()) from None
 
-        return app.command(**kwargs)(guarded)
+        return app.command(cls=_Command, **kwargs)(guarded)
 
     return register
 
@@ -89,6 +101,22 @@ TrustCodeOpt = Annotated[
     typer.Option("--trust-remote-code", help="Allow a model folder's own Python code (auto_map) to run."),
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON (one object per line).")]
+TextArg = Annotated[
+    str | None,
+    typer.Argument(
+        help="The text; read from stdin when absent or '-' (one final line break dropped).",
+        show_default=False,
+    ),
+]
+FileOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--file",
+        "-f",
+        help="Read the text from this file (one final line break dropped).",
+        show_default=False,
+    ),
+]
 QuantizeOpt = Annotated[
     str | None,
     typer.Option(
@@ -167,31 +195,90 @@ def emit_json(obj: dict[str, Any]) -> None:
     sys.stdout.flush()
 
 
-def read_stdin() -> str:
-    """All of stdin as text; refuses a terminal (nothing piped) and invalid UTF-8 with a clear message."""
-    if sys.stdin is None or sys.stdin.isatty():
-        raise UsageError("no input: pass the text as an argument or pipe it on stdin")
-    return decode_utf8(sys.stdin.buffer.read(), "stdin")
+def read_text(text: str | None, file: Path | None = None) -> str:
+    """The command's text by the one input rule: TEXT, -f FILE, or stdin (gptcli.textio.read_input)."""
+    return read_input(text, file, sys.stdin)
 
 
-def read_text(text: str | None, file: Path | None = None, *, strip_newline: bool = True) -> str:
-    """The command's input: TEXT, or -f FILE, or stdin when TEXT is absent or '-'.
-
-    One trailing newline is dropped from piped input, so `echo 今天天气 | gptcli ...` means "今天天气".
-    """
-    if file is not None:
-        if text not in (None, "-"):
-            raise UsageError("give the text as an argument or with -f/--file, not both")
-        return read_file_text(file)
-    if text is not None and text != "-":
-        return text
-    data = read_stdin()
-    return strip_one_newline(data) if strip_newline else data
+def read_lines(text: str | None = None, file: Path | None = None) -> list[str]:
+    """Every line of -f FILE or stdin, for --each-line."""
+    return read_input_lines(text, file, sys.stdin)
 
 
-def read_lines() -> list[str]:
-    """Every stdin line, for --each-line (the newline itself is not part of a prompt)."""
-    return read_stdin().splitlines()
+class _NoProgress:
+    def __enter__(self) -> Callable[..., None]:
+        return lambda done, total=None: None
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+class _Progress:
+    def __init__(self, total: int, what: str) -> None:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self.bar = Progress(
+            TextColumn(what),
+            BarColumn(bar_width=30),
+            MofNCompleteColumn(),
+            TimeRemainingColumn(),
+            console=stderr(),
+            transient=True,
+        )
+        self.task = self.bar.add_task(what, total=total)
+
+    def __enter__(self) -> Callable[..., None]:
+        self.bar.start()
+        return lambda done, total=None: self.bar.update(self.task, completed=done, total=total)
+
+    def __exit__(self, *exc: object) -> None:
+        self.bar.stop()
+
+
+def progress(total: int, what: str) -> Any:
+    """A progress bar on stderr while `total` units of work are done, only when a person is watching:
+    `with progress(n, "scoring") as update: ... update(done)` (or `update(done, total)` when the total
+    becomes known only later)."""
+    return _Progress(total, what) if sys.stderr.isatty() else _NoProgress()
+
+
+# How surprising a token was, by its probability: level 0 (expected) to 4 (very surprising). The same
+# levels give the colours and, without colour (NO_COLOR, a dumb terminal), marks that survive.
+SURPRISE = (0.3, 0.05, 0.005, 0.0005)
+_LEVEL_COLOURS_16 = ("black on green", "black on cyan", "black on yellow", "black on magenta", "white on red")
+_LEVEL_MARKS = ("", "", "underline", "bold underline", "reverse")
+
+
+def surprise_level(p: float) -> int:
+    return sum(p < bound for bound in SURPRISE)
+
+
+def surprise_style(p: float, console: Console) -> str:
+    """The style of a token of probability `p` in a heat map: a green-to-red background on terminals
+    with 256 colours or more, five distinct colours on 16-colour ones, underline/bold/reverse marks
+    without colour (NO_COLOR)."""
+    level = surprise_level(p)
+    system = console.color_system
+    if console.no_color or system is None:
+        return _LEVEL_MARKS[level]
+    if system == "standard":
+        return _LEVEL_COLOURS_16[level]
+    red, green = round(255 * (1 - p) ** 2), round(200 * p**0.5)
+    return f"black on rgb({red},{green},60)"
+
+
+def surprise_legend(console: Console) -> Any:
+    """One line that says what the heat map's styles mean."""
+    from rich.text import Text
+
+    legend = Text("probability: ")
+    edges = (1.0, *SURPRISE, 0.0)
+    samples = (0.6, 0.1, 0.01, 0.001, 0.0001)
+    for level, p in enumerate(samples):
+        high, low = edges[level], edges[level + 1]
+        legend.append(f" ≥{low:g} " if low else f" <{high:g} ", style=surprise_style(p, console))
+        legend.append(" ")
+    return legend
 
 
 def is_tty(stream: Any = None) -> bool:

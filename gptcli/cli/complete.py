@@ -25,11 +25,11 @@ from gptcli.cli._common import (
     read_lines,
     read_text,
 )
-from gptcli.errors import UsageError
 from gptcli.models import check_quantize
 from gptcli.sampling import Settings, check_flags, resolve_settings  # light: no torch until decoding
 
 if TYPE_CHECKING:
+    from gptcli.contracts import Tokenizer
     from gptcli.generate import Completion
 
 _DECODING = "Decoding (a model's generation_config.json replaces these defaults)"
@@ -168,12 +168,7 @@ def complete(
     check_flags(**flags)
     check_quantize(quantize)
     check_batch_size(batch_size)
-    if each_line:
-        if prompt not in (None, "-"):
-            raise UsageError("--each-line reads prompts from stdin or -f; do not pass PROMPT too")
-        prompts = read_text(None, file, strip_newline=False).splitlines() if file else read_lines()
-    else:
-        prompts = [read_text(prompt, file)]
+    prompts = read_lines(prompt, file) if each_line else [read_text(prompt, file)]
     lm = load(model, device, dtype, allow_pickle, trust_remote_code, quantize)
     settings = resolve_settings(lm.generation_config, **flags)
     if verbose:
@@ -181,9 +176,14 @@ def complete(
     as_json = json_ or each_line or logprobs is not None
     events = stream(lm, prompts, settings, batch_size=batch_size if each_line else 1)
     line_open = False  # part of a plain-text sample is on stdout
-    report = _Stderr(lm.context_length, each_line, settings.num_samples, verbose)
+    headed = None  # the sample whose header line was written last (-N in plain text)
+    report = _Stderr(lm.context_length, each_line, settings.num_samples, verbose, lm.tokenizer)
     try:
         for event in events:
+            if not as_json and settings.num_samples > 1 and headed != (event.index, event.sample):
+                # Samples follow each other in plain text; a line between them tells where one ends.
+                headed = (event.index, event.sample)
+                _write(f"── sample {event.sample + 1} of {settings.num_samples} ──\n")
             if isinstance(event, TextChunk):
                 if not as_json:
                     if echo and not line_open:
@@ -218,10 +218,20 @@ class _Stderr:
     each_line: bool
     samples: int
     verbose: bool
+    tokenizer: Tokenizer
     noted: set[tuple[str, int]] = field(default_factory=set)
 
     def finished(self, done: Completion) -> None:
         where = f"prompt {done.index + 1}" if self.each_line else "the prompt"
+        unk = self.tokenizer.unk_token_id
+        new = done.token_ids[:-1] if done.finish_reason == "eos" else done.token_ids
+        # (GPT-2 names <|endoftext|> its unknown token too: that is an end, not text it cannot spell.)
+        real_unk = unk not in (self.tokenizer.eos_token_id, self.tokenizer.bos_token_id)
+        if real_unk and new and all(i == unk for i in new) and self._first("unk", done.index):
+            note(
+                f"the completion of {where} is only the unknown token [UNK]: the model learned to predict "
+                "text its tokenizer cannot spell (see `gptcli score` on your training text)"
+            )
         if done.dropped and self._first("cut", done.index):
             note(
                 f"{where} has more tokens than the context ({self.context}); "
