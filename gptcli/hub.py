@@ -6,6 +6,7 @@ Every network step is bounded: a machine without network learns so in about a se
 
 from __future__ import annotations
 
+import shutil
 import socket
 import threading
 from pathlib import Path
@@ -18,12 +19,13 @@ from gptcli.errors import GptcliError, UsageError, first_line
 _HUB_FILES = ["*.json", "*.safetensors", "*.txt", "*.model", "*.tiktoken"]
 
 
-def cached_snapshot(repo_id: str) -> Path | None:
-    """The cache folder of `repo_id` if its config.json is in the local Hugging Face cache."""
+def cached_snapshot(repo_id: str, revision: str | None = None) -> Path | None:
+    """The cache folder of `repo_id` (at `revision`: a branch, tag or commit; default main) if its
+    config.json is in the local Hugging Face cache."""
     from huggingface_hub import try_to_load_from_cache
 
     check_repo_id(repo_id)
-    found = try_to_load_from_cache(repo_id, "config.json")
+    found = try_to_load_from_cache(repo_id, "config.json", revision=revision)
     return Path(found).parent if isinstance(found, str) else None
 
 
@@ -64,23 +66,66 @@ def hub_reachable(timeout: float = 1.5) -> bool:
     return bool(result and result[0])
 
 
-def download(repo_id: str, *, allow_pickle: bool = False, probed: bool = False) -> Path:
-    """Fetch a model repo's files into the cache (safetensors, configs, tokenizer); return its folder."""
+def unreachable_reason() -> str:
+    """Why the hub cannot be asked: "HF_HUB_OFFLINE is set" or "<endpoint> is unreachable"."""
+    from huggingface_hub import constants
+
+    return "HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE else f"{constants.ENDPOINT} is unreachable"
+
+
+def download(
+    repo_id: str,
+    *,
+    allow_pickle: bool = False,
+    probed: bool = False,
+    revision: str | None = None,
+    fix: str = "pass -m with a local model folder, or connect once so it can be downloaded",
+) -> Path:
+    """Fetch a model repo's files into the cache (safetensors, configs, tokenizer); return its folder.
+
+    `fix`: what the user can do when the hub cannot be reached, said in the error (it depends on the
+    command: `pull` has no -m).
+    """
     from huggingface_hub import constants, snapshot_download
 
     check_repo_id(repo_id)
     if not probed and not hub_reachable():
-        why = "HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE else f"{constants.ENDPOINT} is unreachable"
         raise GptcliError(
-            f"model {repo_id!r} is not in the local cache ({constants.HF_HUB_CACHE}) and {why}: "
-            "pass -m with a local model folder, or connect once so it can be downloaded "
-            "(later runs work offline, also with HF_HUB_OFFLINE=1)"
+            f"model {repo_id!r} is not in the local cache ({constants.HF_HUB_CACHE}) and "
+            f"{unreachable_reason()}: {fix} (later runs work offline, also with HF_HUB_OFFLINE=1)"
         )
     patterns = _HUB_FILES + (["*.bin"] if allow_pickle else [])
     try:
-        return Path(snapshot_download(repo_id, allow_patterns=patterns))
+        return Path(snapshot_download(repo_id, allow_patterns=patterns, revision=revision))
     except Exception as exc:  # the hub's errors are many; the user needs the one line
         raise GptcliError(f"could not download {repo_id!r} from the hub: {first_line(exc)}") from exc
+
+
+def remove_cached(repo_id: str) -> tuple[int, list[str]]:
+    """Delete every cached revision of model `repo_id`; return (bytes freed, the folders removed).
+
+    Raises UsageError when the cache does not hold it.
+    """
+    from huggingface_hub import constants, scan_cache_dir
+
+    check_repo_id(repo_id)
+    try:
+        info = scan_cache_dir(constants.HF_HUB_CACHE)
+    except Exception:  # no cache folder yet
+        info = None
+    repos = [r for r in (info.repos if info else []) if r.repo_type == "model" and r.repo_id == repo_id]
+    if not repos or info is None:
+        raise UsageError(f"{repo_id} is not in the local cache ({constants.HF_HUB_CACHE}): nothing to remove")
+    (repo,) = repos
+    freed = repo.size_on_disk
+    try:
+        if repo.revisions:  # huggingface_hub's own deletion: blobs, snapshots, refs, then the folder
+            info.delete_revisions(*(revision.commit_hash for revision in repo.revisions)).execute()
+        if repo.repo_path.exists():  # a download that never finished has no revision to delete
+            shutil.rmtree(repo.repo_path)
+    except OSError as exc:
+        raise GptcliError(f"could not remove {repo.repo_path}: {exc.strerror or exc}") from exc
+    return freed, [str(repo.repo_path)]
 
 
 def cached_models() -> list[dict[str, Any]]:

@@ -32,6 +32,14 @@ DEFAULT_MODEL = "gpt2"
 BUILTIN = "builtin"
 DEVICES = ("auto", "cpu", "cuda", "cuda:N", "mps")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+_DTYPE_NAMES = {
+    "float32": "float32",
+    "fp32": "float32",
+    "bfloat16": "bfloat16",
+    "bf16": "bfloat16",
+    "float16": "float16",
+    "fp16": "float16",
+}
 
 # A hub id is "name" or "owner/name" made of letters, digits, '-', '_' and '.', never '..'.
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
@@ -128,10 +136,24 @@ def context_length(config: object) -> int:
     return 1024
 
 
+def check_device_spec(spec: str) -> None:
+    """Refuse a --device that is none of auto|cpu|cuda|cuda:N|mps, without importing torch."""
+    spec = spec.strip().lower()
+    if spec not in ("auto", "cpu", "mps") and not re.fullmatch(r"cuda(?::\d+)?", spec):
+        raise UsageError(f"unknown device {spec!r}: use one of {', '.join(DEVICES)}")
+
+
+def check_dtype_spec(spec: str) -> None:
+    """Refuse a --dtype gptcli does not know, without importing torch."""
+    if spec.strip().lower() not in ("auto", *_DTYPE_NAMES):
+        raise UsageError(f"unknown dtype {spec!r}: use one of {', '.join(DTYPES)}")
+
+
 def resolve_device(spec: str = "auto") -> torch.device:
     """Turn auto|cpu|cuda|cuda:N|mps into a torch.device that exists on this machine."""
     import torch
 
+    check_device_spec(spec)
     spec = spec.strip().lower()
     if spec == "auto":
         if torch.cuda.is_available():
@@ -146,8 +168,7 @@ def resolve_device(spec: str = "auto") -> torch.device:
             raise GptcliError("device 'mps' requested but Apple's MPS backend is not available here")
         return torch.device("mps")
     match = re.fullmatch(r"cuda(?::(\d+))?", spec)
-    if not match:
-        raise UsageError(f"unknown device {spec!r}: use one of {', '.join(DEVICES)}")
+    assert match is not None  # check_device_spec let it through
     if not torch.cuda.is_available():
         raise GptcliError(f"device {spec!r} requested but no CUDA GPU is available (try --device cpu)")
     index = int(match.group(1) or 0)
@@ -160,23 +181,15 @@ def resolve_dtype(spec: str, device: torch.device) -> torch.dtype:
     """Turn auto|float32|bfloat16|float16 into a torch.dtype; auto is bf16 on GPUs that have it, else fp32."""
     import torch
 
-    names = {
-        "float32": torch.float32,
-        "fp32": torch.float32,
-        "bfloat16": torch.bfloat16,
-        "bf16": torch.bfloat16,
-        "float16": torch.float16,
-        "fp16": torch.float16,
-    }
+    check_dtype_spec(spec)
     spec = spec.strip().lower()
     if spec == "auto":
         if device.type == "cuda":
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         # fp32 on CPU and MPS: it is the reference numerics, and CPU fp16 matmuls are slow.
         return torch.float32
-    if spec not in names:
-        raise UsageError(f"unknown dtype {spec!r}: use one of {', '.join(DTYPES)}")
-    return names[spec]
+    dtype: torch.dtype = getattr(torch, _DTYPE_NAMES[spec])
+    return dtype
 
 
 def _looks_like_path(name: str) -> bool:
@@ -369,9 +382,12 @@ def load_model(
     cannot be quantized.
     """
     check_quantize(quantize)
+    check_device_spec(device)
+    check_dtype_spec(dtype)
+    # Which model, before torch loads: a hub id that is neither cached nor reachable fails at once.
+    name, path, notice = resolve(name, allow_pickle=allow_pickle)
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)
-    name, path, notice = resolve(name, allow_pickle=allow_pickle)
     safetensors = check_model_folder(path, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
     plain = gpt2_folder.load(path) if safetensors else None  # a plain GPT-2: no need to import transformers
     config: ModelConfig
@@ -469,6 +485,8 @@ def _only_pickle(path: Path) -> bool:
 
 def model_info(lm: LoadedModel) -> dict[str, Any]:
     """What `gptcli info` reports: architecture, size, context, vocabulary, tokenizer, dtype, device, path."""
+    from gptcli.tokens import describe_tokenizer
+
     config = lm.config
     return {
         "model": lm.name,
@@ -483,7 +501,7 @@ def model_info(lm: LoadedModel) -> dict[str, Any]:
         "embedding_size": config.hidden_size,
         "context_length": lm.context_length,
         "vocab_size": config.vocab_size,
-        "tokenizer": getattr(lm.tokenizer, "class_name", None) or type(lm.tokenizer).__name__,
+        "tokenizer": describe_tokenizer(lm.tokenizer),
         "tokenizer_size": len(lm.tokenizer),
         "dtype": str(lm.dtype).removeprefix("torch."),
         "device": str(lm.device),

@@ -146,8 +146,9 @@ def _safe_metrics(out: Path) -> list[dict]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP])
 def test_ctrl_c_or_sigterm_saves_a_checkpoint_and_exits_130(cli, bpe_model, corpus, tmp_path, sig):
+    """Ctrl-C, SIGTERM and SIGHUP (the terminal closed, SSH dropped) each save and stop."""
     out = tmp_path / "out"
 
     def interrupt_after_step_3() -> None:
@@ -384,3 +385,120 @@ def test_every_finetune_option_defaults_to_trainconfig() -> None:
         assert param.help == f.metadata["cli"]["help"], f.name
         checked += 1
     assert checked == len(params) == 36
+
+
+def test_the_numbers_of_tokens_agree(cli, bpe_model: Path, corpus: Path, tmp_path: Path) -> None:
+    """The start line and the data notes count the same tokens, and say what each number is."""
+    import re
+
+    result = cli("finetune", corpus, "-m", bpe_model, "-o", tmp_path / "out", *SMALL, "--steps", "1")
+    assert result.code == 0, result.err
+    tokenized = int(re.search(r"tokenized 1 document: ([\d,]+) tokens", result.err)[1].replace(",", ""))
+    train, val, block = map(
+        int, re.search(r"(\d+) training \+ (\d+) validation blocks of (\d+)", result.err).groups()
+    )
+    left = re.search(r"the last ([\d,]+) tokens fill no block", result.err)
+    left_over = int(left[1].replace(",", "")) if left else 0
+    assert (train + val) * block + 1 + left_over == tokenized
+    assert f"{train * block:,} training tokens ({train:,} blocks of {block})" in result.err
+
+
+def test_a_fine_tuned_model_keeps_only_the_token_ids_of_the_generation_config(
+    cli, bpe_model: Path, corpus: Path, tmp_path: Path
+) -> None:
+    """The base's decoding defaults (a repetition penalty tuned for its own text) do not carry over."""
+    import shutil
+
+    base = Path(shutil.copytree(bpe_model, tmp_path / "base"))
+    settings = json.loads((base / "generation_config.json").read_text())
+    settings.update(repetition_penalty=1.3, top_k=7, do_sample=True)
+    (base / "generation_config.json").write_text(json.dumps(settings))
+    out = tmp_path / "out"
+    assert cli("finetune", corpus, "-m", base, "-o", out, *SMALL, "--steps", "1").code == 0
+    kept = json.loads((out / "generation_config.json").read_text())
+    assert not {"repetition_penalty", "top_k", "do_sample"} & set(kept)
+    assert kept["eos_token_id"] == settings["eos_token_id"]
+
+
+@pytest.mark.parametrize("problem", ["missing file", "bad utf-8", "too little data"])
+@pytest.mark.parametrize("folder", ["new", "existing and empty"])
+def test_a_failed_first_run_leaves_nothing_behind(
+    cli, bpe_model: Path, tmp_path: Path, problem, folder
+) -> None:
+    data = tmp_path / "data.txt"
+    if problem == "bad utf-8":
+        data.write_bytes("今天天气".encode() * 50 + b"\xff\xfe")
+    elif problem == "too little data":
+        data.write_text("hi", encoding="utf-8")
+    out = tmp_path / "out"
+    if folder == "existing and empty":
+        out.mkdir()
+    result = cli("finetune", data, "-m", bpe_model, "-o", out, *SMALL, "--steps", "2")
+    assert result.code == 2 and result.err.startswith("Error: "), result.err
+    if folder == "new":
+        assert not out.exists()
+    else:
+        assert out.is_dir() and list(out.iterdir()) == []
+
+
+def test_bf16_on_a_cpu_without_bf16_says_so(cli, bpe_model: Path, corpus: Path, tmp_path: Path) -> None:
+    from gptcli.training.setup import cpu_has_bf16
+
+    if cpu_has_bf16() is not False:
+        pytest.skip("this CPU has bf16 instructions (or it cannot be told)")
+    result = cli(
+        "finetune",
+        corpus,
+        "-m",
+        bpe_model,
+        "-o",
+        tmp_path / "out",
+        *SMALL,
+        "--steps",
+        "1",
+        "--precision",
+        "bf16",
+    )
+    assert result.code == 0, result.err
+    assert "no bf16 instructions" in result.err and "--precision fp32" in result.err
+
+
+def test_unknown_tokens_in_the_data_are_reported(cli, bert_model: Path, tmp_path: Path) -> None:
+    """English the BERT-style vocabulary cannot spell becomes [UNK]: the run says how much of it."""
+    data = tmp_path / "english.txt"
+    data.write_text("Zebras quietly juggle xylophones beneath purple volcanoes. " * 40, encoding="utf-8")
+    result = cli("finetune", data, "-m", bert_model, "-o", tmp_path / "out", *SMALL, "--steps", "1")
+    assert result.code == 0, result.err
+    assert "of the training tokens are the unknown token [UNK]" in result.err
+
+
+@pytest.mark.slow
+def test_a_closed_stderr_never_stops_training(bpe_model: Path, corpus: Path, tmp_path: Path) -> None:
+    """`gptcli finetune ... 2>&1 | head -5`: the reader goes away, training goes on to the end."""
+    out = tmp_path / "out"
+    argv = [
+        sys.executable,
+        "-m",
+        "gptcli",
+        "finetune",
+        corpus,
+        "-m",
+        bpe_model,
+        "-o",
+        out,
+        *SMALL,
+        "--steps",
+        "60",
+    ]
+    proc = subprocess.Popen(
+        list(map(str, argv)),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        env={**os.environ, **ONE_THREAD},
+    )
+    assert proc.stdout is not None
+    head = [proc.stdout.readline() for _ in range(3)]  # `| head -3`, then the reader is gone
+    proc.stdout.close()
+    assert proc.wait(timeout=300) == 0, head
+    assert checkpoint_step(out) == 60 and (out / "model.safetensors").exists()
+    assert max(r["step"] for r in metrics(out)) == 60

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
-from typer.core import TyperCommand
+from typer.core import TyperCommand, TyperGroup
 
 from gptcli.textio import read_input, read_input_lines
 
@@ -23,8 +23,29 @@ if TYPE_CHECKING:
 
     from gptcli.models import LoadedModel
 
+
+class _FlagsWithoutValues:
+    """Flags show no value placeholder in --help (typer would show `<bool>`, as if `--json` took one)."""
+
+    def get_params(self, ctx: Any) -> list[Any]:
+        params = super().get_params(ctx)  # type: ignore[misc]
+        for param in params:
+            if getattr(param, "is_flag", False) and param.metavar is None:
+                param.metavar = ""
+        return params
+
+
+class _Command(_FlagsWithoutValues, TyperCommand):
+    """A command of gptcli's."""
+
+
+class Group(_FlagsWithoutValues, TyperGroup):
+    """A command group of gptcli's (`gptcli` itself, `gptcli models`)."""
+
+
 app = typer.Typer(
     name="gptcli",
+    cls=Group,
     help="Work with GPT-2-family language models from the shell.",
     add_completion=False,
     no_args_is_help=True,
@@ -34,19 +55,9 @@ app = typer.Typer(
 )
 
 
-class _Command(TyperCommand):
-    """A command whose flags show no value placeholder in --help (typer would show `<bool>`, as if
-    `--json` took a value)."""
-
-    def get_params(self, ctx: Any) -> list[Any]:
-        params = super().get_params(ctx)
-        for param in params:
-            if getattr(param, "is_flag", False) and param.metavar is None:
-                param.metavar = ""
-        return params
-
-
-def command(**kwargs: Any) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+def command(
+    app_: typer.Typer | None = None, **kwargs: Any
+) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """`app.command`, plus the quiet exit on a closed pipe that every command needs.
 
     Typer turns a BrokenPipeError raised inside a command into a bare exit 1, before the error
@@ -61,7 +72,7 @@ def command(**kwargs: Any) -> Callable[[Callable[..., Any]], Callable[..., Any]]
             except BrokenPipeError:
                 raise typer.Exit(quiet_broken_pipe()) from None
 
-        return app.command(cls=_Command, **kwargs)(guarded)
+        return (app_ or app).command(cls=_Command, **kwargs)(guarded)
 
     return register
 

@@ -7,8 +7,10 @@ there), so a default or a help text exists once.
 from __future__ import annotations
 
 import inspect
+import os
 import sys
 import typing
+from collections.abc import Callable
 from dataclasses import MISSING, fields
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -80,13 +82,27 @@ def finetune(**options: Any) -> None:
     )
     view = ProgressView(live=is_tty(sys.stderr))
     try:
-        result = train(cfg, view.on_event)
+        result = train(cfg, lambda event: _quietly_if_gone(view.on_event, event))
     finally:
-        view.close()
+        _quietly_if_gone(view.close)
     if result.main:
-        print(summary(result), file=sys.stderr, flush=True)
+        _quietly_if_gone(print, summary(result), file=sys.stderr, flush=True)
     if result.interrupted:
         raise typer.Exit(130)
+
+
+def _quietly_if_gone(write: Callable[..., None], *args: Any, **kwargs: Any) -> None:
+    """Progress output that must never stop training: when stderr is gone (`2>&1 | head` exited, the
+    terminal closed), stderr goes to /dev/null from then on and the run goes on."""
+    try:
+        write(*args, **kwargs)
+    except OSError:  # EPIPE from a closed pipe, EIO from a hung-up terminal
+        try:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stderr.fileno())
+            os.close(devnull)
+        except (OSError, ValueError):
+            pass
 
 
 _PARAMETERS = _parameters()
@@ -140,7 +156,8 @@ class ProgressView:
             text = (
                 f"training {m['parameters'] / 1e6:.2f}M parameters on {m['device']} ({m['precision']}, "
                 f"{m['processes']} process{'es' if m['processes'] > 1 else ''}): {m['train_tokens']:,} "
-                f"tokens in blocks of {m['block_size']}, global batch {m['global_batch']}"
+                f"training tokens ({m['train_tokens'] // m['block_size']:,} blocks of {m['block_size']}), "
+                f"global batch {m['global_batch']}"
             )
             self.console.print(text)
             if self.live:

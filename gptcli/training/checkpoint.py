@@ -16,6 +16,7 @@ one folder, and the temporary files a killed run left behind can be removed safe
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -84,6 +85,10 @@ class RunLock:
             file.write(f"{os.getpid()}\n")
             file.flush()
         self._file = file
+
+    @property
+    def held(self) -> bool:
+        return self._file is not None
 
     def release(self) -> None:
         if self._file is not None:
@@ -168,6 +173,29 @@ def claim_out_dir(
     return resume_from
 
 
+def undo_claim(out_dir: Path, before: set[str] | None) -> None:
+    """After a run failed before writing any checkpoint, remove what it created in `out_dir`: the
+    folder itself if it did not exist (`before` is None), else only the entries that were not there.
+    A failed first run then leaves no half-made folder that the next run would have to be told about.
+    """
+    try:
+        entries = set(os.listdir(out_dir))
+    except OSError:
+        return
+    created = entries - (before or set())
+    if CHECKPOINT in created:  # training got far enough to keep: --resume continues it
+        return
+    for name in created:
+        path = out_dir / name
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+    if before is None:
+        with contextlib.suppress(OSError):
+            out_dir.rmdir()
+
+
 def _read_marker(path: Path) -> bool:
     try:
         return "gptcli" in json.loads(path.read_text(encoding="utf-8"))
@@ -198,7 +226,17 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
 
 def export_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, out_dir: Path) -> None:
     """Save a model folder (safetensors, config, generation config, tokenizer) into `out_dir`, atomically
-    file by file, so `from_pretrained(out_dir)` and `gptcli complete -m out_dir` load it."""
+    file by file, so `from_pretrained(out_dir)` and `gptcli complete -m out_dir` load it.
+
+    Its generation_config.json keeps only the base model's token ids: decoding defaults were chosen for
+    the base's text (the built-in model's repetition penalty 1.3, say), and would mangle what the
+    fine-tuned model learned to repeat (docs/training.md).
+    """
+    from transformers import GenerationConfig
+
+    ids = ("bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_token_id")
+    kept = {name: getattr(model.generation_config, name, None) for name in ids}
+    model.generation_config = GenerationConfig(**{k: v for k, v in kept.items() if v is not None})
     try:
         with tempfile.TemporaryDirectory(dir=out_dir, prefix=".export.tmp-") as temp:
             model.save_pretrained(temp, safe_serialization=True)

@@ -95,6 +95,21 @@ def _read_bytes(path: str, stdin: bytes | None) -> bytes:
         raise UsageError(f"cannot read {path}: {getattr(exc, 'strerror', None) or exc}") from exc
 
 
+def check_inputs(paths: Iterable[str]) -> None:
+    """Refuse inputs that cannot be read (missing, a folder, no permission) before a run creates
+    anything: the same errors `read_documents` would raise later."""
+    for path in paths:
+        if path == "-":
+            continue
+        try:
+            with open(Path(path).expanduser(), "rb"):
+                pass
+        except IsADirectoryError:
+            raise UsageError(f"{path} is a directory: pass the .txt or .jsonl files in it") from None
+        except (OSError, ValueError) as exc:  # ValueError: a NUL in the path, which no file name holds
+            raise UsageError(f"cannot read {path}: {getattr(exc, 'strerror', None) or exc}") from None
+
+
 def read_stdin_bytes() -> bytes:
     """All of stdin; refuses a terminal, where nothing was piped."""
     if sys.stdin is None or sys.stdin.isatty():

@@ -127,7 +127,8 @@ def setup(device_spec: str) -> Dist:
 
 
 class StopRequest:
-    """The first SIGINT (Ctrl-C) or SIGTERM asks the loop to save and stop after the current step.
+    """The first SIGINT (Ctrl-C), SIGTERM or SIGHUP (a closed terminal, a dropped SSH connection) asks
+    the loop to save and stop after the current step.
 
     In a single process a second Ctrl-C stops at once. Under torchrun repeats are ignored: a Ctrl-C
     reaches each worker twice (from the terminal, then forwarded by torchrun), and the workers still
@@ -146,7 +147,9 @@ class StopRequest:
 
     def __enter__(self) -> StopRequest:
         if threading.current_thread() is threading.main_thread():  # signals reach only the main thread
-            for sig in (signal.SIGINT, signal.SIGTERM):
+            for sig in (signal.SIGINT, signal.SIGTERM, getattr(signal, "SIGHUP", None)):
+                if sig is None:  # Windows has no SIGHUP
+                    continue
                 self._previous[sig] = signal.signal(sig, self._handle)
         return self
 

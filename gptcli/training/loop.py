@@ -9,6 +9,7 @@ continue the run as if it had never stopped (model, optimizer, scaler, step, RNG
 from __future__ import annotations
 
 import math
+import os
 import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
@@ -37,11 +38,19 @@ from gptcli.training.checkpoint import (
     rng_state,
     save_checkpoint,
     set_rng_state,
+    undo_claim,
 )
 from gptcli.training.config import TrainConfig
-from gptcli.training.data import BatchOrder, Blocks, shard_start
+from gptcli.training.data import BatchOrder, Blocks, check_inputs, shard_start
 from gptcli.training.distributed import Dist, StopRequest
-from gptcli.training.setup import build_model, load_data, model_flops_per_token, peak_flops, resolve_precision
+from gptcli.training.setup import (
+    build_model,
+    load_data,
+    model_flops_per_token,
+    peak_flops,
+    precision_note,
+    resolve_precision,
+)
 
 
 @dataclass
@@ -137,10 +146,17 @@ def train(config: TrainConfig, on_event: EventHandler | None = None) -> TrainRes
     Raises GptcliError for what the user can fix (bad data, foreign out_dir, a loss that became NaN).
     """
     config.check()
+    check_inputs(config.data + config.val)  # before anything is created
     ddp = distributed.setup(config.device)
-    lock = RunLock(Path(config.out_dir).expanduser())  # taken by rank 0, which alone writes
+    out = Path(config.out_dir).expanduser()
+    before = set(os.listdir(out)) if out.is_dir() else None
+    lock = RunLock(out)  # taken by rank 0, which alone writes
     try:
         return _train(config, ddp, lock, Reporter(on_event if ddp.is_main else None))
+    except BaseException:
+        if lock.held:  # only what this run created, and only while no other run can be writing
+            undo_claim(out, before)
+        raise
     finally:
         lock.release()
         ddp.close()
@@ -166,7 +182,7 @@ def _train(cfg: TrainConfig, ddp: Dist, lock: RunLock, report: Reporter) -> Trai
     )
     report("status", message="reading the data (tokenized once, then cached)")
     train_data, val_data, notes = load_data(cfg, ddp, tokenizer, model.config, out)
-    notes = ([notice] if notice else []) + notes
+    notes = [n for n in (notice, precision_note(precision, device)) if n] + notes
     global_batch = cfg.batch_size * cfg.grad_accum * ddp.world
     schedule = Schedule.for_run(cfg, len(train_data.blocks), global_batch)
     total_steps = schedule.total_steps

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from transformers import (
     AutoConfig,
@@ -76,6 +77,26 @@ def resolve_precision(spec: str, device: torch.device) -> torch.dtype:
     if dtype == torch.bfloat16 and device.type == "cuda" and not torch.cuda.is_bf16_supported():
         raise GptcliError("this GPU has no bf16 support: use --precision fp16 (or fp32)")
     return dtype
+
+
+def precision_note(dtype: torch.dtype, device: torch.device) -> str | None:
+    """A warning when bf16 autocast is asked for on a CPU without bf16 instructions, where it is
+    emulated and many times slower than fp32; else None."""
+    if device.type != "cpu" or dtype != torch.bfloat16 or cpu_has_bf16() is not False:
+        return None
+    return (
+        "this CPU has no bf16 instructions (avx512_bf16 or amx_bf16), so bf16 autocast is emulated, many "
+        "times slower than fp32 (docs/training.md has the figures): --precision fp32 trains faster here"
+    )
+
+
+def cpu_has_bf16() -> bool | None:
+    """Whether this CPU has bf16 instructions (None: cannot tell, e.g. not Linux)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text().split()
+    except OSError:
+        return None
+    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def build_model(cfg: TrainConfig) -> tuple[PreTrainedTokenizerBase, PreTrainedModel, str | None]:
@@ -260,12 +281,16 @@ def load_data(
         lambda: prepare_tokens(cfg.data, cfg.val, tokenizer, eos, out / "data", text_field=cfg.text_field)
     )
     notes = []
+    tokens = cache.open("train")
     if cache.reused:
-        notes.append(f"reusing the tokenized data in {cache.folder} ({cache.train_tokens:,} tokens)")
+        notes.append(f"reusing the tokenized data in {cache.folder} ({len(tokens):,} tokens)")
     else:
         documents = f"{cache.documents:,} document{'s' if cache.documents != 1 else ''}"
-        notes.append(f"tokenized {documents}: {cache.train_tokens:,} training tokens")
-    blocks = make_blocks(cache.open("train"), block_size, "training")
+        notes.append(f"tokenized {documents}: {len(tokens):,} tokens")
+    blocks = make_blocks(tokens, block_size, "training")
+    # Block i holds tokens i*B .. i*B+B (B+1 of them, one shared with the next): what is left at the end
+    # predicts nothing.
+    left_over = len(tokens) - 1 - len(blocks) * block_size
     val: Blocks | None = None
     if cfg.val:
         val = make_blocks(cache.open("val"), block_size, "validation")
@@ -276,7 +301,28 @@ def load_data(
                 f"no validation loss: {len(blocks)} blocks of {block_size} tokens are too few to hold out "
                 f"{cfg.val_split:g} of them (pass --val FILE)"
             )
+    held = f" + {len(val)} validation" if val is not None else ""
+    notes.append(
+        f"{len(blocks)} training{held} blocks of {block_size} tokens"
+        + (f"; the last {left_over:,} tokens fill no block" if left_over else "")
+    )
+    unknown = unknown_share(tokens, tokenizer)
+    if unknown >= 0.01:
+        notes.append(
+            f"{unknown:.0%} of the training tokens are the unknown token {tokenizer.unk_token} (text "
+            "this tokenizer cannot spell, such as English for a Chinese character vocabulary): the model "
+            "will learn to write it; a tokenizer that covers the text (-m, or --from-scratch --tokenizer) "
+            "avoids that"
+        )
     return TrainData(blocks, BatchOrder(len(blocks), cfg.seed)), val, notes
+
+
+def unknown_share(tokens: np.ndarray, tokenizer: PreTrainedTokenizerBase) -> float:
+    """The fraction of `tokens` that are the unknown token (0 where it is also end-of-text: GPT-2's)."""
+    unk = tokenizer.unk_token_id
+    if unk is None or unk in (tokenizer.eos_token_id, tokenizer.bos_token_id) or not len(tokens):
+        return 0.0
+    return int(np.count_nonzero(tokens == unk)) / len(tokens)
 
 
 def model_flops_per_token(config: PretrainedConfig, params: int, block_size: int) -> float:
