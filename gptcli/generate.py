@@ -160,6 +160,12 @@ class KVStepper:
         if self.mask is not None:
             self.mask = self.mask.index_select(0, rows)
 
+    def truncate(self, length: int) -> None:
+        """Forget every position from `length` on (undo): the next step writes at `length`."""
+        self.cache.crop(length)
+        if self.mask is not None:
+            self.mask = self.mask[:, :length]
+
     def _forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
         out = self.model(
             input_ids=input_ids,
