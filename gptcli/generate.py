@@ -162,7 +162,11 @@ class KVStepper:
 
     def truncate(self, length: int) -> None:
         """Forget every position from `length` on (undo): the next step writes at `length`."""
-        self.cache.crop(length)
+        # A negative count of tokens to drop: what every transformers 5 release takes (newer ones
+        # refuse an absolute length).
+        drop = self.cache.get_seq_length() - length
+        if drop > 0:
+            self.cache.crop(-drop)
         if self.mask is not None:
             self.mask = self.mask[:, :length]
 

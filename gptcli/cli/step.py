@@ -194,7 +194,7 @@ def _walk(session: StepSession, fd: int, k: int) -> None:
                     elif key in ("s", "S"):
                         session.sample()
                     else:
-                        message = _KEYS
+                        message = f"keys: {_KEYS}"
                 except GptcliError as exc:  # the text has ended or the context is full
                     message = f"{exc}"
 
@@ -231,6 +231,6 @@ def _draw(console: Console, session: StepSession, k: int, message: str) -> None:
             table.add_row(str(t["rank"]), t["token"], f"{t['prob']:.4f}", "█" * round(t["prob"] * 30))
         console.print(table)
     console.print()
-    console.print(Text(f"step {len(session.chosen) + 1} · {_KEYS}", style="dim"))
     if message:
         console.print(Text(message, style="yellow"))
+    console.print(Text(f"step {len(session.chosen) + 1} · {_KEYS}", style="dim"))
