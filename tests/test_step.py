@@ -195,6 +195,7 @@ class Terminal:
     def __init__(self, *args: object) -> None:
         self.master, slave = os.openpty()
         fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))
+        self.initial = termios.tcgetattr(slave)  # before gptcli changes it
         self.out_r, out_w = os.pipe()
 
         def stdin_is_the_terminal() -> None:
@@ -294,3 +295,28 @@ def test_interactive_undo_of_nothing_and_ctrl_d(bpe_model) -> None:
     os.write(term.master, b"\x04")  # Ctrl-D ends too
     code, out = term.finish()
     assert code == 0 and out == "Hello\n"
+
+
+def test_ctrl_c_keeps_the_text_exits_130_and_restores_the_terminal(bpe_model) -> None:
+    import signal
+
+    term = Terminal("Hello", "-m", bpe_model)
+    before = term.initial
+    term.wait_for(1)
+    during = termios.tcgetattr(term.master)
+    assert not during[3] & (termios.ICANON | termios.ECHO)  # keys one at a time, not echoed
+    term.press(b"\r", 2)
+    # The forked child has no controlling terminal, so Ctrl-C typed into the pty would signal nobody:
+    # send the SIGINT that the terminal would send.
+    os.kill(term.pid, signal.SIGINT)
+    after = None
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:  # the child restores the terminal before it exits
+        after = termios.tcgetattr(term.master)
+        if after == before:
+            break
+        time.sleep(0.05)
+    code, out = term.finish()
+    assert code == 130
+    assert out.startswith("Hello") and len(out) > len("Hello\n") and out.endswith("\n")
+    assert after == before

@@ -186,9 +186,10 @@ def _show_comparison(c: Comparison, name_a: str, name_b: str, k: int) -> None:
         console.print()
         console.print(
             Text.assemble(
-                f"token {change.index + 1}: " + ("…" if len(before) > 24 or change.index > 16 else ""),
-                before[-24:].replace("\n", "\\n"),
+                f"token {change.index + 1} ",
                 (t["token"], _change_style(delta)),
+                " after " + ("…" if len(before) > 24 or change.index > 16 else ""),
+                before[-24:].replace("\n", "\\n"),
                 f"   logprob A {t['logprob_a']:.3f} → B {t['logprob_b']:.3f} ({delta:+.3f})",
                 f"   KL {t['kl']:.4f}",
             )
