@@ -152,8 +152,10 @@ def test_terminal_view_shows_the_text_totals_and_largest_changes(cli, models, mo
     assert "▲" in result.out and "▼" in result.out
 
 
-def test_piped_output_is_one_tsv_line_per_token(cli, models) -> None:
-    result = cli("compare", models["bpe"], models["short"], SHORT_TEXT)
+def test_piped_output_is_one_tsv_line_per_token(cli, models, tmp_path: Path) -> None:
+    text_file = tmp_path / "text.txt"
+    text_file.write_text(SHORT_TEXT, encoding="utf-8")
+    result = cli("compare", models["bpe"], models["short"], "-f", text_file)
     assert result.code == 0, result.err
     out = compare_json(cli, models["bpe"], models["short"], SHORT_TEXT)
     lines = [line.split("\t") for line in result.out.splitlines()]

@@ -186,6 +186,13 @@ def test_parse_choices() -> None:
 
 # --- the interactive loop, through a real pseudo-terminal ---------------------------------------------
 
+
+def _whole(screen: str) -> bool:
+    """Whether a screen was drawn to its end: its last line, the key help, has arrived whole."""
+    last = screen.rstrip().rsplit("\n", 1)[-1]
+    return last.startswith("step ") and last.endswith("q done")
+
+
 _ANSI = re.compile(r"\x1b(\[[0-9;?]*[A-Za-z]|\][^\x07]*\x07|[()][0-9A-Za-z]|[=>78])")
 
 
@@ -224,7 +231,7 @@ class Terminal:
     def wait_for(self, screens: int, timeout: float = 30) -> str:
         """Read until `screens` screens have been drawn in all, the last one whole."""
         deadline = time.monotonic() + timeout
-        while self.raw.count(b"\x1b[2J") < screens or not self.screen().rstrip().endswith("q done"):
+        while self.raw.count(b"\x1b[2J") < screens or not _whole(self.screen()):
             ready, _, _ = select.select([self.master], [], [], max(0.0, deadline - time.monotonic()))
             if not ready:
                 raise AssertionError(f"no screen {screens} in {timeout} s; got:\n{self.screen()}")

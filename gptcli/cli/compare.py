@@ -92,7 +92,8 @@ def compare(
             note(f"the prompt has more tokens than the context; kept the last ones (cut {result.dropped})")
         _show_next(result, a.name, b.name, k, json_)
         return
-    comparison = compare_text(a, b, source, stride=stride, changes=changes if is_tty() else 0, k=k)
+    shown = 0 if json_ or not is_tty() else changes  # the largest changes appear on a terminal only
+    comparison = compare_text(a, b, source, stride=stride, changes=shown, k=k)
     if comparison.reason:
         note(
             f"{comparison.reason}, so they cannot be compared token by token: only perplexity (per token "
