@@ -160,6 +160,16 @@ class KVStepper:
         if self.mask is not None:
             self.mask = self.mask.index_select(0, rows)
 
+    def truncate(self, length: int) -> None:
+        """Forget every position from `length` on (undo): the next step writes at `length`."""
+        # A negative count of tokens to drop: what every transformers 5 release takes (newer ones
+        # refuse an absolute length).
+        drop = self.cache.get_seq_length() - length
+        if drop > 0:
+            self.cache.crop(-drop)
+        if self.mask is not None:
+            self.mask = self.mask[:, :length]
+
     def _forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
         out = self.model(
             input_ids=input_ids,

@@ -482,3 +482,7 @@ class CachedDecoder:
     def keep(self, rows: torch.Tensor) -> None:
         """Go on with these rows only (indices into the current batch)."""
         self.cache.keep(rows)
+
+    def truncate(self, length: int) -> None:
+        """Forget every position from `length` on (undo): the next step writes at `length`."""
+        self.cache.length = min(self.cache.length, length)

@@ -7,7 +7,7 @@ transformers computation whatever dtype the weights are in.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -17,6 +17,8 @@ from gptcli.sampling import apply_temperature
 from gptcli.tokens import TokenText, encode_prompt, start_token_id
 
 if TYPE_CHECKING:
+    import torch
+
     from gptcli.contracts import Tokenizer
     from gptcli.models import LoadedModel
 
@@ -120,6 +122,53 @@ class Score:
         }
 
 
+def check_stride(stride: int | None, context: int) -> int:
+    """The sliding window's step for a model with this context (default: half the context)."""
+    stride = max(1, context // 2) if stride is None else stride
+    if not 0 < stride <= context:
+        raise UsageError(f"--stride must be between 1 and the context length ({context})")
+    return stride
+
+
+def window_logprobs(
+    lm: LoadedModel, ids: Sequence[int], *, stride: int | None = None
+) -> Iterator[tuple[int, torch.Tensor]]:
+    """Float32 log-probabilities of every token of `ids` but the first, window by window.
+
+    Yields (first, logprobs): row j of logprobs [n, vocab] is the distribution that predicts
+    ids[first + j], from the tokens before it. Sequences longer than the context go through a sliding
+    window (as in the transformers perplexity guide): each window is `context` tokens long, starts
+    `stride` tokens after the previous one, and predicts only the tokens the previous window did not,
+    so every token is predicted once, with at least `context - stride` tokens of history.
+    """
+    import torch
+
+    context = lm.context_length
+    stride = check_stride(stride, context)
+    scored_to = 1  # ids[0] is context, not a prediction
+    begin = 0
+    while scored_to < len(ids):
+        end = min(begin + context, len(ids))
+        with torch.inference_mode():
+            window = torch.tensor([list(ids[begin:end])], device=lm.device)
+            # Position j predicts ids[begin + j + 1]: targets scored_to..end-1 need positions
+            # scored_to-1-begin..end-2-begin, the window's last ones but its very last. Only those go
+            # through the output layer (a 50,257-wide matmul): after the first window, half of them.
+            keep = end - scored_to + 1
+            rows = lm.logits(window, logits_to_keep=keep)[0, -keep:-1].float()  # (models that ignore it)
+            logprobs = torch.log_softmax(rows, dim=-1)
+        yield scored_to, logprobs
+        scored_to = end
+        # The next window must hold at least the token before the first one it predicts.
+        begin = min(begin + stride, scored_to - 1)
+
+
+def text_ids(lm: LoadedModel, text: str) -> list[int]:
+    """The ids `score` predicts from: the start token, then the text's own tokens."""
+    body = lm.tokenizer.encode(text, add_special_tokens=False) if text else []
+    return [start_token_id(lm.tokenizer), *body]
+
+
 def score_text(
     lm: LoadedModel,
     text: str,
@@ -130,43 +179,24 @@ def score_text(
     """Log-probability and rank of every token of `text`, each predicted from the tokens before it.
 
     The text is preceded by the start token so its first token is scored too. Texts longer than the
-    context are scored with a sliding window (as in the transformers perplexity guide): each window
-    is `context` tokens long, starts `stride` tokens after the previous one, and scores only the
-    tokens the previous window did not, so every token is scored once with at least
-    `context - stride` tokens of history. `on_progress(tokens_scored, tokens)` follows the windows.
+    context are scored with a sliding window (`window_logprobs`). `on_progress(tokens_scored, tokens)`
+    follows the windows.
     """
     import torch
 
-    context = lm.context_length
-    stride = max(1, context // 2) if stride is None else stride
-    if not 0 < stride <= context:
-        raise UsageError(f"--stride must be between 1 and the context length ({context})")
+    stride = check_stride(stride, lm.context_length)
     names = TokenText(lm.tokenizer)
-    text_ids = lm.tokenizer.encode(text, add_special_tokens=False) if text else []
-    ids = [start_token_id(lm.tokenizer), *text_ids]
-    score = Score(num_bytes=len(text.encode("utf-8")), unknown=_count_unknown(lm.tokenizer, text_ids))
-    scored_to = 1  # ids[0] is the start token: context, not a prediction
-    begin = 0
+    ids = text_ids(lm, text)
+    score = Score(num_bytes=len(text.encode("utf-8")), unknown=_count_unknown(lm.tokenizer, ids[1:]))
     with torch.inference_mode():
-        while scored_to < len(ids):
-            end = min(begin + context, len(ids))
-            window = torch.tensor([ids[begin:end]], device=lm.device)
-            # Position j predicts ids[begin + j + 1]: targets scored_to..end-1 need positions
-            # scored_to-1-begin..end-2-begin, the window's last ones but its very last. Only those go
-            # through the output layer (a 50,257-wide matmul): after the first window, half of them.
-            keep = end - scored_to + 1
-            rows = lm.logits(window, logits_to_keep=keep)[0, -keep:-1].float()  # (models that ignore it)
-            logprobs = torch.log_softmax(rows, dim=-1)
-            targets = torch.tensor(ids[scored_to:end], device=lm.device)
+        for first, logprobs in window_logprobs(lm, ids, stride=stride):
+            targets = torch.tensor(ids[first : first + len(logprobs)], device=lm.device)
             chosen = logprobs.gather(1, targets[:, None])[:, 0]
             ranks = (logprobs > chosen[:, None]).sum(dim=-1) + 1
             for tid, lp, rank in zip(targets.tolist(), chosen.tolist(), ranks.tolist(), strict=True):
                 score.tokens.append({**names.describe(tid), "logprob": lp, "rank": rank})
-            scored_to = end
             if on_progress is not None:
-                on_progress(scored_to - 1, len(ids) - 1)
-            # The next window must hold at least the token before the first one it scores.
-            begin = min(begin + stride, scored_to - 1)
+                on_progress(len(score.tokens), len(ids) - 1)
     return score
 
 

@@ -9,7 +9,7 @@ import functools
 import json
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -290,6 +290,47 @@ def surprise_legend(console: Console) -> Any:
         legend.append(f" ≥{low:g} " if low else f" <{high:g} ", style=surprise_style(p, console))
         legend.append(" ")
     return legend
+
+
+def change_style(change: float, console: Console) -> str:
+    """The style of a change in log-probability (nats; > 0: better): greener or redder with its size,
+    full at 3 nats (a factor of 20); on 16 colours two strengths of green and red; without colour,
+    bold for better, underline or reverse for worse."""
+    strong, mild = abs(change) >= 2.0, abs(change) >= 0.5
+    system = console.color_system
+    if console.no_color or system is None:
+        if not mild:
+            return ""
+        return "bold" if change > 0 else "reverse" if strong else "underline"
+    if system == "standard":
+        if not mild:
+            return ""
+        if change > 0:
+            return "black on green" if strong else "green"
+        return "white on red" if strong else "red"
+    t = min(abs(change) / 3.0, 1.0)
+    to = (40, 190, 60) if change > 0 else (235, 50, 50)
+    r, g, b = (round(200 + (c - 200) * t) for c in to)
+    return f"black on rgb({r},{g},{b})"
+
+
+def whole_characters(pieces: Iterable[tuple[bytes, float]]) -> Iterator[tuple[str, list[float]]]:
+    """Token bytes regrouped into whole characters, each stretch with the values of its tokens: a CJK
+    character that GPT-2 splits into byte pieces shows as itself, shaded as one. A token that ends one
+    character and starts the next counts with the first."""
+    import codecs
+
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    values: list[float] = []
+    for data, value in pieces:
+        values.append(value)
+        text = decoder.decode(data)
+        if text:
+            yield text, values
+            values = []
+    tail = decoder.decode(b"", final=True)
+    if tail:
+        yield tail, values or [0.0]
 
 
 def is_tty(stream: Any = None) -> bool:

@@ -28,6 +28,7 @@ from gptcli.cli._common import (
     stdout,
     surprise_legend,
     surprise_style,
+    whole_characters,
 )
 from gptcli.errors import UsageError
 from gptcli.textio import check_text
@@ -304,20 +305,9 @@ def _heat_map(tokens: list[dict[str, Any]]) -> None:
 
     console = stdout()
     text = Text()
-    pending, worst = b"", 0.0
-    for t in tokens:
-        pending += bytes.fromhex(t["bytes"])
-        worst = min(worst, t["logprob"])
-        try:
-            piece = pending.decode("utf-8")
-        except UnicodeDecodeError:
-            if len(pending) < 4:  # wait for the rest of the character
-                continue
-            piece = pending.decode("utf-8", errors="replace")
-        text.append(piece, style=surprise_style(math.exp(worst), console))
-        pending, worst = b"", 0.0
-    if pending:
-        text.append(pending.decode("utf-8", errors="replace"), style=surprise_style(0.0, console))
+    pieces = ((bytes.fromhex(t["bytes"]), t["logprob"]) for t in tokens)
+    for piece, logprobs in whole_characters(pieces):
+        text.append(piece, style=surprise_style(math.exp(min(logprobs)), console))
     console.print(text)
     console.print(surprise_legend(console), style="dim" if console.color_system else "")
     sys.stdout.flush()
