@@ -68,6 +68,68 @@ class GPT2Config:
             layer_norm_epsilon=config.get("layer_norm_epsilon", 1e-5),
         )
 
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        """Every weight the forward pass reads, by its name in transformers' GPT2Model, with its shape."""
+        shapes: dict[str, tuple[int, ...]] = {
+            "wte.weight": (self.vocab_size, self.n_embd),
+            "wpe.weight": (self.n_positions, self.n_embd),
+            "ln_f.weight": (self.n_embd,),
+            "ln_f.bias": (self.n_embd,),
+        }
+        width, inner = self.n_embd, self.n_inner
+        for i in range(self.n_layer):
+            for name, shape in {
+                "ln_1.weight": (width,),
+                "ln_1.bias": (width,),
+                "attn.c_attn.weight": (width, 3 * width),
+                "attn.c_attn.bias": (3 * width,),
+                "attn.c_proj.weight": (width, width),
+                "attn.c_proj.bias": (width,),
+                "ln_2.weight": (width,),
+                "ln_2.bias": (width,),
+                "mlp.c_fc.weight": (width, inner),
+                "mlp.c_fc.bias": (inner,),
+                "mlp.c_proj.weight": (inner, width),
+                "mlp.c_proj.bias": (width,),
+            }.items():
+                shapes[f"h.{i}.{name}"] = shape
+        return shapes
+
+    @property
+    def num_parameters(self) -> int:
+        """As transformers counts them: the tied output layer once."""
+        return sum(math.prod(shape) for shape in self.shapes().values())
+
+
+def check_shapes(config: GPT2Config, found: dict[str, tuple[int, ...]]) -> None:
+    """Raise GptcliError unless `found` (name -> shape; a "transformer." prefix is dropped) holds every
+    weight `config` needs, with its shape."""
+    found = {name.removeprefix("transformer."): shape for name, shape in found.items()}
+    for name, shape in config.shapes().items():
+        if name not in found:
+            raise GptcliError(f"the weights have no tensor {name}")
+        if tuple(found[name]) != shape:
+            raise GptcliError(f"{name} has shape {tuple(found[name])}, config.json says {shape}")
+
+
+def safetensors_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    """Every tensor's shape in a .safetensors file, from its header alone (no torch, nothing mapped)."""
+    with open(path, "rb") as file:
+        try:
+            (size,) = struct.unpack("<Q", file.read(8))
+            if size > os.fstat(file.fileno()).st_size - 8:
+                raise ValueError
+            header = json.loads(file.read(size))
+        except (struct.error, ValueError, UnicodeDecodeError) as exc:
+            raise GptcliError("not a safetensors file (its header does not parse)") from exc
+    if not isinstance(header, dict):
+        raise GptcliError("not a safetensors file (its header is not an object)")
+    return {
+        name: tuple(info["shape"])
+        for name, info in header.items()
+        if name != "__metadata__" and isinstance(info, dict) and isinstance(info.get("shape"), list)
+    }
+
 
 # --- Reading weights ----------------------------------------------------------------------------------
 
@@ -334,36 +396,8 @@ class GPT2:
             release("wte.weight")
 
     def _check(self, w: dict[str, torch.Tensor]) -> None:
-        c = self.config
-        expected = {
-            "wte.weight": (c.vocab_size, c.n_embd),
-            "wpe.weight": (c.n_positions, c.n_embd),
-            "ln_f.weight": (c.n_embd,),
-            "ln_f.bias": (c.n_embd,),
-        }
-        for i in range(c.n_layer):
-            for name, shape in {
-                "ln_1.weight": (c.n_embd,),
-                "ln_1.bias": (c.n_embd,),
-                "attn.c_attn.weight": (c.n_embd, 3 * c.n_embd),
-                "attn.c_attn.bias": (3 * c.n_embd,),
-                "attn.c_proj.weight": (c.n_embd, c.n_embd),
-                "attn.c_proj.bias": (c.n_embd,),
-                "ln_2.weight": (c.n_embd,),
-                "ln_2.bias": (c.n_embd,),
-                "mlp.c_fc.weight": (c.n_embd, c.n_inner),
-                "mlp.c_fc.bias": (c.n_inner,),
-                "mlp.c_proj.weight": (c.n_inner, c.n_embd),
-                "mlp.c_proj.bias": (c.n_embd,),
-            }.items():
-                expected[f"h.{i}.{name}"] = shape
-        for name, shape in expected.items():
-            if name not in w:
-                raise GptcliError(f"the weights have no tensor {name}")
-            if tuple(w[name].shape) != shape:
-                raise GptcliError(f"{name} has shape {tuple(w[name].shape)}, config.json says {shape}")
-        # transformers counts the tied output layer once, as here.
-        self.num_parameters = sum(math.prod(shape) for shape in expected.values())
+        check_shapes(self.config, {name: tuple(t.shape) for name, t in w.items()})
+        self.num_parameters = self.config.num_parameters
 
     def forward(
         self,

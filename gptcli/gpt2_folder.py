@@ -28,9 +28,22 @@ _GPT2_TOKENIZERS = {"GPT2Tokenizer", "GPT2TokenizerFast", "PreTrainedTokenizerFa
 # The GPT-2 classes' own defaults for tokens the config does not name.
 _GPT2_SPECIALS = {"unk_token": "<|endoftext|>", "bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>"}
 _ROLES = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
-# tokenizer_config.json keys that change what transformers builds: leave such folders to it.
-_UNUSUAL = ("auto_map", "add_bos_token", "add_eos_token", "add_prefix_space", "extra_special_tokens",
-            "additional_special_tokens", "clean_up_tokenization_spaces", "split_special_tokens")  # fmt: skip
+# tokenizer_config.json keys that can change what transformers builds, each with the values that change
+# nothing (what the GPT-2 classes do anyway, and what transformers 5's save_pretrained writes for every
+# GPT-2 tokenizer): a folder with any other value is left to transformers. add_prefix_space: false must
+# also agree with tokenizer.json's pre-tokenizer (_plain_byte_level), clean_up_tokenization_spaces is
+# ignored for BPE unless the flag that forces it is set.
+_NEUTRAL: dict[str, tuple[Any, ...]] = {
+    "add_prefix_space": (False,),
+    "add_bos_token": (False,),
+    "add_eos_token": (False,),
+    "split_special_tokens": (False,),
+    "errors": ("replace",),
+    "extra_special_tokens": ([], {}),
+    "additional_special_tokens": ([],),
+    "clean_up_tokenization_spaces_for_bpe_even_though_it_will_corrupt_output": (False,),
+}
+_UNUSUAL = ("auto_map",)
 
 
 class Config:
@@ -207,8 +220,15 @@ def load_tokenizer(path: Path, config: dict[str, Any] | None = None) -> Tokenize
     """The folder's tokenizer without transformers, or None when transformers is needed for it."""
     has_config = (path / "tokenizer_config.json").exists()
     tokenizer_config = _json(path / "tokenizer_config.json") if has_config else {}
-    if tokenizer_config is None or (path / "special_tokens_map.json").exists():
+    if tokenizer_config is None:
         return None
+    # Without added_tokens_decoder (folders from transformers 4), transformers reads the legacy
+    # special_tokens_map.json, whose tokens replace tokenizer_config.json's.
+    if (path / "special_tokens_map.json").exists() and "added_tokens_decoder" not in tokenizer_config:
+        legacy = _json(path / "special_tokens_map.json")
+        if legacy is None:
+            return None
+        tokenizer_config = {**tokenizer_config, **legacy}
     if config is None:
         config = _json(path / "config.json") or {}
     # AutoTokenizer's order: tokenizer_config.json's class, config.json's, then the model type's.
@@ -218,6 +238,8 @@ def load_tokenizer(path: Path, config: dict[str, Any] | None = None) -> Tokenize
             return None
         class_name = "GPT2Tokenizer"
     if class_name not in _GPT2_TOKENIZERS or any(key in tokenizer_config for key in _UNUSUAL):
+        return None
+    if any(key in tokenizer_config and tokenizer_config[key] not in ok for key, ok in _NEUTRAL.items()):
         return None
     from tokenizers import Tokenizer as Backend
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
@@ -481,6 +482,66 @@ def _load_transformers_model(
 
 def _only_pickle(path: Path) -> bool:
     return not any(path.glob("*.safetensors"))
+
+
+def folder_info(
+    name: str | None,
+    *,
+    device: str = "auto",
+    dtype: str = "auto",
+    allow_pickle: bool = False,
+    trust_remote_code: bool = False,
+) -> tuple[dict[str, Any], str | None] | None:
+    """(what `gptcli info` reports, a notice or None) for a plain GPT-2 folder, read from its files
+    without importing torch or transformers: config.json, tokenizer.json and the safetensors header.
+
+    None when the answer needs them: another architecture, weights whose header does not match the
+    config (the full load names the problem), or a device only torch can find (a machine with a GPU).
+    """
+    check_device_spec(device)
+    check_dtype_spec(dtype)
+    spec = device.strip().lower()
+    if not (spec == "cpu" or (spec == "auto" and not _may_have_an_accelerator())):
+        return None
+    name, path, notice = resolve(name, allow_pickle=allow_pickle)
+    if not check_model_folder(path, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code):
+        return None  # pickle weights: transformers reads them
+    plain = gpt2_folder.load(path)
+    from gptcli.gpt2 import GPT2Config, check_shapes, safetensors_shapes
+    from gptcli.tokens import describe_tokenizer
+
+    shape = GPT2Config.from_config(plain[0].to_dict()) if plain is not None else None
+    if plain is None or shape is None:
+        return None
+    try:
+        check_shapes(shape, safetensors_shapes(path / "model.safetensors"))
+    except (GptcliError, OSError):
+        return None
+    config, _, tokenizer = plain
+    facts = {
+        "model": name,
+        "path": str(path),
+        "architecture": (config.architectures or ["GPT2LMHeadModel"])[0],
+        "model_type": config.model_type,
+        "parameters": shape.num_parameters,
+        "layers": config.num_hidden_layers,
+        "heads": config.num_attention_heads,
+        "embedding_size": config.hidden_size,
+        "context_length": context_length(config),
+        "vocab_size": config.vocab_size,
+        "tokenizer": describe_tokenizer(tokenizer),
+        "tokenizer_size": len(tokenizer),
+        "dtype": "float32" if dtype.strip().lower() == "auto" else _DTYPE_NAMES[dtype.strip().lower()],
+        "device": "cpu",
+    }
+    return facts, notice
+
+
+def _may_have_an_accelerator() -> bool:
+    """Whether `--device auto` might pick something but the CPU here (only torch can say for sure)."""
+    if sys.platform == "darwin":  # Apple's MPS
+        return True
+    return any(Path(node).exists() for node in ("/dev/nvidiactl", "/dev/nvidia0", "/dev/kfd", "/dev/dxg"))
 
 
 def model_info(lm: LoadedModel) -> dict[str, Any]:

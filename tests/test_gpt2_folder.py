@@ -29,9 +29,52 @@ TEXTS = [
 ]
 
 
-@pytest.fixture(scope="module", params=["bpe", "short", "builtin"])
-def folder(request, models: dict[str, Path]) -> Path:
-    return builtin_path() if request.param == "builtin" else models[request.param]
+KINDS = ["bpe", "short", "builtin", "saved GPT2TokenizerFast", "saved tokenizer.json", "finetuned", "scratch"]
+
+
+@pytest.fixture(scope="module")
+def saved_folders(models: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Folders as users have them: written by transformers 5's save_pretrained (which adds
+    add_prefix_space, errors and a null pad_token to tokenizer_config.json), and by gptcli finetune."""
+    from transformers import GPT2TokenizerFast, PreTrainedTokenizerFast
+
+    from gptcli.cli import run
+
+    root = tmp_path_factory.mktemp("saved")
+    out = {}
+    for kind, cls in (("saved GPT2TokenizerFast", GPT2TokenizerFast), ("saved tokenizer.json", None)):
+        folder = Path(shutil.copytree(models["bpe"], root / kind.replace(" ", "-")))
+        for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+            (folder / name).unlink(missing_ok=True)
+        if cls is None:
+            tokenizer = PreTrainedTokenizerFast(
+                tokenizer_file=str(models["bpe"] / "tokenizer.json"),
+                bos_token="<|endoftext|>",
+                eos_token="<|endoftext|>",
+                unk_token="<|endoftext|>",
+            )
+        else:
+            tokenizer = cls.from_pretrained(models["bpe"])
+        tokenizer.save_pretrained(folder)
+        out[kind] = folder
+    corpus = root / "corpus.txt"
+    corpus.write_text(TEXTS[2] * 200, encoding="utf-8")
+    common = ["--steps", "1", "--block-size", "16", "--batch-size", "2"]
+    assert run(["finetune", str(corpus), "-m", str(models["bpe"]), "-o", str(root / "ft"), *common]) == 0
+    scratch = ["--from-scratch", "--n-layer", "1", "--n-embd", "16", "--n-head", "2", "--context", "32"]
+    assert (
+        run(["finetune", str(corpus), "-m", str(models["bpe"]), "-o", str(root / "sc"), *common, *scratch])
+        == 0
+    )
+    out["finetuned"], out["scratch"] = root / "ft", root / "sc"
+    return out
+
+
+@pytest.fixture(scope="module", params=KINDS)
+def folder(request, models: dict[str, Path], saved_folders: dict[str, Path]) -> Path:
+    if request.param == "builtin":
+        return builtin_path()
+    return models.get(request.param) or saved_folders[request.param]
 
 
 @pytest.fixture(scope="module")
@@ -111,6 +154,10 @@ def test_a_missing_generation_config_takes_the_config_token_ids(models, tmp_path
     "change",
     [
         {"tokenizer_config.json": {"add_bos_token": True}},
+        {"tokenizer_config.json": {"add_prefix_space": True}},
+        {"tokenizer_config.json": {"errors": "strict"}},
+        {"tokenizer_config.json": {"extra_special_tokens": ["<|im_start|>"]}},
+        {"special_tokens_map.json": {"eos_token": "<|not-in-vocab|>"}},
         {"tokenizer_config.json": {"tokenizer_class": "LlamaTokenizer"}},
         {"tokenizer.json": {"normalizer": {"type": "Lowercase"}}},
         {"config.json": {"activation_function": "relu"}},
@@ -125,7 +172,7 @@ def test_a_missing_generation_config_takes_the_config_token_ids(models, tmp_path
 def test_anything_unusual_goes_through_transformers(models, tmp_path: Path, change) -> None:
     folder = Path(shutil.copytree(models["bpe"], tmp_path / "m"))
     for name, values in change.items():
-        data = json.loads((folder / name).read_text())
+        data = json.loads((folder / name).read_text()) if (folder / name).exists() else {}
         for key, value in values.items():  # one level deep: {"model": {"dropout": 0.1}} changes one key
             data[key] = (
                 {**data[key], **value}
@@ -165,12 +212,26 @@ def test_bert_style_tokenizers_go_through_transformers(models) -> None:
 
 
 @pytest.mark.slow
-def test_complete_and_tokenize_on_a_plain_gpt2_never_import_transformers(models) -> None:
+def test_complete_and_tokenize_on_a_plain_gpt2_never_import_transformers(models, saved_folders) -> None:
+    folders = [models["bpe"], *saved_folders.values()]
     code = (
         "import sys; from gptcli.cli import run\n"
-        "for argv in (['complete', 'hi', '-n', '3', '--greedy'], ['tokenize', 'hi'], ['topk', 'hi']):\n"
-        f"    assert run([*argv, '-m', {str(models['bpe'])!r}]) == 0\n"
+        f"for folder in {[str(f) for f in folders]!r}:\n"
+        "    for argv in (['complete', 'hi', '-n', '3', '--greedy'], ['tokenize', 'hi'], ['topk', 'hi']):\n"
+        "        assert run([*argv, '-m', folder]) == 0, (argv, folder)\n"
         "assert 'transformers' not in sys.modules, 'transformers was imported'\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+
+
+@pytest.mark.parametrize("command", [["tokenize", "hi"], ["info"]])
+def test_tokenize_and_info_need_neither_torch_nor_transformers(models, command: list[str]) -> None:
+    """On a plain folder `tokenizers` is all these two need: no seconds spent importing torch."""
+    code = (
+        "import sys; from gptcli.cli import run\n"
+        f"assert run({command!r} + ['-m', {str(models['bpe'])!r}, '--device', 'cpu'][: 2 + ({command[0]!r} == 'info') * 2]) == 0\n"
+        "assert not {'torch', 'transformers'} & set(sys.modules), sorted({'torch', 'transformers'} & set(sys.modules))\n"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr

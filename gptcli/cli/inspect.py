@@ -61,9 +61,18 @@ def info(
     json_: JsonOpt = False,
 ) -> None:
     """Architecture, size, context, vocabulary, tokenizer, dtype, device and where the files are."""
-    from gptcli.models import model_info
+    from gptcli.models import folder_info, model_info
 
-    facts = model_info(load(model, device, dtype, allow_pickle, trust_remote_code))
+    # A plain GPT-2 folder is described from its files, without the seconds torch takes to import.
+    quick = folder_info(
+        model, device=device, dtype=dtype, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code
+    )
+    if quick is not None:
+        facts, notice = quick
+        if notice:
+            note(notice)
+    else:
+        facts = model_info(load(model, device, dtype, allow_pickle, trust_remote_code))
     if json_:
         emit_json(facts)
         return
