@@ -16,6 +16,8 @@ _API = {
     "UsageError": "gptcli.errors",
     "next_token_distribution": "gptcli.predict",
     "score_text": "gptcli.predict",
+    "logit_lens": "gptcli.lens",
+    "attention_weights": "gptcli.attention",
     "tokenize": "gptcli.tokens",
     "complete": "gptcli.generate",
     "stream": "gptcli.generate",

@@ -9,7 +9,9 @@ much each input token reaches the top layer's position, not a measurement.
 
 from __future__ import annotations
 
+import json
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -69,16 +71,31 @@ class Attention:
     rollout: np.ndarray | None = None  # [len(queries), positions] float64
 
     def to_json(self, model: str) -> dict[str, Any]:
-        out: dict[str, Any] = {
+        out = {**self.to_json_head(model), "attention": self.weights.tolist()}
+        if self.rollout is not None:
+            out["rollout"] = self.rollout.tolist()
+        return out
+
+    def json_pieces(self, model: str) -> Iterator[str]:
+        """`to_json` as JSON text, in pieces: for --query all on 1,024 tokens the weights are 150 million
+        numbers, several GB as Python lists, 600 MB as the array they stay in here."""
+        yield json.dumps(self.to_json_head(model), ensure_ascii=False)[:-1] + ', "attention": ['
+        for number, layer in enumerate(self.weights):
+            yield ("," if number else "") + "["
+            yield ", ".join(json.dumps(head.tolist()) for head in layer)
+            yield "]"
+        yield "]"
+        if self.rollout is not None:
+            yield ', "rollout": ' + json.dumps(self.rollout.tolist())
+        yield "}\n"
+
+    def to_json_head(self, model: str) -> dict[str, Any]:
+        return {
             "model": model,
             "prompt": self.prompt.text,
             "tokens": self.prompt.tokens,
             "queries": self.queries,
-            "attention": self.weights.tolist(),
         }
-        if self.rollout is not None:
-            out["rollout"] = self.rollout.tolist()
-        return out
 
 
 def attention_weights(
@@ -151,9 +168,9 @@ def attention_grids(
     `hide_sink`: the first token's column is left out of the shading, which then spans the other
     weights (GPT-2 parks much of its attention on the first token).
     """
-    from gptcli.pictures import Grid
+    from gptcli.pictures import Grid, visible
 
-    tokens = [t["token"] for t in result.prompt.tokens]
+    tokens = [visible(t["token"]) for t in result.prompt.tokens]
     width = max(result.queries) + 1  # no query looks further
     columns = tokens[:width]
     layers, heads = result.weights.shape[:2]

@@ -224,9 +224,9 @@ def lens_grid(lens: Lens) -> Grid:
     """The heat map of a lens: rows = points of the stream (embeddings on top), columns = positions
     headed by their token, each cell the top-1 next token shaded by its probability, outlined where
     it is the prompt's actual next token."""
-    from gptcli.pictures import Grid
+    from gptcli.pictures import Grid, visible
 
-    columns = [lens.prompt.tokens[p]["token"] for p in lens.positions]
+    columns = [visible(lens.prompt.tokens[p]["token"]) for p in lens.positions]
     rows, values, texts, details, marks = [], [], [], [], []
     for row in lens.rows:
         rows.append(
@@ -237,7 +237,7 @@ def lens_grid(lens: Lens) -> Grid:
             else str(row.layer)
         )
         values.append([cell[0]["prob"] for cell in row.top])
-        texts.append([cell[0]["token"] for cell in row.top])
+        texts.append([visible(cell[0]["token"]) for cell in row.top])
         marks.append(
             [cell[0]["id"] == lens.next_id(p) for cell, p in zip(row.top, lens.positions, strict=True)]
         )

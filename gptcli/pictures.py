@@ -78,6 +78,11 @@ class Grid:
         return min(1.0, max(0.0, value / self.scale))
 
 
+def visible(piece: str) -> str:
+    """A piece as a label: one made only of spaces shows them as ␣ (a blank label reads as no token)."""
+    return "␣" * len(piece) if piece and not piece.strip(" ") else piece
+
+
 def colour(palette: str, shade: float) -> tuple[int, int, int]:
     """The palette's colour at `shade` (0 light, 1 dark)."""
     light, dark = PALETTES[palette]

@@ -137,6 +137,10 @@ def test_json_schema(folders, cli) -> None:
         (a[:, :, 0, 1:] == 0).all() and (a[:, :, 1, 3:] == 0).all() and a[:, :, 0, 0].tolist() == [[1, 1]] * 2
     )
     assert np.array(obj["rollout"]).shape == (2, count)
+    result = attention_weights(
+        load_model(str(folders["bpe"]), device="cpu"), PROMPTS["bpe"], queries="0,2", rollout=True
+    )
+    assert obj == result.to_json(str(folders["bpe"]))  # the pieces written make the same object
     plain = json.loads(cli("attention", "hi there", "-m", folders["bpe"], "--json").out)
     assert set(plain) == {"model", "prompt", "tokens", "queries", "attention"}
     assert plain["queries"] == [len(plain["tokens"]) - 1]

@@ -359,6 +359,12 @@ def test_png_without_a_cjk_font_uses_byte_notation() -> None:
     assert drawable("<e4 bb>") == "<e4 bb>"
 
 
+def test_labels_show_spaces_alone_as_such() -> None:
+    from gptcli.pictures import visible
+
+    assert visible("  ") == "␣␣" and visible(" the") == " the" and visible("") == ""
+
+
 def _render(label: str):
     import numpy as np
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -246,7 +247,9 @@ def attention(
     if save is not None:
         _save(grids(), save, _title(lm.name, text))
     if json_:
-        emit_json(result.to_json(lm.name))
+        for piece in result.json_pieces(lm.name):
+            sys.stdout.write(piece)
+        sys.stdout.flush()
     elif is_tty():
         console = stdout()
         for grid in grids():
