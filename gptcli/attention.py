@@ -81,7 +81,7 @@ class Attention:
         numbers, several GB as Python lists, 600 MB as the array they stay in here."""
         yield json.dumps(self.to_json_head(model), ensure_ascii=False)[:-1] + ', "attention": ['
         for number, layer in enumerate(self.weights):
-            yield ("," if number else "") + "["
+            yield (", " if number else "") + "["
             yield ", ".join(json.dumps(head.tolist()) for head in layer)
             yield "]"
         yield "]"

@@ -90,6 +90,11 @@ class Row:
     target: list[dict[str, Any]] | None = None  # per position: {"id", "token", "rank", "prob", "logprob"}
 
     @property
+    def name(self) -> str:
+        """ "embeddings", "L" or "L attn": the row's heading in heat maps."""
+        return self.point if self.point == "embeddings" else self.label.replace(".", " ")
+
+    @property
     def label(self) -> str:
         """ "0" (embeddings), "L", or "L.attn": the layer column of the TSV output."""
         return f"{self.layer}.attn" if self.point == "attention" else str(self.layer)
@@ -220,27 +225,27 @@ def logit_lens(
     return lens
 
 
-def lens_grid(lens: Lens) -> Grid:
+def lens_grid(lens: Lens, positions: Sequence[int] | None = None) -> Grid:
     """The heat map of a lens: rows = points of the stream (embeddings on top), columns = positions
     headed by their token, each cell the top-1 next token shaded by its probability, outlined where
-    it is the prompt's actual next token."""
+    it is the prompt's actual next token. `positions`: some of the lens's positions (default all)."""
     from gptcli.pictures import Grid, visible
 
-    columns = [visible(lens.prompt.tokens[p]["token"]) for p in lens.positions]
+    keep = [lens.positions.index(p) for p in (lens.positions if positions is None else positions)]
+    shown = [lens.positions[i] for i in keep]
+    columns = [visible(lens.prompt.tokens[p]["token"]) for p in shown]
     rows, values, texts, details, marks = [], [], [], [], []
-    for row in lens.rows:
-        rows.append(
-            "embeddings"
-            if row.point == "embeddings"
-            else f"{row.layer} attn"
-            if row.point == "attention"
-            else str(row.layer)
+    for full in lens.rows:
+        row = Row(
+            full.layer,
+            full.point,
+            [full.top[i] for i in keep],
+            None if full.target is None else [full.target[i] for i in keep],
         )
+        rows.append(row.name)
         values.append([cell[0]["prob"] for cell in row.top])
         texts.append([visible(cell[0]["token"]) for cell in row.top])
-        marks.append(
-            [cell[0]["id"] == lens.next_id(p) for cell, p in zip(row.top, lens.positions, strict=True)]
-        )
+        marks.append([cell[0]["id"] == lens.next_id(p) for cell, p in zip(row.top, shown, strict=True)])
         tips = []
         for i, cell in enumerate(row.top):
             lines = [f"{n}. {t['token']!r:<14} {t['prob']:7.2%}" for n, t in enumerate(cell, 1)]

@@ -15,6 +15,7 @@ from __future__ import annotations
 import html
 import math
 import re
+import warnings
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -124,7 +125,9 @@ def save(grids: list[Grid], path: Path, *, title: str) -> list[str]:
     from matplotlib import rc_context
 
     # SVG keeps text as text: searchable, and drawn with the viewer's fonts, which have CJK glyphs.
-    with rc_context({"svg.fonttype": "none"}):
+    with rc_context({"svg.fonttype": "none"}), warnings.catch_warnings():
+        # Characters no font has: the note above says so once, instead of a warning per glyph.
+        warnings.filterwarnings("ignore", message=r"Glyph \d+ .*missing from font")
         atomic_write(path, lambda f: fig.savefig(f, format=kind[1:], metadata=_metadata(title, kind)))
     return notes
 

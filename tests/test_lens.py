@@ -278,6 +278,8 @@ def test_terminal_grid_shows_the_last_positions_that_fit(
     assert lines[1].split() == ["layer", "#1", "#2", "#3", "'", "we'"]
     assert [line.split()[0] for line in lines[2:]] == ["embeddings", "1", "2"]
     assert all("rank" in line for line in lines[2:])
+    grid = cli("lens", "The weather is", "-m", folders["bpe"], "--token", " we", "--positions", "0:2")
+    assert grid.code == 0 and grid.out.splitlines()[1].split() == ["layer", "The", "we"]
 
 
 def test_parse_positions() -> None:
@@ -324,6 +326,17 @@ class _Text(HTMLParser):
 
     def handle_data(self, data: str) -> None:
         self.text.append(data)
+
+
+def test_a_picture_does_not_change_what_is_printed(lms, folders, cli, tmp_path: Path) -> None:
+    long = "The weather is nice today, so we are going for a walk in the park. " * 4
+    count = len(encode(lms["bpe"], long).ids)
+    assert count > 64
+    plain = cli("lens", long, "-m", folders["bpe"], "-k", "1")
+    saved = cli("lens", long, "-m", folders["bpe"], "-k", "1", "--save", tmp_path / "x.html")
+    assert saved.out == plain.out and len(plain.out.splitlines()) == 3 * count  # every position
+    assert "the picture shows the last 64 positions" in saved.err
+    assert (tmp_path / "x.html").read_text(encoding="utf-8").count("<th>") == 65  # + the corner
 
 
 def test_pictures_are_written(folders, cli, tmp_path: Path) -> None:

@@ -92,17 +92,16 @@ def lens(
     text = check_text(read_text(prompt, file))
     lm = load(model, device, dtype, allow_pickle, trust_remote_code)
     terminal = is_tty() and not json_
-    table = terminal and (at is not None or token is not None)
+    # One position: --at, or --token alone (its rank at every layer of the last position).
+    table = terminal and (at is not None or (token is not None and positions is None))
     chosen: str | list[int] | None = positions
     if table and at is None:
         at = -1
-    if at is None and positions is None and (terminal or save is not None):
+    if at is None and positions is None and terminal:  # the grid: only the positions that can be seen
         from gptcli.tracing import encode
 
         count = len(encode(lm, text).ids)
-        shown = min(count, PICTURE_POSITIONS)
-        if terminal and save is None:
-            shown = min(shown, _fitting_columns(stdout(), label=10, column=9))
+        shown = min(count, PICTURE_POSITIONS if save else _fitting_columns(stdout(), label=10, column=9))
         if shown < count:
             note(f"showing the last {shown} of {count} positions; --positions chooses others")
         chosen = list(range(count - shown, count))
@@ -113,21 +112,24 @@ def lens(
         first = result.target["token"]
         note(f"--token {token!r} is {result.target_pieces} tokens; following its first, {first!r}")
     if save is not None:
-        _save([_lens_grid(result)], save, _title(lm.name, text))
+        drawn = result.positions[-PICTURE_POSITIONS:] if positions is None else result.positions
+        if len(drawn) < len(result.positions):
+            note(f"the picture shows the last {len(drawn)} positions; --positions chooses others")
+        _save([_lens_grid(result, drawn)], save, _title(lm.name, text))
     if json_:
         emit_json(result.to_json(lm.name))
     elif table:
         _lens_table(result)
     elif terminal:
-        _print_grid(_lens_grid(result), stdout(), marks="✓")
+        _print_grid(_lens_grid(result, result.positions), stdout(), marks="✓")
     else:
         _lens_tsv(result)
 
 
-def _lens_grid(result: Lens) -> Grid:
+def _lens_grid(result: Lens, positions: list[int]) -> Grid:
     from gptcli.lens import lens_grid
 
-    return lens_grid(result)
+    return lens_grid(result, positions)
 
 
 def _lens_tsv(result: Lens) -> None:
@@ -165,7 +167,7 @@ def _lens_table(result: Lens) -> None:
     if result.target is not None:
         table.add_column(f"{result.target['token']!r}", justify="right", no_wrap=True)
     for row in result.rows:
-        cells: list[Any] = [_row_name(row.layer, row.point)]
+        cells: list[Any] = [row.name]
         for t in row.top[0]:
             style = "" if _plain(console) else _style(console, "blue", t["prob"])
             cells.append(Text(f"{t['token']} {100 * t['prob']:.0f}%", style=style))
@@ -174,10 +176,6 @@ def _lens_table(result: Lens) -> None:
             cells.append(f"rank {t['rank']}  {100 * t['prob']:.2f}%")
         table.add_row(*cells)
     console.print(table)
-
-
-def _row_name(layer: int, point: str) -> str:
-    return "embeddings" if point == "embeddings" else f"{layer} attn" if point == "attention" else str(layer)
 
 
 @command(
