@@ -28,6 +28,8 @@ from typing import TYPE_CHECKING, Any
 from gptcli.errors import GptcliError
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     import torch
 
 
@@ -520,3 +522,57 @@ class CachedDecoder:
     def truncate(self, length: int) -> None:
         """Forget every position from `length` on (undo): the next step writes at `length`."""
         self.cache.length = min(self.cache.length, length)
+
+
+# --- Looking inside: the residual stream and the attention weights (gptcli lens, gptcli attention) -----
+
+
+def trace(
+    net: GPT2,
+    input_ids: torch.Tensor,
+    on_point: Callable[[int, str, torch.Tensor], None],
+    *,
+    on_attention: Callable[[int, torch.Tensor], None] | None = None,
+    attention_rows: torch.Tensor | None = None,
+) -> None:
+    """`net.forward` for one unpadded prompt, reporting what passes through it on the way.
+
+    A separate function, so `forward` (the decode path) stays as it is: same blocks, same kernels, same
+    numbers. `on_point(layer, point, x)` gets the residual stream [batch, positions, width]: layer 0
+    "embeddings", then for each block L (1-based) "attention" (after its attention, before its MLP)
+    and "block" (its output, before any final LayerNorm). `on_attention(layer, weights)` gets block
+    L's attention weights [batch, heads, rows, positions] in float32 for the query positions
+    `attention_rows` (default: all), computed as transformers' eager attention computes them:
+    softmax(q kᵀ / sqrt(head_dim)) over the keys up to the query. The stream itself goes through SDPA
+    as in `forward`, so asking for weights does not change it.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    batch, length = input_ids.shape
+    positions = torch.arange(length, device=input_ids.device).expand(batch, length)
+    x = net.lm_head.rows(input_ids) + F.embedding(positions, net.wpe)
+    on_point(0, "embeddings", x)
+    heads, width, eps = net.config.n_head, net.config.n_embd, net.config.layer_norm_epsilon
+    rows = torch.arange(length, device=input_ids.device) if attention_rows is None else attention_rows
+    for layer, block in enumerate(net.blocks, 1):
+        h = F.layer_norm(x, (width,), *block.ln_1, eps)
+        q, k, v = (t.view(batch, length, heads, -1).transpose(1, 2) for t in block.c_attn(h).split(width, 2))
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=length > 1)
+        x = block.attn_proj(y.transpose(1, 2).reshape(batch, length, width)) + x
+        on_point(layer, "attention", x)
+        if on_attention is not None:
+            scores = q[:, :, rows].float() @ k.float().transpose(-1, -2) / math.sqrt(width // heads)
+            future = torch.arange(length, device=rows.device)[None, :] > rows[:, None]
+            on_attention(layer, torch.softmax(scores.masked_fill(future, float("-inf")), dim=-1))
+        h = F.layer_norm(x, (width,), *block.ln_2, eps)
+        x = x + block.mlp_proj(gelu_new(block.c_fc(h)))
+        on_point(layer, "block", x)
+
+
+def final_logits(net: GPT2, x: torch.Tensor) -> torch.Tensor:
+    """The output layer applied to residual-stream vectors x [..., width]: lm_head(ln_f(x)), float32."""
+    import torch.nn.functional as F
+
+    x = F.layer_norm(x, (net.config.n_embd,), *net.ln_f, net.config.layer_norm_epsilon)
+    return net.lm_head(x).float()

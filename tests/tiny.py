@@ -127,3 +127,24 @@ def build_all(root: Path) -> dict[str, Path]:
         "bert": save_gpt2(root / "tiny-bert", bert, eos_token_id=bert.sep_token_id),
         "short": save_gpt2(root / "tiny-short", bpe, n_positions=24, seed=1),
     }
+
+
+def model_copy(source: Path, folder: Path, *, transformers_path: bool = False) -> Path:
+    """A copy of a fixture whose LayerNorms have random weights and biases (the fixtures' are 1 and 0,
+    under which a LayerNorm skipped or applied twice goes unnoticed). `transformers_path`: also a GPT-2
+    variant gptcli's own forward does not run, so gptcli loads it through transformers."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(source)
+    generator = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, torch.nn.LayerNorm):
+                module.weight.copy_(1 + 0.5 * torch.randn(module.weight.shape, generator=generator))
+                module.bias.copy_(0.3 * torch.randn(module.bias.shape, generator=generator))
+    if transformers_path:
+        model.config.scale_attn_by_inverse_layer_idx = True
+    model.save_pretrained(folder)
+    AutoTokenizer.from_pretrained(source).save_pretrained(folder)
+    return folder
