@@ -144,12 +144,15 @@ def test_verbose_reports_speed_on_stderr_only(cli, bpe_model: Path) -> None:
 # -- stops and the context ----------------------------------------------------------------------------
 
 
-def test_stop_text_spanning_two_tokens(cli, bpe_model: Path) -> None:
-    base = ("complete", "今天天气", "-m", bpe_model, "-n", "6", "--greedy")
-    assert cli(*base).out == "天气" * 6 + "\n"  # one token each
-    assert cli(*base, "--stop", "气天").out == "天\n"
-    (obj,) = json_lines(cli(*base, "--stop", "雨", "--stop", "气天", "--json").out)
-    assert (obj["text"], obj["finish_reason"], len(obj["token_ids"])) == ("天", "stop", 2)
+def test_stop_text_spanning_two_tokens(cli, bert_model: Path) -> None:
+    base = ("complete", "今天天气", "-m", bert_model, "-n", "8", "--greedy")
+    (free,) = json_lines(cli(*base, "--json").out)
+    text = free["text"]  # one character a token: 不错，适合出去…
+    assert len(text) == len(free["token_ids"]) - (free["finish_reason"] == "eos")
+    stop = text[1:3]  # the end of token 2 and the start of token 3
+    assert cli(*base, "--stop", stop).out == text[:1] + "\n"
+    (obj,) = json_lines(cli(*base, "--stop", "雨", "--stop", stop, "--json").out)
+    assert (obj["text"], obj["finish_reason"], len(obj["token_ids"])) == (text[:1], "stop", 3)
 
 
 def test_context_limit_and_long_prompt_notes(cli, models: dict[str, Path]) -> None:
@@ -174,13 +177,14 @@ def test_generation_config_defaults_and_flags_win(cli, bpe_model: Path, tmp_path
     config = json.loads((model / "generation_config.json").read_text())
     config.update(do_sample=False, max_new_tokens=7, repetition_penalty=3.0)
     (model / "generation_config.json").write_text(json.dumps(config))
-    (own,) = json_lines(cli("complete", "今天天气", "-m", model, "--json").out)
+    prompt = "The weather is"  # greedy from here repeats itself: " sleeee..."
+    (own,) = json_lines(cli("complete", prompt, "-m", model, "--json").out)
     flags = ("--greedy", "-n", "7", "--repetition-penalty", "3", "--json")
-    (explicit,) = json_lines(cli("complete", "今天天气", "-m", bpe_model, *flags).out)
+    (explicit,) = json_lines(cli("complete", prompt, "-m", bpe_model, *flags).out)
     assert own["token_ids"] == explicit["token_ids"] and len(own["token_ids"]) == 7
-    (stock,) = json_lines(cli("complete", "今天天气", "-m", bpe_model, "--greedy", "-n", "7", "--json").out)
+    (stock,) = json_lines(cli("complete", prompt, "-m", bpe_model, "--greedy", "-n", "7", "--json").out)
     assert stock["token_ids"] != own["token_ids"]  # the penalty from the file really applied
-    (short,) = json_lines(cli("complete", "今天天气", "-m", model, "-n", "3", "--json").out)
+    (short,) = json_lines(cli("complete", prompt, "-m", model, "-n", "3", "--json").out)
     assert short["token_ids"] == own["token_ids"][:3]
     verbose = cli("complete", "今天天气", "-m", model, "-v").err
     assert (
@@ -308,6 +312,6 @@ def test_ctrl_c_keeps_the_text_and_ends_the_line(bpe_model: Path) -> None:
     printed += _read_all(out, pid)
     errors = _read_all(err, pid)
     assert _exit_code(pid) == 130
-    text = printed.decode("utf-8").removeprefix("── sample 1 of 1000 ──\n")
-    assert text.startswith("今天") and text.endswith("\n")  # printed text kept, its line ended
+    text = printed.decode("utf-8", errors="replace").removeprefix("── sample 1 of 1000 ──\n")
+    assert len(text) > 3 and text.endswith("\n")  # printed text kept, its line ended
     assert b"Traceback" not in errors and b"Error" not in errors

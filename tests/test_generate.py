@@ -180,7 +180,7 @@ def test_greedy_equals_transformers_generate(lms, fixture: str, penalty: float) 
             pad_token_id=0,
         )
         assert done.token_ids == reference[0, ids.shape[1] :].tolist(), prompt
-    assert {d.finish_reason for d in ours} >= {"length"}
+    assert sum(len(d.token_ids) for d in ours) > 3 * len(PROMPTS)  # long enough to tell
 
 
 def test_bert_prompt_keeps_cls_and_drops_sep(lms) -> None:
@@ -251,10 +251,10 @@ def test_bad_batch_size_fails_at_the_call(lms) -> None:
 
 
 def test_eos_ends_generation_unless_ignored(lms) -> None:
-    lm = lms["bpe"]  # from the start token this model's most likely next token is <|endoftext|>
-    (done,) = complete(lm, "", greedy(max_new_tokens=10))
-    assert (done.finish_reason, done.token_ids, done.text) == ("eos", [lm.tokenizer.eos_token_id], "")
-    (more,) = complete(lm, "", greedy(max_new_tokens=10, ignore_eos=True))
+    lm = lms["bpe"]  # a line of its training text: "。" and then the end of the text
+    (done,) = complete(lm, "明天可能会下雨，记得带伞", greedy(max_new_tokens=10))
+    assert (done.finish_reason, done.token_ids[-1], done.text) == ("eos", lm.tokenizer.eos_token_id, "。")
+    (more,) = complete(lm, "明天可能会下雨，记得带伞", greedy(max_new_tokens=10, ignore_eos=True))
     assert more.finish_reason == "length" and len(more.token_ids) == 10
 
 
@@ -350,15 +350,16 @@ def test_stop_scanner_holds_back_a_possible_start() -> None:
 
 
 def test_stop_text_spanning_two_tokens(lms) -> None:
-    lm = lms["bpe"]  # greedy from 今天天气 repeats the token 天气: 天气|天气|...
+    lm = lms["bert"]  # one character a token: greedy from 今天天气 is 不|错|，|适|合|…
     (free,) = complete(lm, "今天天气", greedy(max_new_tokens=6))
-    assert free.token_ids == lm.tokenizer.encode("天气") * 6  # one token each
-    events = list(stream(lm, ["今天天气"], greedy(max_new_tokens=6, stop=("气天",))))
+    text = free.text
+    assert len(text) == 6 and free.finish_reason == "length"
+    events = list(stream(lm, ["今天天气"], greedy(max_new_tokens=6, stop=(text[1:3],))))
     done = events[-1]
     assert isinstance(done, Completion)
-    assert (done.text, done.finish_reason, len(done.token_ids)) == ("天", "stop", 2)
-    assert "".join(e.text for e in events if isinstance(e, TextChunk)) == "天"
-    (inside,) = complete(lm, "今天天气", greedy(max_new_tokens=6, stop=("天气",)))
+    assert (done.text, done.finish_reason, len(done.token_ids)) == (text[:1], "stop", 3)
+    assert "".join(e.text for e in events if isinstance(e, TextChunk)) == text[:1]
+    (inside,) = complete(lm, "今天天气", greedy(max_new_tokens=6, stop=(text[:1],)))
     assert (inside.text, inside.finish_reason, len(inside.token_ids)) == ("", "stop", 1)
     (never,) = complete(lm, "今天天气", greedy(max_new_tokens=6, stop=("雨",)))
     assert (never.text, never.finish_reason) == (free.text, "length")
