@@ -160,6 +160,15 @@ class KVStepper:
         if self.mask is not None:
             self.mask = self.mask.index_select(0, rows)
 
+    def extend(self, ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+        """Feed several new tokens of one unpadded row ([1, n]); float32 logits of each [n, vocab]."""
+        import torch
+
+        if self.mask is not None:
+            ones = torch.ones((1, ids.shape[1]), dtype=self.mask.dtype, device=self.mask.device)
+            self.mask = torch.cat([self.mask, ones], dim=1)
+        return self._forward(ids, position_ids, keep=ids.shape[1])[0]
+
     def truncate(self, length: int) -> None:
         """Forget every position from `length` on (undo): the next step writes at `length`."""
         # A negative count of tokens to drop: what every transformers 5 release takes (newer ones
@@ -170,18 +179,19 @@ class KVStepper:
         if self.mask is not None:
             self.mask = self.mask[:, :length]
 
-    def _forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+    def _forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, keep: int = 0) -> torch.Tensor:
+        """float32 logits of the last position [batch, vocab], or of the last `keep` [batch, keep, vocab]."""
         out = self.model(
             input_ids=input_ids,
             attention_mask=self.mask,
             position_ids=position_ids,
             cache=self.cache,
             use_cache=True,
-            logits_to_keep=1,
+            logits_to_keep=keep or 1,
         )
         self.cache = out.cache
         # float32 whatever the weights: the reference numerics for sampling, penalties and logprobs.
-        return out.logits[:, -1, :].float()
+        return out.logits[:, -keep:, :].float() if keep else out.logits[:, -1, :].float()
 
 
 def _decoder(lm: LoadedModel, batch_size: int, max_length: int) -> Any:
@@ -304,7 +314,9 @@ def _stream(
             longest = len(todo[min(first + batch_size, len(todo)) - 1].prompt_ids)
             size = _rows_that_fit(lm, longest, settings.max_new_tokens, batch_size)
             batch, first = todo[first : first + size], first + size
-            for event in _decode(lm, batch, settings, eos, names):
+            one_greedy_row = len(batch) == 1 and not settings.sampling and settings.lookup > 0
+            decode = _decode_lookup if one_greedy_row else _decode
+            for event in decode(lm, batch, settings, eos, names):
                 if isinstance(event, TextChunk):
                     yield event
                     continue
@@ -412,6 +424,113 @@ def _decode(
             with _threads(1 if len(batch) == 1 else None):
                 logits = decoder.step(next_ids[:, None], next_pos.clamp(max=context - 1)[:, None])
             next_pos += 1
+
+
+def _decode_lookup(
+    lm: LoadedModel,
+    rows: list[_Row],
+    settings: Settings,
+    eos: set[int],
+    names: TokenText | None,
+) -> Generator[TextChunk | Completion, None, None]:
+    """Greedy decoding of one row with prompt lookup: the same tokens as `_decode`, fewer passes.
+
+    Decoding is bound by reading the weights, once per pass whether the pass feeds one token or ten.
+    So after each chosen token, the tokens that followed the last earlier occurrence of the text's
+    last few tokens (in the prompt or the output: quoted text, code, lists, repeated names) are fed
+    along with it as a draft, and the model's own greedy choices decide how many of them stand: each
+    draft token is kept only while it equals what greedy decoding picks at its place, so the output
+    is greedy decoding's (transformers' `prompt_lookup_num_tokens`; llama.cpp's lookup decoding). The
+    cache is cut back to the kept tokens. Where nothing matches, a pass feeds the one token, as
+    `_decode` does.
+    """
+    import torch
+
+    (row,) = rows
+    device, context = lm.device, lm.context_length
+    started = time.perf_counter()
+    ids = list(row.prompt_ids)
+    seen_at = _Index(ids)
+    capacity = len(ids) + min(settings.max_new_tokens, context)
+    with torch.inference_mode():
+        decoder = _decoder(lm, 1, capacity)
+        positions = torch.arange(len(ids), device=device)[None]
+        with _threads(None):
+            logits = decoder.prefill(torch.tensor([ids], device=device), None, positions)
+        seen = None
+        if settings.repetition_penalty != 1.0:
+            seen = torch.zeros(logits.shape[-1], dtype=torch.bool, device=device)
+            seen[ids] = True
+    draft: list[int] = []
+    while True:
+        # logits[j] predicts the token after ids (j = 0), then after each kept draft token.
+        for j in range(len(logits)):
+            with torch.inference_mode():
+                row_logits = logits[j : j + 1]
+                token = int(draw(row_logits, settings, None if seen is None else seen[None], []))
+                if seen is not None:
+                    seen[token] = True
+                if row.logprobs is not None and names is not None:
+                    lp, top = _logprobs_of(row_logits, token, settings.logprobs or 0)
+                    row.logprobs.append(_logprob_entry(names, token, lp, top))
+            if not row.token_ids:
+                row.first_token_at = time.perf_counter()
+            row.token_ids.append(token)
+            ids.append(token)
+            seen_at.add(len(ids) - 1, token)
+            text = _advance(row, token, eos, settings.max_new_tokens, context)
+            if text:
+                yield TextChunk(row.index, row.sample, text)
+            if row.finish_reason is not None:
+                row.done_at = time.perf_counter()
+                yield _finish(lm, row, settings, started)
+                return
+            if j >= len(draft) or token != draft[j]:
+                break  # the draft goes wrong here (or is used up): `token` is new to the cache
+        # The cache holds every id but the last; feed the last and the next draft.
+        room = min(capacity, context) - len(ids)
+        left = settings.max_new_tokens - len(row.token_ids)
+        draft = seen_at.draft(ids, min(settings.lookup, room, left - 1))
+        with torch.inference_mode(), _threads(1):
+            decoder.truncate(len(ids) - 1)
+            feed = torch.tensor([[ids[-1], *draft]], device=device)
+            where = torch.arange(len(ids) - 1, len(ids) + len(draft), device=device)[None]
+            logits = decoder.extend(feed, where) if draft else decoder.step(feed, where)
+
+
+class _Index:
+    """Where each token occurs in a growing text, to find drafts for lookup decoding quickly."""
+
+    def __init__(self, ids: list[int]) -> None:
+        self.at: dict[int, list[int]] = {}
+        for position, token in enumerate(ids):
+            self.at.setdefault(token, []).append(position)
+
+    def add(self, position: int, token: int) -> None:
+        self.at.setdefault(token, []).append(position)
+
+    def draft(self, ids: list[int], count: int, longest: int = 3) -> list[int]:
+        """Up to `count` tokens that followed the last earlier occurrence of the text's last
+        `longest` tokens (or fewer, down to its last one); [] when none occurred before."""
+        if count <= 0:
+            return []
+        last = len(ids) - 1
+        for n in range(min(longest, last), 0, -1):
+            tail = ids[-n:]
+            for end in reversed(self.at.get(ids[-1], [])):  # end: where an earlier copy of the tail ends
+                if end < last and end >= n - 1 and ids[end - n + 1 : end + 1] == tail:
+                    return ids[end + 1 : end + 1 + count]
+        return []
+
+
+def _logprobs_of(logits: torch.Tensor, token: int, k: int) -> tuple[float, list[tuple[int, float]]]:
+    """The raw log-probability of `token` in one row of logits [1, vocab], and the k likeliest."""
+    import torch
+
+    logprobs = torch.log_softmax(logits[0], dim=-1)
+    top = torch.topk(logprobs, min(k, logprobs.shape[-1])) if k > 0 else None
+    pairs = list(zip(top.indices.tolist(), top.values.tolist(), strict=True)) if top is not None else []
+    return float(logprobs[token]), pairs
 
 
 @contextmanager

@@ -272,6 +272,36 @@ class Linear:
         return F.embedding(ids, self.weight).to(self.dtype)
 
 
+class TiedOutput:
+    """The fp32 output layer on a CPU, tied to the token embeddings E [vocab, width]: logits = x Eᵀ.
+
+    The product runs on a transposed copy Eᵀ [width, vocab] with addmm, a matrix-vector product MKL
+    streams at memory speed on this layout; F.linear over E itself, as transformers runs it, is far
+    slower for one token (docs/performance.md). The file's pages of E are given back once the copy
+    exists (the caller releases them); `rows` reads the few rows it needs from E, which come back from
+    the page cache. Only the rounding differs from transformers' product (fp32 sums in another order).
+    """
+
+    def __init__(self, table: torch.Tensor) -> None:
+        import torch
+
+        self.table = table
+        self.weight = table.t().contiguous()  # [width, vocab]
+        self.zero = torch.zeros(table.shape[0], dtype=table.dtype)
+        self.dtype = table.dtype
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        import torch
+
+        out = torch.addmm(self.zero, x.reshape(-1, x.shape[-1]), self.weight)
+        return out.view(*x.shape[:-1], out.shape[-1])
+
+    def rows(self, ids: torch.Tensor) -> torch.Tensor:
+        import torch.nn.functional as F
+
+        return F.embedding(ids, self.table)
+
+
 def gelu_new(x: torch.Tensor) -> torch.Tensor:
     """GPT-2's GELU, written exactly as transformers' NewGELUActivation so the rounding is the same."""
     import torch
@@ -392,9 +422,15 @@ class GPT2:
             from gptcli.quantize import Int8Linear
 
             self.lm_head: Any = Int8Linear(wte, None, self.dtype, rows=True)
+        elif wte.dtype == torch.float32 and device.type == "cpu":
+            self.lm_head = TiedOutput(wte)
         else:
             self.lm_head = Linear(wte, None, self.dtype)
-        if quantize == "int8" or wte.data_ptr() != w["wte.weight"].data_ptr():
+        if (
+            quantize == "int8"
+            or wte.data_ptr() != w["wte.weight"].data_ptr()
+            or isinstance(self.lm_head, TiedOutput)
+        ):
             release("wte.weight")
 
     def _check(self, w: dict[str, torch.Tensor]) -> None:
@@ -522,6 +558,11 @@ class CachedDecoder:
     def truncate(self, length: int) -> None:
         """Forget every position from `length` on (undo): the next step writes at `length`."""
         self.cache.length = min(self.cache.length, length)
+
+    def extend(self, ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+        """Feed several new tokens of one unpadded row ([1, n]); float32 logits of each [n, vocab]."""
+        logits = self.net.forward(ids, position_ids, cache=self.cache, logits_to_keep=ids.shape[1])
+        return logits[0].float()
 
 
 # --- Looking inside: the residual stream and the attention weights (gptcli lens, gptcli attention) -----

@@ -33,6 +33,7 @@ _FLAGS = {
     "stop": "--stop",
     "num_samples": "-N/--num-samples",
     "logprobs": "--logprobs",
+    "lookup": "--lookup",
 }
 
 
@@ -52,6 +53,7 @@ class Settings:
     ignore_eos: bool = False
     num_samples: int = 1
     logprobs: int | None = None  # None: no logprobs; K: the chosen token's and K alternatives
+    lookup: int = 0  # greedy: draft up to this many tokens from earlier text per pass (0: off)
     sources: dict[str, str] = field(default_factory=dict, compare=False, repr=False)
 
     @property
@@ -92,6 +94,8 @@ def _check(name: str, value: Any, source: str = FLAG) -> None:
         raise bad("must be in [0, 1] (0 turns min-p off)")
     if name == "repetition_penalty" and not (0 < value < math.inf):
         raise bad("must be a positive number (1 turns it off)")
+    if name == "lookup" and not 0 <= value <= 64:
+        raise bad("must be between 0 (off) and 64")
     if name == "logprobs" and value is not None and value < 0:
         raise bad("must be >= 0 (the number of alternatives per token)")
     if name == "stop" and any(not s for s in value):

@@ -458,3 +458,65 @@ def test_bad_values_are_usage_errors(flags: dict, message: str) -> None:
 def test_bad_value_from_generation_config_names_the_file() -> None:
     with pytest.raises(UsageError, match=r"top_p in generation_config\.json"):
         resolve_settings(GenerationConfig(top_p=2.0))
+
+
+# -- lookup decoding: the same greedy tokens in fewer passes --------------------------------------------
+
+REPEATING = [
+    "今天天气很好，我们去公园散步吧。今天天气很好，我们去公园散步吧。今天天气",
+    "The weather is nice today, so we are going for a walk in the park. The weather is nice",
+    "1, 2, 3, 4, 1, 2, 3, 4, 1, 2,",
+    "",
+    "龙",
+]
+
+
+@pytest.mark.parametrize("fixture", ["bpe", "bert", "short"])
+@pytest.mark.parametrize("extra", [{}, {"repetition_penalty": 1.3}, {"logprobs": 3}, {"stop": ("。",)}])
+def test_lookup_decoding_gives_greedy_decodings_tokens(lms, fixture: str, extra: dict) -> None:
+    lm = lms[fixture]
+    plain = complete(lm, REPEATING, greedy(max_new_tokens=30, **extra), batch_size=1)
+    looked = complete(lm, REPEATING, greedy(max_new_tokens=30, lookup=8, **extra), batch_size=1)
+    for a, b in zip(plain, looked, strict=True):
+        assert (a.token_ids, a.text, a.finish_reason, a.context_full) == (
+            b.token_ids,
+            b.text,
+            b.finish_reason,
+            b.context_full,
+        ), a.prompt
+        if a.logprobs is not None:
+            assert b.logprobs is not None and [e["id"] for e in a.logprobs] == [e["id"] for e in b.logprobs]
+            for x, y in zip(a.logprobs, b.logprobs, strict=True):
+                assert abs(x["logprob"] - y["logprob"]) < 1e-4
+                assert [t["id"] for t in x["top_logprobs"]] == [t["id"] for t in y["top_logprobs"]]
+
+
+def test_lookup_decoding_takes_fewer_passes_on_repeating_text(lms, monkeypatch: pytest.MonkeyPatch) -> None:
+    from gptcli.gpt2 import GPT2
+
+    lm = lms["bert"]
+    passes = []
+    forward = GPT2.forward
+
+    def counted(self, *args, **kwargs):
+        passes.append(args[0].shape[1])
+        return forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(GPT2, "forward", counted)
+    prompt = "今天天气很好，我们去公园散步吧。" * 3 + "今天"
+    (plain,) = complete(lm, prompt, greedy(max_new_tokens=20, ignore_eos=True))
+    plain_passes, passes[:] = len(passes), []
+    (looked,) = complete(lm, prompt, greedy(max_new_tokens=20, ignore_eos=True, lookup=8))
+    assert looked.token_ids == plain.token_ids
+    assert len(passes) <= plain_passes / 2, (len(passes), plain_passes)
+
+
+def test_lookup_drafts_follow_the_last_earlier_occurrence() -> None:
+    from gptcli.generate import _Index
+
+    ids = [1, 2, 3, 9, 1, 2, 4, 5, 1, 2]
+    index = _Index(ids)
+    assert index.draft(ids, 3) == [4, 5, 1]  # "1 2" last seen before the end at 4..5, then 4 5 1
+    assert index.draft(ids, 0) == []
+    fresh = [7, 8]
+    assert _Index(fresh).draft(fresh, 5) == []  # nothing occurred before

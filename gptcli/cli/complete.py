@@ -84,6 +84,15 @@ SeedOpt = Annotated[
 StopOpt = Annotated[list[str] | None, _decoding("--stop", help="End before this text (repeatable).")]
 IgnoreEosOpt = Annotated[bool, _decoding("--ignore-eos", help="Keep going past the end-of-text token.")]
 SamplesOpt = Annotated[int, _decoding("--num-samples", "-N", help="Completions per prompt.", default=1)]
+LookupOpt = Annotated[
+    int | None,
+    _decoding(
+        "--lookup",
+        help="Greedy: with each token, try up to K tokens that followed the same words earlier in the text, "
+        "checked in the same pass (prompt lookup); the output is greedy decoding's, often sooner. 0: off.",
+        default=_D.lookup,
+    ),
+]
 
 _EXAMPLES = """\
 [bold]Examples[/bold]
@@ -113,6 +122,7 @@ def complete(
     stop: StopOpt = None,
     ignore_eos: IgnoreEosOpt = False,
     num_samples: SamplesOpt = 1,
+    lookup: LookupOpt = None,
     echo: Annotated[bool, typer.Option("--echo", help="Print the prompt before the continuation.")] = False,
     json_: JsonOpt = False,
     logprobs: Annotated[
@@ -164,6 +174,7 @@ def complete(
         "ignore_eos": ignore_eos or None,
         "num_samples": num_samples,
         "logprobs": logprobs,
+        "lookup": lookup,
     }
     check_flags(**flags)
     check_quantize(quantize)
