@@ -68,8 +68,13 @@ def build_tokenizer(trained_vocab: int = 8000):
 
 
 def model_folder(n_layer: int = 12, n_head: int = 12, n_embd: int = 768) -> Path:
-    """A saved GPT-2 with random weights (fp32 safetensors) and the tokenizer above; built once, cached."""
-    folder = CACHE / f"gpt2-{n_layer}x{n_embd}-random"
+    """A saved GPT-2 with random weights (fp32 safetensors) and the tokenizer above; built once, cached.
+
+    Saved the way users' folders are: the model by transformers' save_pretrained, the tokenizer as
+    GPT2TokenizerFast saves itself (its tokenizer_config.json then has add_prefix_space, errors and a
+    null pad_token, as transformers 5 writes for every GPT-2 tokenizer).
+    """
+    folder = CACHE / f"gpt2-{n_layer}x{n_embd}-random-saved"
     if (folder / "model.safetensors").is_file() and (folder / "tokenizer.json").is_file():
         return folder
     import torch
@@ -89,6 +94,12 @@ def model_folder(n_layer: int = 12, n_head: int = 12, n_embd: int = 768) -> Path
     partial = folder.with_name(folder.name + ".partial")
     GPT2LMHeadModel(config).save_pretrained(partial)
     tokenizer.save_pretrained(partial)
+    from transformers import GPT2TokenizerFast
+
+    gpt2_tokenizer = GPT2TokenizerFast.from_pretrained(partial)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (partial / name).unlink()
+    gpt2_tokenizer.save_pretrained(partial)
     partial.rename(folder)
     return folder
 
