@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from gptcli.batching import check_batch_size, fit_context, left_pad, pad_id
+from gptcli.gpt2 import BATCHED_ROWS
 from gptcli.sampling import Settings, draw, resolve_settings
 from gptcli.tokens import Detokenizer, TokenText, decode, encode_prompt
 
@@ -326,6 +327,10 @@ def _stream(
                     wanted = next(order, None)
 
 
+# Batched work (rows x new tokens) from which packing the weights for oneDNN (about a second for
+# GPT-2-124M) pays: batched steps run ~1.2x faster on them (docs/performance.md).
+_PACK_WORK = 1024
+
 # Most bytes one batch's KV cache may take, so that long prompts, or big models, decode fewer rows at a
 # time instead of running out of memory: 32 rows of GPT-2-124M near its full context would take 2.5 GB
 # (26 rows fit), GPT-2-XL's take 0.6 GB a row (3 fit).
@@ -368,6 +373,8 @@ def _decode(
     pad = pad_id(lm.tokenizer)
     lengths = [len(r.prompt_ids) for r in rows]
     started = time.perf_counter()
+    if lm.net is not None and len(rows) >= BATCHED_ROWS and len(rows) * settings.max_new_tokens >= _PACK_WORK:
+        lm.net.pack_for_batches()  # once per model: long batched work repays the packing many times
     with torch.inference_mode():
         input_ids, mask, positions = left_pad([r.prompt_ids for r in rows], pad, device)
         decoder = _decoder(lm, len(rows), input_ids.shape[1] + min(settings.max_new_tokens, context))

@@ -225,21 +225,52 @@ def read_safetensors(path: Path) -> MappedTensors:
 # --- The layers ---------------------------------------------------------------------------------------
 
 
+# From this many rows on, a matmul runs on oneDNN's prepacked fp32 weights when the model has them
+# (`GPT2.pack_for_batches`): faster for batched decoding steps, no faster for one row or a long prompt.
+BATCHED_ROWS = 8
+
+
+def _onednn_pack(weight: torch.Tensor) -> Any | None:
+    """oneDNN's blocked layout of an fp32 [out, in] weight, or None where torch lacks it."""
+    import torch
+
+    try:
+        return torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), 32)
+    except (AttributeError, RuntimeError):
+        return None
+
+
+def _onednn_linear(x: torch.Tensor, packed: Any, bias: torch.Tensor | None) -> torch.Tensor:
+    import torch
+
+    return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+
+
 class Conv1D:
-    """y = x W + b with W as transformers' Conv1D stores it, [in, out]: the same addmm, the same numbers.
+    """y = x W + b with W as transformers' Conv1D stores it, [in, out].
 
     For fp32 weights, which this layout suits (MKL's fp32 matrix-vector product runs at memory speed
-    on it), and which it uses in place: memory-mapped from the checkpoint, never copied.
+    on it), and which it uses in place: memory-mapped from the checkpoint, never copied. With a
+    oneDNN-packed copy (`pack`), batches of BATCHED_ROWS rows or more run on it instead.
     """
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor) -> None:
         self.weight = weight
         self.bias = bias
+        self.packed: Any = None
+
+    def pack(self) -> None:
+        if self.packed is None:
+            self.packed = _onednn_pack(self.weight.t())
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         import torch
 
-        out = torch.addmm(self.bias, x.reshape(-1, x.shape[-1]), self.weight)
+        flat = x.reshape(-1, x.shape[-1])
+        if self.packed is not None and flat.shape[0] >= BATCHED_ROWS:
+            out = _onednn_linear(flat, self.packed, self.bias)
+        else:
+            out = torch.addmm(self.bias, flat, self.weight)
         return out.view(*x.shape[:-1], out.shape[-1])
 
 
@@ -290,11 +321,20 @@ class TiedOutput:
         self.weight = table.t().contiguous()  # [width, vocab]
         self.zero = torch.zeros(table.shape[0], dtype=table.dtype)
         self.dtype = table.dtype
+        self.packed: Any = None
+
+    def pack(self) -> None:
+        if self.packed is None:
+            self.packed = _onednn_pack(self.table)  # [vocab, width] is already [out, in]
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         import torch
 
-        out = torch.addmm(self.zero, x.reshape(-1, x.shape[-1]), self.weight)
+        flat = x.reshape(-1, x.shape[-1])
+        if self.packed is not None and flat.shape[0] >= BATCHED_ROWS:
+            out = _onednn_linear(flat, self.packed, None)
+        else:
+            out = torch.addmm(self.zero, flat, self.weight)
         return out.view(*x.shape[:-1], out.shape[-1])
 
     def rows(self, ids: torch.Tensor) -> torch.Tensor:
@@ -435,6 +475,16 @@ class GPT2:
             or isinstance(self.lm_head, TiedOutput)
         ):
             release("wte.weight")
+
+    def pack_for_batches(self) -> None:
+        """Give the fp32 matmuls a oneDNN-packed copy of their weights, for batched steps (BATCHED_ROWS
+        rows or more): about a second for GPT-2-124M, and memory for a second copy of the matmul weights;
+        worth it for long batched work (`--each-line`), so the callers decide (docs/performance.md)."""
+        for layer in [m for b in self.blocks for m in (b.c_attn, b.attn_proj, b.c_fc, b.mlp_proj)] + [
+            self.lm_head
+        ]:
+            if isinstance(layer, Conv1D | TiedOutput):
+                layer.pack()
 
     def _check(self, w: dict[str, torch.Tensor]) -> None:
         check_shapes(self.config, {name: tuple(t.shape) for name, t in w.items()})

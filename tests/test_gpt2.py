@@ -182,3 +182,24 @@ def test_other_variants_load_through_transformers(models: dict[str, Path], tmp_p
     ids = torch.tensor([lm.tokenizer.encode("今天天气")])
     with torch.inference_mode():
         assert torch.equal(lm.logits(ids), lm.model(ids).logits)
+
+
+def test_batched_steps_on_packed_weights_compute_the_same(models) -> None:
+    """oneDNN-packed weights (long --each-line work): the same probabilities, the same greedy ids."""
+    from gptcli.generate import complete
+    from gptcli.gpt2 import BATCHED_ROWS
+    from gptcli.sampling import resolve_settings
+
+    plain, packed = load_model(str(models["bpe"])), load_model(str(models["bpe"]))
+    packed.net.pack_for_batches()
+    assert packed.net.blocks[0].c_fc.packed is not None
+    prompts = [p for p in PROMPTS * 3][: BATCHED_ROWS + 2]
+    ids, mask, positions = batch(plain, prompts)
+    with torch.inference_mode():
+        a = torch.softmax(plain.logits(ids, attention_mask=mask, position_ids=positions), -1)
+        b = torch.softmax(packed.logits(ids, attention_mask=mask, position_ids=positions), -1)
+    assert torch.allclose(a, b, atol=1e-5, rtol=0)
+    settings = resolve_settings(None, greedy=True, max_new_tokens=12)
+    one = complete(plain, prompts, settings, batch_size=1)
+    many = complete(packed, prompts, settings, batch_size=len(prompts))
+    assert [d.token_ids for d in one] == [d.token_ids for d in many]
