@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -148,6 +148,7 @@ def logit_lens(
     k: int = 5,
     sublayer: bool = False,
     token: str | None = None,
+    on_progress: Callable[[int, int], None] | None = None,
 ) -> Lens:
     """Top-k next tokens at every layer and chosen position of `text` (see the module's docstring).
 
@@ -156,6 +157,7 @@ def logit_lens(
         at: one position (negative from the end), instead of `positions`.
         sublayer: also the point after each block's attention, before its MLP.
         token: also the rank and probability of this text's first token in every cell.
+        on_progress: called with (points decoded, points) as each point of the stream is decoded.
     """
     import torch
 
@@ -198,6 +200,9 @@ def logit_lens(
                 ranks.append(((logprobs > lp[:, None]).sum(dim=-1) + 1).cpu())
         target = (torch.cat(chosen_lp), torch.cat(ranks)) if target_id is not None else None
         results.append((layer, point, torch.cat(values), torch.cat(ids), target))
+        if on_progress is not None:
+            layers = lm.config.num_hidden_layers
+            on_progress(len(results), layers + 1 + (layers if sublayer else 0))
 
     run(lm, prompt.ids, on_point)
     names = TokenText(lm.tokenizer)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
@@ -22,6 +23,7 @@ from gptcli.cli._common import (
     emit_json,
     load,
     note,
+    progress,
     read_lines,
     read_text,
 )
@@ -189,25 +191,32 @@ def complete(
     line_open = False  # part of a plain-text sample is on stdout
     headed = None  # the sample whose header line was written last (-N in plain text)
     report = _Stderr(lm.context_length, each_line, settings.num_samples, verbose, lm.tokenizer)
+    # --each-line can take long: a bar of finished completions on stderr (when it is a terminal).
+    bar = progress(len(prompts) * settings.num_samples, "completions") if each_line else nullcontext(None)
+    done = 0
     try:
-        for event in events:
-            if not as_json and settings.num_samples > 1 and headed != (event.index, event.sample):
-                # Samples follow each other in plain text; a line between them tells where one ends.
-                headed = (event.index, event.sample)
-                _write(f"── sample {event.sample + 1} of {settings.num_samples} ──\n")
-            if isinstance(event, TextChunk):
-                if not as_json:
-                    if echo and not line_open:
-                        _write(prompts[event.index])
-                    _write(event.text)
-                    line_open = True
-                continue
-            if as_json:
-                emit_json(event.to_json(lm.name))
-            else:
-                _write(("" if line_open or not echo else event.prompt) + "\n")
-                line_open = False
-            report.finished(event)
+        with bar as update:
+            for event in events:
+                if not as_json and settings.num_samples > 1 and headed != (event.index, event.sample):
+                    # Samples follow each other in plain text; a line between them tells where one ends.
+                    headed = (event.index, event.sample)
+                    _write(f"── sample {event.sample + 1} of {settings.num_samples} ──\n")
+                if isinstance(event, TextChunk):
+                    if not as_json:
+                        if echo and not line_open:
+                            _write(prompts[event.index])
+                        _write(event.text)
+                        line_open = True
+                    continue
+                if as_json:
+                    emit_json(event.to_json(lm.name))
+                else:
+                    _write(("" if line_open or not echo else event.prompt) + "\n")
+                    line_open = False
+                report.finished(event)
+                done += 1
+                if update is not None:
+                    update(done)
     except KeyboardInterrupt:
         # Stop generating, keep what was printed, and end its line so the shell prompt starts clean.
         events.close()

@@ -22,6 +22,7 @@ from gptcli.cli._common import (
     is_tty,
     load,
     note,
+    progress,
     read_text,
     stdout,
 )
@@ -105,7 +106,10 @@ def lens(
         if shown < count:
             note(f"showing the last {shown} of {count} positions; --positions chooses others")
         chosen = list(range(count - shown, count))
-    result = logit_lens(lm, text, positions=chosen, at=at, k=k, sublayer=sublayer, token=token)
+    with progress(0, "decoding layers") as update:
+        result = logit_lens(
+            lm, text, positions=chosen, at=at, k=k, sublayer=sublayer, token=token, on_progress=update
+        )
     if result.prompt.dropped:
         note(f"the prompt has more tokens than the context ({lm.context_length}); kept the last ones")
     if result.target is not None and result.target_pieces > 1:
