@@ -163,6 +163,7 @@ class Engine:
         self._logits: torch.Tensor | None = None  # [rows, vocab], float32: each row's next pick
         self.steps = 0  # decoding steps run (for tests and benchmarks)
         self.peak_rows = 0  # most rows decoded together
+        self.tokens = 0  # tokens generated, all jobs together
 
     # -- the caller's side (any thread) ----------------------------------------------------------------
 
@@ -210,6 +211,14 @@ class Engine:
                 yield event
         finally:
             submitted.cancel()
+
+    def stats(self) -> dict[str, int]:
+        """What the engine is doing now: rows decoding, jobs waiting, and tokens generated so far."""
+        return {
+            "rows": sum(not s.done for s in self._slots),
+            "waiting": len(self._waiting),
+            "tokens": self.tokens,
+        }
 
     def _wake(self) -> None:
         self._inbox.put(None)
@@ -451,6 +460,7 @@ class Engine:
             if slot.done:
                 continue
             job, row = slot.job, slot.row
+            self.tokens += 1
             if not row.token_ids:
                 row.first_token_at = now
             row.token_ids.append(token)

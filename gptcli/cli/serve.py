@@ -64,7 +64,7 @@ def serve(
     Ctrl-C or SIGTERM stops it: requests in flight get a few seconds to finish.
     """
     from gptcli.errors import UsageError
-    from gptcli.server import check_port, is_loopback
+    from gptcli.server import check_port, is_loopback, listen
 
     check_port(port)
     check_quantize(quantize)
@@ -77,7 +77,12 @@ def serve(
             f"warning: listening on {host} without --api-key: anyone who can reach this machine "
             "can use the model"
         )
-    lm = load(model, device, dtype, allow_pickle, trust_remote_code, quantize)
+    sock = listen(host, port)  # before loading: a busy port fails at once
+    try:
+        lm = load(model, device, dtype, allow_pickle, trust_remote_code, quantize)
+    except BaseException:
+        sock.close()
+        raise
     from gptcli.server import serve as run_server
 
     def listening(url: str) -> None:
@@ -86,8 +91,7 @@ def serve(
     try:
         run_server(
             lm,
-            host=host,
-            port=port,
+            sock=sock,
             api_key=api_key,
             log=_log,
             on_listening=listening,

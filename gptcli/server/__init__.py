@@ -104,19 +104,21 @@ def serve(
     *,
     host: str = "127.0.0.1",
     port: int = 8000,
+    sock: socket.socket | None = None,
     api_key: str | None = None,
     log: Callable[[str], None] = print,
     on_listening: Callable[[str], None] | None = None,
     max_rows: int = 32,
 ) -> None:
-    """Serve `lm` on host:port until SIGINT or SIGTERM, then let requests finish (GRACE_SECONDS) and stop.
+    """Serve `lm` on host:port (or on `sock`, from `listen`) until SIGINT or SIGTERM, then give the
+    requests in flight GRACE_SECONDS to finish, cancel the rest, and stop.
 
     `log` gets one line per request; `on_listening(url)` is called once the socket listens. After a
     signal, uvicorn raises it again once the server has stopped (KeyboardInterrupt for Ctrl-C).
     """
     import uvicorn
 
-    sock = listen(host, port)
+    sock = sock if sock is not None else listen(host, port)
     app = create_app(lm, api_key=api_key, log=log, max_rows=max_rows)
     for name in ("uvicorn", "uvicorn.error", "uvicorn.access"):
         logger = logging.getLogger(name)

@@ -79,8 +79,8 @@ def create_app(
         return await anyio.to_thread.run_sync(fn, *args, limiter=limiter[0] if limiter else None)
 
     @app.get("/health")
-    async def health() -> dict[str, str]:
-        return {"status": "ok"}
+    async def health() -> dict[str, Any]:
+        return {"status": "ok", **engine.stats()}
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
@@ -412,6 +412,9 @@ class EventStream(Response):
         finally:
             watcher.cancel()
             self.job.cancel()
+            if "note" not in self.scope.get("state", {}):
+                left = sum(len(c.text) for c in self.reply.choices.values())
+                self.scope.setdefault("state", {})["note"] = f"stream cut short after {left} tokens"
 
     @staticmethod
     async def _data(send: Send, chunk: dict[str, Any]) -> None:
