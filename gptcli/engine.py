@@ -117,6 +117,7 @@ class Job:
     _running: int = 0  # rows in the batch
     _prefilled: dict[int, Any] = field(default_factory=dict, repr=False)  # prompt -> (cache, logits)
     _scored: bool = False  # the PromptLogprobs were sent
+    _over: bool = False  # its last event (Done or Failed) was sent
 
     @property
     def rows(self) -> int:
@@ -152,6 +153,7 @@ class Engine:
         self.max_rows = max_rows
         self._inbox: queue.SimpleQueue[Job | None] = queue.SimpleQueue()
         self._waiting: deque[Job] = deque()
+        self._jobs: dict[Job, None] = {}  # every job taken in and not over: what a failure must tell
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._run, name="gptcli-engine", daemon=True)
         self._names = TokenText(lm.tokenizer)
@@ -254,12 +256,16 @@ class Engine:
         while True:
             if item is not None:
                 self._waiting.append(item)
+                self._jobs[item] = None
             try:
                 item = self._inbox.get_nowait()
             except queue.Empty:
                 return
 
     def _send(self, job: Job, event: Event) -> None:
+        if isinstance(event, (Done, Failed)):
+            job._over = True
+            self._jobs.pop(job, None)
         if job.cancelled and not isinstance(event, Failed):
             return
         try:
@@ -268,9 +274,11 @@ class Engine:
             job.cancelled = True
 
     def _fail_all(self, message: str) -> None:
-        jobs = dict.fromkeys([s.job for s in self._slots] + list(self._waiting))
+        """Tell every job not over yet that it failed, and start again with an empty batch."""
+        jobs = list(self._jobs)
         self._slots, self._decoder, self._logits = [], None, None
         self._waiting.clear()
+        self._jobs.clear()
         for job in jobs:
             if not job.cancelled:
                 self._send(job, Failed(message))
@@ -282,6 +290,8 @@ class Engine:
         """Bring rows of waiting jobs into the batch, as many as fit, first come first served."""
         for job in [j for j in self._waiting if j.cancelled]:
             self._waiting.remove(job)
+        for job in [j for j in self._jobs if j.cancelled]:  # their rows leave at the next step
+            del self._jobs[job]
         if not self._waiting:
             return
         if self.lm.net is None:
@@ -361,6 +371,7 @@ class Engine:
         """Bytes of the KV cache a batch of these rows takes until its longest row is done."""
         net = self.lm.net
         assert net is not None
+        slots = [s for s in slots if not s.done]  # rows that are done leave when the others join
         per_column = 2 * net.config.n_layer * net.config.n_embd * net.dtype.itemsize
         return len(slots) * self._columns(slots) * per_column
 

@@ -191,3 +191,24 @@ def test_stop_fails_waiting_and_running_jobs(lms) -> None:
     assert isinstance(got[-1], (Failed, Done))
     with pytest.raises(Exception, match="not running"):
         engine.submit(Job(["a"], [[1]], greedy(), got.append))
+
+
+def test_a_job_the_model_cannot_run_fails_and_the_engine_goes_on(lms) -> None:
+    """A failure in the loop (here an id past the embedding table) fails every job it touched, whether
+    decoding, joining or waiting, instead of leaving them without an answer; then the engine serves on."""
+    lm = lms["bpe"]
+    engine = Engine(lm).start()
+    try:
+        events: list = []
+        bad = Job(["?"], [[len(lm.tokenizer) + 1000]], greedy(max_new_tokens=4), events.append)
+        engine.submit(bad)
+        deadline = time.monotonic() + 10
+        while not events and time.monotonic() < deadline:
+            time.sleep(0.01)
+        (failed,) = events
+        assert isinstance(failed, Failed) and "generation failed" in failed.message
+        assert [c.token_ids for c in completions(engine, PROMPTS[:2], greedy(max_new_tokens=8))] == [
+            c.token_ids for c in complete(lm, PROMPTS[:2], greedy(max_new_tokens=8))
+        ]
+    finally:
+        engine.stop()

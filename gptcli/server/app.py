@@ -115,7 +115,9 @@ def create_app(
     async def detokenize(request: Request) -> dict[str, Any]:
         body = parse(DetokenizeRequest, await read_json(request))
         check_ids(lm, body.tokens, "tokens")
-        return {"content": lm.tokenizer.decode(body.tokens, skip_special_tokens=False)}
+        return {
+            "content": await in_thread(lambda: lm.tokenizer.decode(body.tokens, skip_special_tokens=False))
+        }
 
     return app
 
@@ -203,13 +205,18 @@ def _check_lengths(lm: LoadedModel, plan: Plan, max_tokens: int | None) -> None:
                 param="messages" if plan.chat else "prompt",
                 code="context_length_exceeded",
             )
-    if len(plan.prompt_ids) * plan.settings.num_samples > MAX_CHOICES:
+
+
+def _check_choices(prompts: int, n: int) -> None:
+    if prompts * n > MAX_CHOICES:
         raise ApiError(400, f"at most {MAX_CHOICES} completions per request (prompts × n)", param="n")
 
 
 def plan_completion(lm: LoadedModel, request: CompletionRequest) -> Plan:
     unsupported(request)
     raw = request.prompt
+    many = isinstance(raw, list) and bool(raw) and not all(isinstance(p, int) for p in raw)
+    _check_choices(len(raw) if many else 1, request.n)  # before tokenizing them all
     prompts: list[str] = []
     prompt_ids: list[list[int]] = []
     if isinstance(raw, str) or (raw and all(isinstance(p, str) for p in raw)):
@@ -269,6 +276,7 @@ def plan_chat(lm: LoadedModel, request: ChatRequest) -> Plan:
             400, f"the model's chat template failed: {first_line(exc)}", param="messages"
         ) from None
     logprobs = (request.top_logprobs or 0) if request.logprobs else None
+    _check_choices(1, request.n)
     plan = Plan(
         chat=True,
         prompts=[prompt.text],
