@@ -140,10 +140,13 @@ async def read_json(request: Request) -> dict[str, Any]:
         value = json.loads(text, parse_constant=_no_constant)
     except UsageError as exc:
         raise ApiError(400, str(exc), code="invalid_encoding") from None
-    except (ValueError, RecursionError) as exc:  # JSONDecodeError is a ValueError; so is a huge integer
-        raise ApiError(
-            400, f"the request body is not valid JSON: {first_line(exc)}", code="invalid_json"
-        ) from None
+    except RecursionError:
+        raise ApiError(400, "the request body is nested too deeply", code="invalid_json") from None
+    except ValueError as exc:  # JSONDecodeError is a ValueError; so is an integer of 5,000 digits
+        reason = first_line(exc)
+        if "integer string conversion" in reason:
+            reason = "a number has too many digits"
+        raise ApiError(400, f"the request body is not valid JSON: {reason}", code="invalid_json") from None
     if not isinstance(value, dict):
         raise ApiError(400, "the request body must be a JSON object", code="invalid_json")
     return value
