@@ -2,12 +2,18 @@
 
 A real server process (`python -m gptcli serve`) on a GPT-2-124M-shaped model (random weights, built
 on the fly; --quick: a 4-layer, 256-wide one). Each of 16 clients asks for 32 greedy tokens (end-of-text
-ignored, so every answer has 32) after its own prompt of 4 to 40 words. "One at a time" sends the 16
-requests in turn, each waiting for the one before: the server then decodes one row per step, as
-`gptcli complete` does. "Concurrent" sends them together from 16 threads: the rows join the server's
-batch and share its steps. Throughput is new tokens per second of wall time, from the first request
-sent to the last answer received; the two take turns for --rounds rounds, and the figures are medians.
+ignored, so every answer has 32) after its own short prompt of 2 to 10 words, about 10 tokens: each
+prompt's prefill is not shared, so long prompts would measure prefill rather than batching. "One at a
+time" sends the 16 requests in turn, each waiting for the one before: the server then decodes one row
+per step, as `gptcli complete` does. "Concurrent" sends them together from 16 threads: the rows join
+the server's batch and share its steps. Throughput is new tokens per second of wall time, from the
+first request sent to the last answer received; the two take turns for --rounds rounds, and the
+figures are medians.
 Every concurrent answer must equal the one-at-a-time answer of its prompt (text and tokens).
+
+Last, with the server stopped, it times one decoding step of 1 row and of 16 rows in-process: 16 × the
+first / the second is the most that sharing steps can give on the machine it runs on (about 3.5 on
+the 2-core AMD EPYC these figures come from, whose matrix products of 16 rows are compute-bound).
 
     python benchmarks/bench_serve.py            # GPT-2-124M shape, 3 rounds (a few minutes)
     python benchmarks/bench_serve.py --quick    # a small model, 3 rounds (about a minute)
@@ -38,13 +44,14 @@ NEW_TOKENS = 32
 GOAL = 4.0  # × the one-at-a-time throughput (issue 15)
 
 
-def prompts(count: int = CLIENTS) -> list[str]:
+def prompts(count: int = CLIENTS, words: tuple[int, int] = (2, 10)) -> list[str]:
+    """`count` prompts of words[0] to words[1] words (about 2.5 tokens a word)."""
     rng = random.Random(15)
-    words = generated_text(20_000, seed=5).replace("\n", " ").split(" ")
+    text = generated_text(20_000, seed=5).replace("\n", " ").split(" ")
     out = []
     for _ in range(count):
-        start = rng.randrange(len(words) - 60)
-        out.append(" ".join(words[start : start + rng.randint(4, 40)]).strip() or "The")
+        start = rng.randrange(len(text) - 60)
+        out.append(" ".join(text[start : start + rng.randint(*words)]).strip() or "The")
     return out
 
 
@@ -125,6 +132,33 @@ def concurrent(host: str, port: int, texts: list[str]) -> tuple[float, list]:
     return time.perf_counter() - start, answers
 
 
+def batching_ceiling(folder: Path, rows: int = CLIENTS, steps: int = 8) -> tuple[float, float]:
+    """Milliseconds of one decoding step of 1 row and of `rows` rows, in this process (the server has
+    stopped): as the engine runs them, one thread for one row, torch's threads for a batch. `rows` ×
+    the first / the second is the most that sharing steps can give on this machine."""
+    import torch
+
+    from gptcli.generate import _threads
+    from gptcli.gpt2 import CachedDecoder
+    from gptcli.models import load_model
+
+    lm = load_model(str(folder))
+    times = []
+    with torch.inference_mode():
+        for batch in (1, rows):
+            decoder = CachedDecoder(lm.net, batch, 16 + steps + 2)
+            ids = torch.randint(0, 5000, (batch, 16))
+            decoder.prefill(ids, None, torch.arange(16).expand(batch, 16))
+            token = torch.randint(0, 5000, (batch, 1))
+            with _threads(1 if batch == 1 else None):
+                decoder.step(token, torch.full((batch, 1), 16))
+                start = time.perf_counter()
+                for i in range(steps):
+                    decoder.step(token, torch.full((batch, 1), 17 + i))
+            times.append((time.perf_counter() - start) / steps * 1000)
+    return times[0], times[1]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -134,6 +168,9 @@ def main() -> None:
     args = parser.parse_args()
     folder = model_folder(4, 4, 256) if args.quick else model_folder()
     texts = prompts()
+    from gptcli.gpt2_folder import load
+
+    prompt_tokens = sum(len(load(folder)[2].encode(t)) for t in texts) / len(texts)  # type: ignore[index]
     process, host, port = start_server(folder)
     try:
         complete(host, port, texts[0])  # warm up: first-call allocations, thread pools
@@ -157,6 +194,7 @@ def main() -> None:
     finally:
         process.terminate()
         process.wait(30)
+    one, many = batching_ceiling(folder)
     tokens = CLIENTS * NEW_TOKENS
     alone, together = median(times["one at a time"]), median(times["concurrent"])
     shape = "4 layers × 256 (--quick)" if args.quick else "GPT-2-124M shape"
@@ -180,6 +218,11 @@ def main() -> None:
     goal = "met" if alone / together >= GOAL else "NOT met"
     print(f"goal ≥ {GOAL}× the one-at-a-time throughput: {alone / together:.2f}× ({goal})")
     print(f"concurrent answers identical to one at a time: {identical}/{compared}")
+    print(
+        f"this machine's ceiling for decoding alone: a step of 1 row takes {one:.0f} ms, of {CLIENTS} rows "
+        f"{many:.0f} ms, so sharing steps gives at most {CLIENTS * one / many:.2f}× (each prompt's prefill, "
+        "on average {:.1f} tokens here, is not shared)".format(prompt_tokens)
+    )
 
 
 if __name__ == "__main__":
