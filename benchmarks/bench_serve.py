@@ -11,9 +11,10 @@ first request sent to the last answer received; the two take turns for --rounds 
 figures are medians.
 Every concurrent answer must equal the one-at-a-time answer of its prompt (text and tokens).
 
-Last, with the server stopped, it times one decoding step of 1 row and of 16 rows in-process: 16 × the
-first / the second is the most that sharing steps can give on the machine it runs on (about 3.5 on
-the 2-core AMD EPYC these figures come from, whose matrix products of 16 rows are compute-bound).
+In each round it also times one decoding step of 1 row and of 16 rows in its own process, the server
+idle: 16 × the first / the second is the most that sharing steps can give on the machine it runs on,
+in the conditions of the run (3.5 to 4 on the quiet 2-core AMD EPYC these figures come from, whose
+matrix products of 16 rows are compute-bound; less when other processes take a core).
 
     python benchmarks/bench_serve.py            # GPT-2-124M shape, 3 rounds (a few minutes)
     python benchmarks/bench_serve.py --quick    # a small model, 3 rounds (about a minute)
@@ -132,31 +133,43 @@ def concurrent(host: str, port: int, texts: list[str]) -> tuple[float, list]:
     return time.perf_counter() - start, answers
 
 
-def batching_ceiling(folder: Path, rows: int = CLIENTS, steps: int = 8) -> tuple[float, float]:
-    """Milliseconds of one decoding step of 1 row and of `rows` rows, in this process (the server has
-    stopped): as the engine runs them, one thread for one row, torch's threads for a batch. `rows` ×
-    the first / the second is the most that sharing steps can give on this machine."""
-    import torch
+class Ceiling:
+    """One decoding step of 1 row and of `rows` rows, timed in this process while the server sits idle,
+    as the engine runs them: one thread for one row, torch's threads for a batch. `rows` × the first /
+    the second is the most that sharing steps can give on this machine, now."""
 
-    from gptcli.generate import _threads
-    from gptcli.gpt2 import CachedDecoder
-    from gptcli.models import load_model
+    def __init__(self, folder: Path, rows: int = CLIENTS, steps: int = 8) -> None:
+        import torch
 
-    lm = load_model(str(folder))
-    times = []
-    with torch.inference_mode():
-        for batch in (1, rows):
-            decoder = CachedDecoder(lm.net, batch, 16 + steps + 2)
-            ids = torch.randint(0, 5000, (batch, 16))
-            decoder.prefill(ids, None, torch.arange(16).expand(batch, 16))
-            token = torch.randint(0, 5000, (batch, 1))
-            with _threads(1 if batch == 1 else None):
-                decoder.step(token, torch.full((batch, 1), 16))
+        from gptcli.models import load_model
+
+        self.lm, self.rows, self.steps = load_model(str(folder)), rows, steps
+        self.ms: dict[int, list[float]] = {1: [], rows: []}
+        with torch.inference_mode():
+            self._decode(1), self._decode(rows)  # warm up
+
+    def measure(self) -> None:
+        import torch
+
+        with torch.inference_mode():
+            for batch in (1, self.rows):
                 start = time.perf_counter()
-                for i in range(steps):
-                    decoder.step(token, torch.full((batch, 1), 17 + i))
-            times.append((time.perf_counter() - start) / steps * 1000)
-    return times[0], times[1]
+                self._decode(batch)
+                self.ms[batch].append((time.perf_counter() - start) / self.steps * 1000)
+
+    def _decode(self, batch: int) -> None:
+        import torch
+
+        from gptcli.generate import _threads
+        from gptcli.gpt2 import CachedDecoder
+
+        # (the 16-token prefill is one matrix product per layer: small next to the steps, alike in both)
+        decoder = CachedDecoder(self.lm.net, batch, 16 + self.steps)
+        decoder.prefill(torch.randint(0, 5000, (batch, 16)), None, torch.arange(16).expand(batch, 16))
+        token = torch.randint(0, 5000, (batch, 1))
+        with _threads(1 if batch == 1 else None):
+            for i in range(self.steps):
+                decoder.step(token, torch.full((batch, 1), 16 + i))
 
 
 def main() -> None:
@@ -172,6 +185,7 @@ def main() -> None:
 
     prompt_tokens = sum(len(load(folder)[2].encode(t)) for t in texts) / len(texts)  # type: ignore[index]
     process, host, port = start_server(folder)
+    ceiling = Ceiling(folder)
     try:
         complete(host, port, texts[0])  # warm up: first-call allocations, thread pools
         times: dict[str, list[float]] = {"one at a time": [], "concurrent": []}
@@ -191,10 +205,11 @@ def main() -> None:
             if reference is not None:
                 identical += sum(a == b for a, b in zip(pending, reference, strict=True))
                 compared += len(reference)
+            ceiling.measure()  # in the same conditions as this round, the server idle
     finally:
         process.terminate()
         process.wait(30)
-    one, many = batching_ceiling(folder)
+    one, many = median(ceiling.ms[1]), median(ceiling.ms[CLIENTS])
     tokens = CLIENTS * NEW_TOKENS
     alone, together = median(times["one at a time"]), median(times["concurrent"])
     shape = "4 layers × 256 (--quick)" if args.quick else "GPT-2-124M shape"
