@@ -13,8 +13,9 @@ Every concurrent answer must equal the one-at-a-time answer of its prompt (text 
 
 In each round it also times one decoding step of 1 row and of 16 rows in its own process, the server
 idle: 16 × the first / the second is the most that sharing steps can give on the machine it runs on,
-in the conditions of the run (3.5 to 4 on the quiet 2-core AMD EPYC these figures come from, whose
-matrix products of 16 rows are compute-bound; less when other processes take a core).
+in the conditions of the run (3.8 for the 124M shape, 4.8 for --quick on the quiet 2-core AMD EPYC of
+docs/serve.md, whose matrix products of 16 rows are compute-bound; less when other processes take a
+core).
 
     python benchmarks/bench_serve.py            # GPT-2-124M shape, 3 rounds (a few minutes)
     python benchmarks/bench_serve.py --quick    # a small model, 3 rounds (about a minute)
@@ -153,23 +154,23 @@ class Ceiling:
 
         with torch.inference_mode():
             for batch in (1, self.rows):
-                start = time.perf_counter()
-                self._decode(batch)
-                self.ms[batch].append((time.perf_counter() - start) / self.steps * 1000)
+                self.ms[batch].append(self._decode(batch) / self.steps * 1000)
 
-    def _decode(self, batch: int) -> None:
+    def _decode(self, batch: int) -> float:
+        """Seconds of `steps` steps of `batch` rows, after a 16-token prefill (not timed)."""
         import torch
 
         from gptcli.generate import _threads
         from gptcli.gpt2 import CachedDecoder
 
-        # (the 16-token prefill is one matrix product per layer: small next to the steps, alike in both)
         decoder = CachedDecoder(self.lm.net, batch, 16 + self.steps)
         decoder.prefill(torch.randint(0, 5000, (batch, 16)), None, torch.arange(16).expand(batch, 16))
         token = torch.randint(0, 5000, (batch, 1))
         with _threads(1 if batch == 1 else None):
+            start = time.perf_counter()
             for i in range(self.steps):
                 decoder.step(token, torch.full((batch, 1), 16 + i))
+            return time.perf_counter() - start
 
 
 def main() -> None:
