@@ -390,6 +390,33 @@ class KVCache:
         if self.real is not None:
             self.real = self.real.index_select(0, rows)
 
+    @classmethod
+    def gather(cls, config: GPT2Config, rows: list[tuple[KVCache, int, int]], capacity: int) -> KVCache:
+        """A new cache made of rows of other caches, right-aligned, with room for `capacity` columns.
+
+        Each (cache, row, length) takes the last `length` filled columns of that row. Shorter rows get
+        left padding, marked in `real`, as `left_pad` lays out prompts: every row's last token sits in
+        the last column, and its positions are its own, so a row computes what it computes alone. This
+        is how a prompt prefilled on its own joins a batch that is already decoding.
+        """
+        import torch
+
+        first = rows[0][0]
+        width = max(length for _, _, length in rows)
+        merged = cls(config, len(rows), max(capacity, width), first.keys.dtype, first.keys.device)
+        # Padding columns are masked out, but a masked NaN still poisons attention (0 * NaN): zero them.
+        merged.keys.zero_()
+        merged.values.zero_()
+        real = torch.zeros(len(rows), merged.keys.shape[3], dtype=torch.bool, device=first.keys.device)
+        for i, (cache, row, length) in enumerate(rows):
+            end = cache.length
+            merged.keys[:, i, :, width - length : width] = cache.keys[:, row, :, end - length : end]
+            merged.values[:, i, :, width - length : width] = cache.values[:, row, :, end - length : end]
+            real[i, width - length :] = True
+        merged.length = width
+        merged.real = None if all(length == width for _, _, length in rows) else real
+        return merged
+
 
 class GPT2:
     """GPT-2's forward pass over a checkpoint's tensors, for inference."""
@@ -583,9 +610,12 @@ class CachedDecoder:
     Returns float32 logits of the last position, the reference numerics for sampling and logprobs.
     """
 
-    def __init__(self, net: GPT2, batch_size: int, max_length: int) -> None:
+    def __init__(self, net: GPT2, batch_size: int, max_length: int, *, cache: KVCache | None = None) -> None:
+        """A fresh cache for `batch_size` rows of `max_length` columns, or `cache` (e.g. a gathered one)."""
         self.net = net
-        self.cache = KVCache(net.config, batch_size, max_length, net.dtype, net.device)
+        self.cache = (
+            cache if cache is not None else KVCache(net.config, batch_size, max_length, net.dtype, net.device)
+        )
 
     def prefill(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, position_ids: torch.Tensor

@@ -66,14 +66,19 @@ class Settings:
         for f in fields(self):
             if f.name != "sources":
                 _check(f.name, getattr(self, f.name), self.sources.get(f.name, FLAG))
-        if self.num_samples > 1 and not self.sampling:
-            why = "--greedy" if self.greedy else "--temperature 0"
-            if self.sources.get("greedy") == GENERATION_CONFIG:
-                why = f"do_sample false in the model's {GENERATION_CONFIG} (pass --sample to sample)"
-            raise UsageError(
-                f"-N {self.num_samples} with greedy decoding ({why}) would print {self.num_samples} "
-                "identical completions"
-            )
+
+
+def check_samples(settings: Settings) -> None:
+    """Refuse -N above 1 with greedy decoding, wherever the greedy came from: the samples would be
+    identical. (The server does not ask: OpenAI's API answers n > 1 at temperature 0 with copies.)"""
+    if settings.num_samples > 1 and not settings.sampling:
+        why = "--greedy" if settings.greedy else "--temperature 0"
+        if settings.sources.get("greedy") == GENERATION_CONFIG:
+            why = f"do_sample false in the model's {GENERATION_CONFIG} (pass --sample to sample)"
+        raise UsageError(
+            f"-N {settings.num_samples} with greedy decoding ({why}) would print {settings.num_samples} "
+            "identical completions"
+        )
 
 
 def _check(name: str, value: Any, source: str = FLAG) -> None:

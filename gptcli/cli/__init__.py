@@ -17,6 +17,7 @@ from gptcli.cli import finetune as _finetune  # noqa: F401
 from gptcli.cli import hub as _hub  # noqa: F401
 from gptcli.cli import inspect as _inspect  # noqa: F401
 from gptcli.cli import lens as _lens  # noqa: F401
+from gptcli.cli import serve as _serve  # noqa: F401
 from gptcli.cli import step as _step  # noqa: F401
 from gptcli.cli._common import app, quiet_broken_pipe
 from gptcli.errors import GptcliError

@@ -28,7 +28,12 @@ from gptcli.cli._common import (
     read_text,
 )
 from gptcli.models import check_quantize
-from gptcli.sampling import Settings, check_flags, resolve_settings  # light: no torch until decoding
+from gptcli.sampling import (  # light: no torch until decoding
+    Settings,
+    check_flags,
+    check_samples,
+    resolve_settings,
+)
 
 if TYPE_CHECKING:
     from gptcli.contracts import Tokenizer
@@ -184,6 +189,7 @@ def complete(
     prompts = read_lines(prompt, file) if each_line else [read_text(prompt, file)]
     lm = load(model, device, dtype, allow_pickle, trust_remote_code, quantize)
     settings = resolve_settings(lm.generation_config, **flags)
+    check_samples(settings)
     if verbose:
         _describe(settings)
     as_json = json_ or each_line or logprobs is not None

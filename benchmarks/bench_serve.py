@@ -1,0 +1,245 @@
+"""`gptcli serve` under concurrent load: 16 clients at once against the same requests one at a time.
+
+A real server process (`python -m gptcli serve`) on a GPT-2-124M-shaped model (random weights, built
+on the fly; --quick: a 4-layer, 256-wide one). Each of 16 clients asks for 32 greedy tokens (end-of-text
+ignored, so every answer has 32) after its own short prompt of 2 to 10 words, about 10 tokens: each
+prompt's prefill is not shared, so long prompts would measure prefill rather than batching. "One at a
+time" sends the 16 requests in turn, each waiting for the one before: the server then decodes one row
+per step, as `gptcli complete` does. "Concurrent" sends them together from 16 threads: the rows join
+the server's batch and share its steps. Throughput is new tokens per second of wall time, from the
+first request sent to the last answer received; the two take turns for --rounds rounds, and the
+figures are medians.
+Every concurrent answer must equal the one-at-a-time answer of its prompt (text and tokens).
+
+In each round it also times one decoding step of 1 row and of 16 rows in its own process, the server
+idle: 16 × the first / the second is the most that sharing steps can give on the machine it runs on,
+in the conditions of the run (3.8 for the 124M shape, 4.8 for --quick on the quiet 2-core AMD EPYC of
+docs/serve.md, whose matrix products of 16 rows are compute-bound; less when other processes take a
+core).
+
+    python benchmarks/bench_serve.py            # GPT-2-124M shape, 3 rounds (a few minutes)
+    python benchmarks/bench_serve.py --quick    # a small model, 3 rounds (about a minute)
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import os
+import random
+import re
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+# As gptcli's commands do (gptcli/cli/_common.py): on a shared machine spinning OpenMP threads make
+# every parallel kernel wait a scheduler slice. The server process inherits it.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+from common import generated_text, machine, median, model_folder, print_table, spread
+
+CLIENTS = 16
+NEW_TOKENS = 32
+GOAL = 4.0  # × the one-at-a-time throughput (issue 15)
+
+
+def prompts(count: int = CLIENTS, words: tuple[int, int] = (2, 10)) -> list[str]:
+    """`count` prompts of words[0] to words[1] words (about 2.5 tokens a word)."""
+    rng = random.Random(15)
+    text = generated_text(20_000, seed=5).replace("\n", " ").split(" ")
+    out = []
+    for _ in range(count):
+        start = rng.randrange(len(text) - 60)
+        out.append(" ".join(text[start : start + rng.randint(*words)]).strip() or "The")
+    return out
+
+
+def start_server(folder: Path) -> tuple[subprocess.Popen, str, int]:
+    """`gptcli serve` on a free port; (process, host, port) once /health answers."""
+    repo = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "PYTHONPATH": str(repo)}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "gptcli", "serve", "-m", str(folder), "--port", "0"],
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    assert process.stderr is not None
+    deadline = time.monotonic() + 300
+    for line in process.stderr:
+        found = re.search(r"http://([\d.]+):(\d+)", line)
+        if found:
+            host, port = found.group(1), int(found.group(2))
+            break
+        if time.monotonic() > deadline:
+            raise SystemExit("the server did not start")
+    else:
+        raise SystemExit(f"the server exited: {process.wait()}")
+    # Keep reading its log so the pipe never fills up.
+    threading.Thread(target=lambda: [None for _ in process.stderr], daemon=True).start()  # type: ignore[union-attr]
+    while True:
+        try:
+            request(host, port, "GET", "/health")
+            return process, host, port
+        except OSError:
+            time.sleep(0.2)
+
+
+def request(host: str, port: int, method: str, path: str, body: dict | None = None) -> dict:
+    connection = http.client.HTTPConnection(host, port, timeout=600)
+    try:
+        data = None if body is None else json.dumps(body).encode()
+        connection.request(method, path, body=data, headers={"Content-Type": "application/json"})
+        response = connection.getresponse()
+        answer = json.loads(response.read())
+        if response.status != 200:
+            raise SystemExit(f"{path}: {response.status} {answer}")
+        return answer
+    finally:
+        connection.close()
+
+
+def complete(host: str, port: int, prompt: str) -> tuple[str, list[str]]:
+    """The text and tokens of 32 greedy tokens after `prompt` (logprobs 0: the tokens, nothing more)."""
+    body = {"prompt": prompt, "max_tokens": NEW_TOKENS, "temperature": 0, "ignore_eos": True, "logprobs": 0}
+    choice = request(host, port, "POST", "/v1/completions", body)["choices"][0]
+    assert len(choice["logprobs"]["tokens"]) == NEW_TOKENS, choice
+    return choice["text"], choice["logprobs"]["tokens"]
+
+
+def one_at_a_time(host: str, port: int, texts: list[str]) -> tuple[float, list]:
+    start = time.perf_counter()
+    answers = [complete(host, port, t) for t in texts]
+    return time.perf_counter() - start, answers
+
+
+def concurrent(host: str, port: int, texts: list[str]) -> tuple[float, list]:
+    answers: list = [None] * len(texts)
+    ready = threading.Barrier(len(texts) + 1)
+
+    def client(i: int) -> None:
+        ready.wait()
+        answers[i] = complete(host, port, texts[i])
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(len(texts))]
+    for t in threads:
+        t.start()
+    ready.wait()
+    start = time.perf_counter()
+    for t in threads:
+        t.join()
+    return time.perf_counter() - start, answers
+
+
+class Ceiling:
+    """One decoding step of 1 row and of `rows` rows, timed in this process while the server sits idle,
+    as the engine runs them: one thread for one row, torch's threads for a batch. `rows` × the first /
+    the second is the most that sharing steps can give on this machine, now."""
+
+    def __init__(self, folder: Path, rows: int = CLIENTS, steps: int = 8) -> None:
+        import torch
+
+        from gptcli.models import load_model
+
+        self.lm, self.rows, self.steps = load_model(str(folder)), rows, steps
+        self.ms: dict[int, list[float]] = {1: [], rows: []}
+        with torch.inference_mode():
+            self._decode(1), self._decode(rows)  # warm up
+
+    def measure(self) -> None:
+        import torch
+
+        with torch.inference_mode():
+            for batch in (1, self.rows):
+                self.ms[batch].append(self._decode(batch) / self.steps * 1000)
+
+    def _decode(self, batch: int) -> float:
+        """Seconds of `steps` steps of `batch` rows, after a 16-token prefill (not timed)."""
+        import torch
+
+        from gptcli.generate import _threads
+        from gptcli.gpt2 import CachedDecoder
+
+        decoder = CachedDecoder(self.lm.net, batch, 16 + self.steps)
+        decoder.prefill(torch.randint(0, 5000, (batch, 16)), None, torch.arange(16).expand(batch, 16))
+        token = torch.randint(0, 5000, (batch, 1))
+        with _threads(1 if batch == 1 else None):
+            start = time.perf_counter()
+            for i in range(self.steps):
+                decoder.step(token, torch.full((batch, 1), 16 + i))
+            return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--quick", action="store_true", help="a 4-layer, 256-wide model instead of 124M")
+    parser.add_argument("--rounds", type=int, default=3)
+    args = parser.parse_args()
+    folder = model_folder(4, 4, 256) if args.quick else model_folder()
+    texts = prompts()
+    from gptcli.gpt2_folder import load
+
+    prompt_tokens = sum(len(load(folder)[2].encode(t)) for t in texts) / len(texts)  # type: ignore[index]
+    process, host, port = start_server(folder)
+    ceiling = Ceiling(folder)
+    try:
+        complete(host, port, texts[0])  # warm up: first-call allocations, thread pools
+        times: dict[str, list[float]] = {"one at a time": [], "concurrent": []}
+        reference: list | None = None
+        identical, compared = 0, 0
+        for r in range(args.rounds):
+            order = ["one at a time", "concurrent"] if r % 2 == 0 else ["concurrent", "one at a time"]
+            for name in order:
+                run = one_at_a_time if name == "one at a time" else concurrent
+                seconds, answers = run(host, port, texts)
+                times[name].append(seconds)
+                if name == "one at a time":
+                    reference = reference or answers
+                    assert answers == reference, "one-at-a-time answers changed between rounds"
+                else:
+                    pending = answers
+            if reference is not None:
+                identical += sum(a == b for a, b in zip(pending, reference, strict=True))
+                compared += len(reference)
+            ceiling.measure()  # in the same conditions as this round, the server idle
+    finally:
+        process.terminate()
+        process.wait(30)
+    one, many = median(ceiling.ms[1]), median(ceiling.ms[CLIENTS])
+    tokens = CLIENTS * NEW_TOKENS
+    alone, together = median(times["one at a time"]), median(times["concurrent"])
+    shape = "4 layers × 256 (--quick)" if args.quick else "GPT-2-124M shape"
+    print(f"gptcli serve, {shape}: {CLIENTS} clients × {NEW_TOKENS} greedy tokens, {args.rounds} rounds")
+    print(machine())
+    print()
+    wall = [
+        "wall time (s)",
+        f"{alone:.2f} ({spread(times['one at a time'])})",
+        f"{together:.2f} ({spread(times['concurrent'])})",
+        f"{together / alone:.2f}×",
+    ]
+    speed = [
+        "throughput (tokens/s)",
+        f"{tokens / alone:.1f}",
+        f"{tokens / together:.1f}",
+        f"{alone / together:.2f}×",
+    ]
+    print_table(["", "one at a time", "16 concurrent", "concurrent / one at a time"], [wall, speed])
+    print()
+    goal = "met" if alone / together >= GOAL else "NOT met"
+    print(f"goal ≥ {GOAL}× the one-at-a-time throughput: {alone / together:.2f}× ({goal})")
+    print(f"concurrent answers identical to one at a time: {identical}/{compared}")
+    print(
+        f"this machine's ceiling for decoding alone: a step of 1 row takes {one:.0f} ms, of {CLIENTS} rows "
+        f"{many:.0f} ms, so sharing steps gives at most {CLIENTS * one / many:.2f}× (each prompt's prefill, "
+        "on average {:.1f} tokens here, is not shared)".format(prompt_tokens)
+    )
+
+
+if __name__ == "__main__":
+    main()

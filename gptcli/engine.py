@@ -1,0 +1,558 @@
+"""Continuous batching: many requests share one decode loop, joining and leaving it step by step.
+
+`Engine` owns the model on one thread. Callers `submit` a `Job` (prompts already tokenized, decoding
+`Settings`, and a `sink` that receives the job's events) from any thread, and may `cancel` it. At each
+step the engine takes in the jobs that arrived, decodes one token for every row of every running job
+together, sends each row's events, and drops the rows that are done.
+
+A joining prompt is prefilled on its own, exactly as `gptcli complete` prefills it, and its keys and
+values are gathered with the running rows into one right-aligned cache (gptcli.gpt2.KVCache.gather):
+left padding marked in the mask, positions counted per row. So a row computes what it computes alone,
+whoever shares its steps, and a seeded row draws from its own generator (seed + sample) as in the CLI.
+Picking tokens, stop texts, the UTF-8-safe text and the finished Completion are gptcli.generate's own.
+
+Models that gptcli.gpt2 does not run (transformers' DynamicCache, lm.net is None) decode one job at
+a time: a job waits until the batch is empty, then its rows decode together as in `generate.stream`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import queue
+import secrets
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from gptcli.batching import left_pad, pad_id
+from gptcli.errors import GptcliError, first_line
+from gptcli.generate import (
+    _KV_BUDGET,
+    Completion,
+    StopScanner,
+    _advance,
+    _decoder,
+    _finish,
+    _logprob_entry,
+    _pick,
+    _Row,
+    _threads,
+    eos_ids,
+)
+from gptcli.sampling import Settings
+from gptcli.tokens import Detokenizer, TokenText
+
+if TYPE_CHECKING:
+    import torch
+
+    from gptcli.models import LoadedModel
+
+# --- Events (what a job's sink receives, in order) ----------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Token:
+    """One new token of sample `sample` of prompt `index`, and the text that became final with it.
+
+    `text` is "" while a character's bytes are incomplete or a possible stop text is held back; the
+    texts of a row add up to its Completion's text. `logprob` is the token's entry when the job asked
+    for logprobs ({"id", "token", "bytes", "logprob", "top_logprobs"}, as `complete --logprobs`).
+    """
+
+    index: int
+    sample: int
+    token_id: int
+    text: str
+    logprob: dict[str, Any] | None = None
+
+
+@dataclass(frozen=True)
+class PromptLogprobs:
+    """Each prompt token's logprob given the ones before it (the first has none: None), with the top
+    `Job.prompt_logprobs` alternatives; sent before any Token of that prompt."""
+
+    index: int
+    entries: list[dict[str, Any] | None]
+
+
+@dataclass(frozen=True)
+class Done:
+    """The job is over: every row sent its Completion (the last event of a job that was not cancelled)."""
+
+
+@dataclass(frozen=True)
+class Failed:
+    """The job could not go on (the engine stopped, or the model raised); its last event."""
+
+    message: str
+
+
+Event = Token | Completion | PromptLogprobs | Done | Failed
+
+
+@dataclass(eq=False)
+class Job:
+    """A request: complete each prompt `settings.num_samples` times and send the events to `sink`.
+
+    `sink` is called on the engine's thread and must not block. `prompt_ids` are the prompts as the
+    model sees them (gptcli.tokens.encode_prompt), each shorter than the context. `prompt_logprobs`:
+    also score the prompt tokens, with that many alternatives each. `generate=False`: only that (an
+    `echo` with no new tokens); the settings are then unused.
+    """
+
+    prompts: Sequence[str]
+    prompt_ids: Sequence[list[int]]
+    settings: Settings
+    sink: Callable[[Event], None]
+    prompt_logprobs: int | None = None
+    generate: bool = True
+    cancelled: bool = False
+    submitted: float = field(default_factory=time.perf_counter)
+    seed: int | None = None  # resolved at submit: the settings' seed, or a fresh one when sampling
+    _engine: Engine | None = field(default=None, repr=False)
+    _next: int = 0  # the next row (prompt-major) not yet in the batch
+    _running: int = 0  # rows in the batch
+    _prefilled: dict[int, Any] = field(default_factory=dict, repr=False)  # prompt -> (cache, logits)
+    _scored: bool = False  # the PromptLogprobs were sent
+    _over: bool = False  # its last event (Done or Failed) was sent
+
+    @property
+    def rows(self) -> int:
+        return len(self.prompt_ids) * self.settings.num_samples if self.generate else 0
+
+    def cancel(self) -> None:
+        """Stop this job at the next step (from any thread); its rows leave the batch, no more events."""
+        self.cancelled = True
+        if self._engine is not None:
+            self._engine._wake()
+
+
+@dataclass(eq=False)
+class _Slot:
+    """One row of the batch: a sample being decoded, its job, and what drawing its tokens needs."""
+
+    job: Job
+    row: _Row
+    position: int  # tokens of this row in the cache: the position of the next one fed
+    generator: torch.Generator | None = None
+    seen: torch.Tensor | None = None  # [vocab] bool: in the text so far (repetition penalty)
+    done: bool = False
+
+
+class Engine:
+    """The model's one decode loop, shared by every job: start(), submit() jobs, stop()."""
+
+    def __init__(self, lm: LoadedModel, *, max_rows: int = 32) -> None:
+        """`max_rows`: most rows decoded together (fewer when their KV cache would pass _KV_BUDGET)."""
+        if max_rows < 1:
+            raise GptcliError(f"max_rows must be at least 1 (got {max_rows})")
+        self.lm = lm
+        self.max_rows = max_rows
+        self._inbox: queue.SimpleQueue[Job | None] = queue.SimpleQueue()
+        self._waiting: deque[Job] = deque()
+        self._jobs: dict[Job, None] = {}  # every job taken in and not over: what a failure must tell
+        self._stopping = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="gptcli-engine", daemon=True)
+        self._names = TokenText(lm.tokenizer)
+        self._eos = eos_ids(lm)
+        self._pad = pad_id(lm.tokenizer)
+        # The batch, touched by the engine thread only.
+        self._slots: list[_Slot] = []
+        self._decoder: Any = None
+        self._logits: torch.Tensor | None = None  # [rows, vocab], float32: each row's next pick
+        self.steps = 0  # decoding steps run (for tests and benchmarks)
+        self.peak_rows = 0  # most rows decoded together
+        self.tokens = 0  # tokens generated, all jobs together
+
+    # -- the caller's side (any thread) ----------------------------------------------------------------
+
+    def start(self) -> Engine:
+        self._thread.start()
+        return self
+
+    def submit(self, job: Job) -> Job:
+        """Queue `job`; its rows join the batch at the next step. Returns it (to cancel it)."""
+        if self._stopping.is_set() or not self._thread.is_alive():
+            raise GptcliError("the engine is not running")
+        job.settings.validate()
+        if job.seed is None:
+            job.seed = job.settings.seed
+            if job.seed is None and job.settings.sampling:
+                job.seed = secrets.randbits(31)
+        job._engine = self
+        self._inbox.put(job)
+        return job
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Fail every job still running or waiting, and end the loop (within `timeout` seconds)."""
+        self._stopping.set()
+        self._wake()
+        if self._thread.is_alive() and threading.current_thread() is not self._thread:
+            self._thread.join(timeout)
+
+    def stream(self, prompts: Sequence[str], settings: Settings, **job: Any) -> Iterator[Event]:
+        """Submit the prompts as one job and yield its events until it is done (for Python callers).
+
+        Raises GptcliError when the job fails; closing the iterator early cancels the job.
+        """
+        from gptcli.tokens import encode_prompt
+
+        events: queue.SimpleQueue[Event] = queue.SimpleQueue()
+        ids = [encode_prompt(self.lm.tokenizer, p) for p in prompts]
+        submitted = self.submit(Job(prompts, ids, settings, events.put, **job))
+        try:
+            while True:
+                event = events.get()
+                if isinstance(event, Failed):
+                    raise GptcliError(event.message)
+                if isinstance(event, Done):
+                    return
+                yield event
+        finally:
+            submitted.cancel()
+
+    def stats(self) -> dict[str, int]:
+        """What the engine is doing now: rows decoding, jobs waiting, and tokens generated so far."""
+        return {
+            "rows": sum(not s.done for s in self._slots),
+            "waiting": len(self._waiting),
+            "tokens": self.tokens,
+        }
+
+    def _wake(self) -> None:
+        self._inbox.put(None)
+
+    # -- the engine thread -----------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        import torch
+
+        with torch.inference_mode():
+            while not self._stopping.is_set():
+                try:
+                    self._take(block=not self._slots and not self._waiting)
+                    if self._stopping.is_set():
+                        break
+                    self._admit()
+                    if self._slots:
+                        self._decode_step()
+                except Exception as exc:  # a bug or out of memory: fail what runs, keep serving the rest
+                    self._fail_all(f"generation failed: {first_line(exc)}")
+        self._fail_all("the server is shutting down")
+        while True:  # jobs submitted while stopping
+            try:
+                job = self._inbox.get_nowait()
+            except queue.Empty:
+                break
+            if job is not None:
+                self._send(job, Failed("the server is shutting down"))
+
+    def _take(self, block: bool) -> None:
+        """Move newly submitted jobs into the waiting line; wait for one when there is nothing to do."""
+        item = self._inbox.get() if block else None
+        while True:
+            if item is not None:
+                self._waiting.append(item)
+                self._jobs[item] = None
+            try:
+                item = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+
+    def _send(self, job: Job, event: Event) -> None:
+        if isinstance(event, (Done, Failed)):
+            job._over = True
+            self._jobs.pop(job, None)
+        if job.cancelled and not isinstance(event, Failed):
+            return
+        try:
+            job.sink(event)
+        except Exception:  # whoever listened is gone (a closed event loop, say): stop the job
+            job.cancelled = True
+
+    def _fail_all(self, message: str) -> None:
+        """Tell every job not over yet that it failed, and start again with an empty batch."""
+        jobs = list(self._jobs)
+        self._slots, self._decoder, self._logits = [], None, None
+        self._waiting.clear()
+        self._jobs.clear()
+        for job in jobs:
+            if not job.cancelled:
+                self._send(job, Failed(message))
+            job.cancelled = True
+
+    # Admission: waiting jobs' rows join the batch -----------------------------------------------------
+
+    def _admit(self) -> None:
+        """Bring rows of waiting jobs into the batch, as many as fit, first come first served."""
+        for job in [j for j in self._waiting if j.cancelled]:
+            self._waiting.remove(job)
+        for job in [j for j in self._jobs if j.cancelled]:  # their rows leave at the next step
+            del self._jobs[job]
+        if not self._waiting:
+            return
+        if self.lm.net is None:
+            self._admit_one_job()
+            return
+        joining: list[tuple[_Slot, Any, torch.Tensor]] = []
+        while self._waiting:
+            job = self._waiting[0]
+            self._score_prompts(job)
+            if not job.generate or job.cancelled:
+                self._waiting.popleft()
+                if not job.cancelled:
+                    self._send(job, Done())
+                continue
+            if len(self._slots) + len(joining) >= self.max_rows:
+                break
+            slot, cache, logits = self._new_row(job)
+            if self._slots or joining:
+                rows = [*self._slots, *(s for s, _, _ in joining), slot]
+                if self._kv_bytes(rows) > _KV_BUDGET:
+                    job._next -= 1  # not now: it waits for rows to leave
+                    break
+            joining.append((slot, cache, logits))
+            job._running += 1
+            if job._next == job.rows:
+                job._prefilled.clear()
+                self._waiting.popleft()
+        if joining:
+            self._merge(joining)
+
+    def _new_row(self, job: Job) -> tuple[_Slot, Any, torch.Tensor]:
+        """The job's next row, with its prompt prefilled alone (once for all samples of the prompt)."""
+        import torch
+
+        from gptcli.gpt2 import CachedDecoder
+
+        index, sample = divmod(job._next, job.settings.num_samples)
+        job._next += 1
+        ids = list(job.prompt_ids[index])
+        if index not in job._prefilled:
+            job._prefilled.clear()  # rows are prompt-major: the previous prompt is done with
+            decoder = CachedDecoder(self.lm.net, 1, len(ids))  # type: ignore[arg-type]
+            input_ids = torch.tensor([ids], device=self.lm.device)
+            positions = torch.arange(len(ids), device=self.lm.device)[None]
+            # As `complete` prefills one prompt: no padding, no mask, SDPA's causal path.
+            job._prefilled[index] = (decoder.cache, decoder.prefill(input_ids, None, positions))
+        cache, logits = job._prefilled[index]
+        return self._slot(job, index, sample, logits.shape[-1]), cache, logits
+
+    def _slot(self, job: Job, index: int, sample: int, vocab: int) -> _Slot:
+        import torch
+
+        settings = job.settings
+        ids = list(job.prompt_ids[index])
+        prompt = job.prompts[index]
+        row = _Row(
+            index=index,
+            sample=sample,
+            prompt=prompt,
+            prompt_ids=ids,
+            dropped=0,
+            seed=None if job.seed is None else job.seed + sample,
+            detok=Detokenizer(self.lm.tokenizer, after=prompt),
+            stops=StopScanner(settings.stop),
+            logprobs=[] if settings.logprobs is not None else None,
+        )
+        slot = _Slot(job, row, position=len(ids))
+        if settings.sampling:
+            slot.generator = torch.Generator(device=self.lm.device)
+            slot.generator.manual_seed(row.seed or 0)
+        if settings.repetition_penalty != 1.0:
+            slot.seen = torch.zeros(vocab, dtype=torch.bool, device=self.lm.device)
+            slot.seen[ids] = True
+        return slot
+
+    def _kv_bytes(self, slots: list[_Slot]) -> int:
+        """Bytes of the KV cache a batch of these rows takes until its longest row is done."""
+        net = self.lm.net
+        assert net is not None
+        slots = [s for s in slots if not s.done]  # rows that are done leave when the others join
+        per_column = 2 * net.config.n_layer * net.config.n_embd * net.dtype.itemsize
+        return len(slots) * self._columns(slots) * per_column
+
+    def _columns(self, slots: list[_Slot]) -> int:
+        """Columns a right-aligned cache of these rows needs: the longest row now, plus the most steps
+        any of them may still take."""
+        width = max(s.position for s in slots)
+        more = max(
+            (s.job.settings.max_new_tokens - len(s.row.token_ids) for s in slots if not s.done), default=0
+        )
+        return width + max(0, min(more, self.lm.context_length))
+
+    def _merge(self, joining: list[tuple[_Slot, Any, torch.Tensor]]) -> None:
+        """One batch of the running rows that are not done and the joining ones, in one new cache."""
+        import torch
+
+        from gptcli.gpt2 import CachedDecoder, KVCache
+
+        net = self.lm.net
+        assert net is not None
+        kept = [i for i, s in enumerate(self._slots) if not s.done]
+        parts = [(self._decoder.cache, i, self._slots[i].position) for i in kept]
+        parts += [(cache, 0, slot.position) for slot, cache, _ in joining]
+        slots = [self._slots[i] for i in kept] + [slot for slot, _, _ in joining]
+        cache = KVCache.gather(net.config, parts, self._columns(slots))
+        logits = [self._logits[kept]] if kept and self._logits is not None else []
+        logits += [row_logits for _, _, row_logits in joining]
+        self._decoder = CachedDecoder(net, 0, 0, cache=cache)
+        self._logits = torch.cat(logits)
+        self._slots = slots
+        self.peak_rows = max(self.peak_rows, len(slots))
+
+    def _admit_one_job(self) -> None:
+        """transformers' models: the next job's rows decode as one batch once the batch is empty."""
+        if self._slots:
+            return
+        job = self._waiting[0]
+        self._score_prompts(job)
+        if not job.generate or job.cancelled:
+            self._waiting.popleft()
+            if not job.cancelled:
+                self._send(job, Done())
+            return
+        take = min(self.max_rows, job.rows - job._next)
+        slots = []
+        for _ in range(take):
+            index, sample = divmod(job._next, job.settings.num_samples)
+            job._next += 1
+            slots.append(self._slot(job, index, sample, self.lm.config.vocab_size))
+        job._running += take
+        if job._next == job.rows:
+            self._waiting.popleft()
+        lengths = [s.position for s in slots]
+        input_ids, mask, positions = left_pad([s.row.prompt_ids for s in slots], self._pad, self.lm.device)
+        most = max(s.job.settings.max_new_tokens for s in slots)
+        self._decoder = _decoder(self.lm, len(slots), input_ids.shape[1] + min(most, self.lm.context_length))
+        self._logits = self._decoder.prefill(
+            input_ids, mask if min(lengths) < max(lengths) else None, positions
+        )
+        self._slots = slots
+        self.peak_rows = max(self.peak_rows, len(slots))
+
+    def _score_prompts(self, job: Job) -> None:
+        """PromptLogprobs of every prompt of the job (once): one forward pass over each whole prompt."""
+        import torch
+
+        if job.prompt_logprobs is None or job._scored:
+            return
+        job._scored = True
+        k = job.prompt_logprobs
+        for index, ids in enumerate(job.prompt_ids):
+            logits = self.lm.logits(torch.tensor([ids], device=self.lm.device))[0].float()
+            logprobs = torch.log_softmax(logits, dim=-1)
+            targets = torch.tensor(ids[1:], device=self.lm.device)
+            chosen = logprobs[:-1].gather(1, targets[:, None])[:, 0].tolist()
+            top = torch.topk(logprobs[:-1], min(k, logprobs.shape[-1]), dim=-1) if k else None
+            entries: list[dict[str, Any] | None] = [None]
+            for j, token in enumerate(ids[1:]):
+                alternatives = []
+                if top is not None:
+                    alternatives = list(zip(top.indices[j].tolist(), top.values[j].tolist(), strict=True))
+                entries.append(_logprob_entry(self._names, token, chosen[j], alternatives))
+            self._send(job, PromptLogprobs(index, entries))
+
+    # One step: pick every row's token, send events, drop rows that are done, run the model ------------
+
+    def _decode_step(self) -> None:
+        import torch
+
+        for slot in self._slots:
+            if slot.job.cancelled and not slot.done:
+                slot.done = True
+        tokens = self._pick_all()
+        now = time.perf_counter()
+        context = self.lm.context_length
+        for slot, token in zip(self._slots, tokens, strict=True):
+            if slot.done:
+                continue
+            job, row = slot.job, slot.row
+            self.tokens += 1
+            if not row.token_ids:
+                row.first_token_at = now
+            row.token_ids.append(token)
+            if slot.seen is not None:
+                slot.seen[token] = True
+            eos = set() if job.settings.ignore_eos else self._eos
+            text = _advance(row, token, eos, job.settings.max_new_tokens, context)
+            logprob = row.logprobs[-1] if row.logprobs else None
+            self._send(job, Token(row.index, row.sample, token, text, logprob))
+            if row.finish_reason is not None:
+                row.done_at = now
+                slot.done = True
+                job._running -= 1
+                self._send(job, _finish(self.lm, row, job.settings, job.submitted))
+                if job._running == 0 and job._next == job.rows:
+                    self._send(job, Done())
+        tokens = self._drop_done(tokens)
+        if not self._slots:
+            self._decoder = self._logits = None
+            return
+        next_ids = torch.tensor(
+            [self._pad if s.done else t for s, t in zip(self._slots, tokens, strict=True)],
+            device=self.lm.device,
+        )
+        positions = torch.tensor([min(s.position, context - 1) for s in self._slots], device=self.lm.device)
+        # One row alone decodes on one thread, as `complete` does (generate._threads says why).
+        with _threads(1 if len(self._slots) == 1 else None):
+            self._logits = self._decoder.step(next_ids[:, None], positions[:, None])
+        for slot in self._slots:
+            slot.position += 1
+        self.steps += 1
+
+    def _pick_all(self) -> list[int]:
+        """Every row's next token (pad for rows that are done): rows with the same way of drawing are
+        drawn together, each with its own generator, by generate._pick."""
+        import torch
+
+        assert self._logits is not None
+        tokens = [self._pad] * len(self._slots)
+        groups: dict[Settings, list[int]] = {}
+        for i, slot in enumerate(self._slots):
+            if not slot.done:
+                groups.setdefault(_how_drawn(slot.job.settings), []).append(i)
+        for settings, rows in groups.items():
+            whole = len(rows) == len(self._slots)
+            index = torch.tensor(rows, device=self._logits.device)
+            logits = self._logits if whole else self._logits[index]
+            seen = None
+            if settings.repetition_penalty != 1.0:
+                seen = torch.stack([self._slots[i].seen for i in rows])  # type: ignore[misc]
+            generators = [self._slots[i].generator for i in rows] if settings.sampling else []
+            picked, chosen, top = _pick(logits, settings, seen, generators, [True] * len(rows), self._pad)  # type: ignore[arg-type]
+            for j, (i, token) in enumerate(zip(rows, picked.tolist(), strict=True)):
+                tokens[i] = token
+                row = self._slots[i].row
+                if row.logprobs is not None and chosen is not None:
+                    row.logprobs.append(_logprob_entry(self._names, token, chosen[j], top[j] if top else []))
+        return tokens
+
+    def _drop_done(self, tokens: list[int]) -> list[int]:
+        """Let rows that are done leave the batch; returns the tokens of the rows that stay. Dropping
+        copies the cache, so not at every finish: once half the batch is done, when others wait to
+        join, or when a job was cancelled (its row is freed at once). Until then a finished row steps
+        with the pad token, as in generate."""
+        done = [s.done for s in self._slots]
+        if not any(done):
+            return tokens
+        cancelled = any(s.job.cancelled for s in self._slots)
+        if 2 * sum(done) >= len(done) or cancelled or self._waiting or not self._inbox.empty():
+            import torch
+
+            keep = [i for i, d in enumerate(done) if not d]
+            if keep and self._decoder is not None:
+                self._decoder.keep(torch.tensor(keep, device=self.lm.device))
+            self._slots = [self._slots[i] for i in keep]
+            tokens = [tokens[i] for i in keep]
+        return tokens
+
+
+def _how_drawn(settings: Settings) -> Settings:
+    """The settings with only what picking a token depends on: rows that agree on it draw together."""
+    return dataclasses.replace(
+        settings, max_new_tokens=1, seed=None, stop=(), ignore_eos=False, num_samples=1, sources={}
+    )

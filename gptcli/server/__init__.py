@@ -1,0 +1,141 @@
+"""`gptcli serve`'s library: an OpenAI-compatible HTTP server over one loaded model.
+
+    from gptcli import load_model
+    from gptcli.server import serve
+    serve(load_model("gpt2"), port=8000, log=print)
+
+This module stays light (no FastAPI until `serve` or `create_app` runs), so `gptcli serve --help` is.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import os
+import socket
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from gptcli.errors import GptcliError, UsageError
+
+if TYPE_CHECKING:
+    from fastapi import FastAPI
+
+    from gptcli.models import LoadedModel
+
+# Seconds that in-flight requests get to finish after Ctrl-C or SIGTERM before they are cancelled.
+GRACE_SECONDS = 5
+
+
+def create_app(lm: LoadedModel, **options: Any) -> FastAPI:
+    """The FastAPI app over `lm` (gptcli.server.app.create_app)."""
+    from gptcli.server.app import create_app as create
+
+    return create(lm, **options)
+
+
+def is_loopback(host: str) -> bool:
+    """Whether `host` is reachable from this machine only (127.0.0.0/8, ::1, localhost)."""
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        pass
+    try:
+        infos = socket.getaddrinfo(host, None)
+    except OSError:
+        return False
+    return bool(infos) and all(
+        ipaddress.ip_address(str(info[4][0]).split("%")[0]).is_loopback for info in infos
+    )
+
+
+def check_port(port: int) -> None:
+    if not 0 <= port <= 65535:
+        raise UsageError(f"--port must be between 0 and 65535 (got {port}; 0 picks a free port)")
+
+
+def listen(host: str, port: int) -> socket.socket:
+    """A listening socket on host:port (port 0: a free one), or GptcliError saying why not."""
+    check_port(port)
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )[0]
+    except (OSError, UnicodeError) as exc:
+        raise UsageError(f"cannot listen on {host}: {getattr(exc, 'strerror', None) or exc}") from None
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+        sock.listen(128)
+    except OSError as exc:
+        sock.close()
+        raise GptcliError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+    sock.set_inheritable(True)
+    return sock
+
+
+def address(sock: socket.socket) -> str:
+    """http://host:port of a listening socket (IPv6 in brackets)."""
+    host, port = sock.getsockname()[:2]
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
+class _LogLines(logging.Handler):
+    """uvicorn's own warnings and errors as single lines through `log` (tracebacks with GPTCLI_DEBUG)."""
+
+    def __init__(self, log: Callable[[str], None]) -> None:
+        super().__init__(logging.WARNING)
+        self.log = log
+        self.debug = os.environ.get("GPTCLI_DEBUG", "") not in ("", "0")
+
+    def emit(self, record: logging.LogRecord) -> None:
+        line = record.getMessage().strip().splitlines()
+        text = line[0] if line else record.levelname
+        if record.exc_info and record.exc_info[1] is not None:
+            text += f": {type(record.exc_info[1]).__name__}: {record.exc_info[1]}"
+            if self.debug:
+                text += "\n" + logging.Formatter().formatException(record.exc_info)
+        self.log(f"server: {text}")
+
+
+def serve(
+    lm: LoadedModel,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    sock: socket.socket | None = None,
+    api_key: str | None = None,
+    log: Callable[[str], None] = print,
+    on_listening: Callable[[str], None] | None = None,
+    max_rows: int = 32,
+) -> None:
+    """Serve `lm` on host:port (or on `sock`, from `listen`) until SIGINT or SIGTERM, then give the
+    requests in flight GRACE_SECONDS to finish, cancel the rest, and stop.
+
+    `log` gets one line per request; `on_listening(url)` is called once the socket listens. After a
+    signal, uvicorn raises it again once the server has stopped (KeyboardInterrupt for Ctrl-C).
+    """
+    import uvicorn
+
+    sock = sock if sock is not None else listen(host, port)
+    app = create_app(lm, api_key=api_key, log=log, max_rows=max_rows)
+    for name in ("uvicorn", "uvicorn.error", "uvicorn.access"):
+        logger = logging.getLogger(name)
+        logger.handlers = [_LogLines(log)]
+        logger.propagate = False
+    config = uvicorn.Config(
+        app,
+        log_config=None,
+        access_log=False,
+        timeout_graceful_shutdown=GRACE_SECONDS,
+        lifespan="on",
+        server_header=False,
+    )
+    server = uvicorn.Server(config)
+    if on_listening is not None:
+        on_listening(address(sock))
+    try:
+        server.run(sockets=[sock])
+    finally:
+        sock.close()

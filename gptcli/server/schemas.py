@@ -1,0 +1,236 @@
+"""The requests the server accepts: OpenAI's fields (and llama.cpp's extras), checked strictly.
+
+Unknown fields are refused, as OpenAI refuses them; a wrong type is refused rather than converted
+("5" is not 5); numbers must be finite. Fields OpenAI has and gptcli does not do are accepted only at
+their no-op value (a `frequency_penalty` of 0, an empty `logit_bias`), so no request silently gets
+something other than what it asked for.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from gptcli.errors import UsageError
+from gptcli.sampling import Settings, resolve_settings
+
+MAX_CHOICES = 128  # prompts × n of one request
+MAX_LOGPROBS = 100  # alternatives per token (OpenAI: 5 for completions, 20 for chat)
+MAX_STOPS = 16
+
+
+class ApiError(Exception):
+    """A request the server refuses: OpenAI's error object with an HTTP status."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        param: str | None = None,
+        code: str | None = None,
+        kind: str = "invalid_request_error",
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.param = param
+        self.code = code
+        self.kind = kind
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
+
+
+class StreamOptions(_Strict):
+    include_usage: bool = False
+    include_obfuscation: bool | None = None  # OpenAI's; there is nothing to obfuscate here
+
+
+class _Decoding(_Strict):
+    """What completions and chat completions share."""
+
+    model: str | None = None  # any name: the server has one model
+    max_tokens: int | None = Field(None, ge=0)
+    temperature: float | None = Field(None, ge=0)
+    top_p: float | None = Field(None, gt=0, le=1)
+    n: int = Field(1, ge=1, le=MAX_CHOICES)
+    stop: str | list[str] | None = None
+    seed: int | None = Field(None, ge=0, lt=2**63)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    user: str | None = None
+    # OpenAI's, which gptcli does not do: only their no-op values
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    logit_bias: dict[str, float] | None = None
+    # llama.cpp's server names for what OpenAI has not (repetition_penalty: vLLM's and transformers')
+    top_k: int | None = Field(None, ge=0)
+    min_p: float | None = Field(None, ge=0, le=1)
+    repeat_penalty: float | None = Field(None, gt=0)
+    repetition_penalty: float | None = Field(None, gt=0)
+    ignore_eos: bool = False
+
+
+class CompletionRequest(_Decoding):
+    prompt: str | list[str] | list[int] | list[list[int]]
+    echo: bool = False
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    best_of: int | None = Field(None, ge=1)
+    suffix: str | None = None
+
+
+class TextPart(_Strict):
+    type: Literal["text"]
+    text: str
+
+
+class Message(_Strict):
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[TextPart] | None = None
+    name: str | None = None
+    refusal: str | None = None
+
+
+class ResponseFormat(_Strict):
+    type: Literal["text"]
+
+
+class ChatRequest(_Decoding):
+    messages: list[Message] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=0)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    response_format: ResponseFormat | None = None
+    tools: list[Any] | None = None
+    tool_choice: Literal["none"] | None = None
+    parallel_tool_calls: bool | None = None
+    store: bool | None = None
+    metadata: dict[str, str] | None = None
+    service_tier: str | None = None
+
+
+class TokenizeRequest(_Strict):
+    content: str
+    add_special: bool = False
+    with_pieces: bool = False
+
+
+class DetokenizeRequest(_Strict):
+    tokens: list[int]
+
+
+# Union fields: one message for all the ways a value failed to be one of the types.
+_EXPECTED = {
+    "prompt": "a string, a list of strings, a list of token ids, or a list of lists of token ids",
+    "stop": "a string or a list of strings",
+    "content": "a string or a list of text parts ({'type': 'text', 'text': ...})",
+}
+_TYPE_TAGS = {"str", "int", "float", "bool", "list", "dict", "none", "literal"}
+
+
+def parse(model: type[_Strict], body: dict[str, Any]) -> Any:
+    """`body` as `model`, or ApiError(400) naming the first field that is wrong and why."""
+    try:
+        return model.model_validate(body)
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        path = [p for p in error["loc"] if not _is_type_tag(p)]
+        param = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in path).lstrip(".") or None
+        if error["type"] == "extra_forbidden":
+            message = f"Unrecognized request argument supplied: {param}"
+            raise ApiError(400, message, param=param, code="unknown_parameter") from None
+        if error["type"] == "missing":
+            raise ApiError(400, f"Missing required parameter: '{param}'.", param=param) from None
+        name = str(path[-1]) if path and not isinstance(path[-1], int) else str(path[0]) if path else ""
+        if len(error["loc"]) > len(path) and name in _EXPECTED:  # a union: say what it may be
+            message = f"Invalid value for '{param}': expected {_EXPECTED[name]}."
+        else:
+            message = f"Invalid value for '{param}': {error['msg']} (got {_shown(error.get('input'))})."
+        raise ApiError(400, message, param=param, code="invalid_value") from None
+
+
+def _is_type_tag(part: object) -> bool:
+    """Whether a location part names a member of a union (list[int], str, TextPart...), not a field."""
+    if not isinstance(part, str):
+        return False
+    return "[" in part or part in _TYPE_TAGS or part[:1].isupper() or part.startswith("function-")
+
+
+def _shown(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def unsupported(request: _Decoding) -> None:
+    """Refuse OpenAI fields that would ask for something gptcli does not do."""
+    for name in ("presence_penalty", "frequency_penalty"):
+        if getattr(request, name):
+            raise ApiError(
+                400, f"{name} is not supported: use repeat_penalty (transformers' definition)", param=name
+            )
+    if request.logit_bias:
+        raise ApiError(400, "logit_bias is not supported", param="logit_bias")
+    if isinstance(request, CompletionRequest):
+        if request.best_of not in (None, 1, request.n):
+            raise ApiError(400, "best_of is not supported (only best_of = n)", param="best_of")
+        if request.suffix:
+            raise ApiError(
+                400, "suffix is not supported: GPT-2 models do not fill in the middle", param="suffix"
+            )
+    if isinstance(request, ChatRequest) and request.tools:
+        raise ApiError(
+            400, "tools are not supported: gptcli serves language models without tool use", param="tools"
+        )
+    both = (request.repeat_penalty, request.repetition_penalty)
+    if None not in both and both[0] != both[1]:
+        raise ApiError(400, "repeat_penalty and repetition_penalty differ: give one", param="repeat_penalty")
+
+
+def stops(request: _Decoding) -> tuple[str, ...]:
+    values = [request.stop] if isinstance(request.stop, str) else list(request.stop or [])
+    if len(values) > MAX_STOPS:
+        raise ApiError(400, f"stop takes at most {MAX_STOPS} texts (got {len(values)})", param="stop")
+    if any(not s for s in values):
+        raise ApiError(400, "stop texts must not be empty", param="stop")
+    return tuple(values)
+
+
+def settings(
+    request: _Decoding,
+    generation_config: Any,
+    *,
+    max_tokens: int | None,
+    logprobs: int | None,
+    extra_stops: tuple[str, ...] = (),
+) -> Settings:
+    """The decoding Settings of a request, as `gptcli complete` would build them from the same values.
+
+    Fields the request leaves out take gptcli's defaults, replaced by the model's generation_config.json,
+    exactly as the CLI's flags do. `temperature: 0` means greedy; a temperature above 0 samples, even
+    when generation_config.json makes greedy the default (as `--sample` would).
+    """
+    temperature = request.temperature
+    flags: dict[str, Any] = {
+        "max_new_tokens": max_tokens or None,  # 0 (echo only) decodes nothing: any valid value
+        "temperature": temperature if temperature else None,
+        "greedy": None if temperature is None else temperature == 0,
+        "top_k": request.top_k,
+        "top_p": request.top_p,
+        "min_p": request.min_p,
+        "repetition_penalty": request.repeat_penalty or request.repetition_penalty,
+        "seed": request.seed,
+        "stop": (stops(request) + extra_stops) or None,
+        "ignore_eos": request.ignore_eos or None,
+        "num_samples": request.n,
+        "logprobs": logprobs,
+    }
+    try:
+        return resolve_settings(generation_config, **flags)
+    except UsageError as exc:  # a value in the model's generation_config.json that cannot work
+        raise ApiError(400, str(exc)) from None

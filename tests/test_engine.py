@@ -1,0 +1,215 @@
+"""The engine: rows that join and leave a running batch compute what they compute alone."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from gptcli.engine import Done, Engine, Failed, Job, PromptLogprobs, Token
+from gptcli.generate import Completion, complete
+from gptcli.gpt2 import CachedDecoder, KVCache
+from gptcli.models import load_model
+from gptcli.sampling import resolve_settings
+from gptcli.tokens import encode_prompt
+
+PROMPTS = ["今天天气", "The weather is", "", "我喜欢在早上喝一杯热茶", "Hello world! 12345", "龙"]
+
+
+@pytest.fixture(scope="module")
+def lms(models: dict[str, Path], tmp_path_factory: pytest.TempPathFactory):
+    # A checkpoint gptcli.gpt2 does not run (another attention scaling): transformers' path.
+    other = tmp_path_factory.mktemp("engine") / "tiny-hf"
+    shutil.copytree(models["bpe"], other)
+    config = json.loads((other / "config.json").read_text())
+    (other / "config.json").write_text(json.dumps({**config, "scale_attn_by_inverse_layer_idx": True}))
+    lms = {name: load_model(str(path)) for name, path in models.items()}
+    lms["hf"] = load_model(str(other))
+    assert lms["hf"].net is None and lms["bpe"].net is not None
+    return lms
+
+
+def greedy(**kw):
+    return resolve_settings(None, greedy=True, **kw)
+
+
+def hot(seed: int, **kw):
+    return resolve_settings(None, **{"seed": seed, "temperature": 3.0, "top_k": 0, "top_p": 1.0, **kw})
+
+
+def completions(engine: Engine, prompts: list[str], settings, stagger: float = 0.002) -> list[Completion]:
+    """Each prompt as its own job from its own thread, started a little apart so that rows join a batch
+    that is already decoding; completions in prompt order."""
+    results: dict[int, list[Completion]] = {}
+
+    def client(i: int) -> None:
+        done = [e for e in engine.stream([prompts[i]], settings) if isinstance(e, Completion)]
+        results[i] = sorted(done, key=lambda c: c.sample)  # (samples finish in any order)
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(len(prompts))]
+    for t in threads:
+        t.start()
+        time.sleep(stagger)
+    for t in threads:
+        t.join(60)
+    return [c for i in range(len(prompts)) for c in results[i]]
+
+
+@pytest.mark.parametrize("fixture", ["bpe", "bert", "hf"])
+def test_concurrent_jobs_equal_one_at_a_time(lms, fixture: str) -> None:
+    lm = lms[fixture]
+    engine = Engine(lm, max_rows=4).start()
+    try:
+        for settings in (
+            greedy(max_new_tokens=24, ignore_eos=True),
+            hot(5, max_new_tokens=24, num_samples=2, logprobs=3, repetition_penalty=1.3),
+        ):
+            alone = complete(lm, PROMPTS, settings, batch_size=1)
+            together = completions(engine, PROMPTS, settings)
+            assert [c.token_ids for c in together] == [c.token_ids for c in alone]
+            assert [c.text for c in together] == [c.text for c in alone]
+            assert [c.finish_reason for c in together] == [c.finish_reason for c in alone]
+            for a, b in zip(alone, together, strict=True):
+                for x, y in zip(a.logprobs or [], b.logprobs or [], strict=True):
+                    assert x["id"] == y["id"] and abs(x["logprob"] - y["logprob"]) < 1e-5
+        # The rows really shared steps (transformers' models decode one job at a time).
+        assert engine.peak_rows == (2 if fixture == "hf" else 4)
+    finally:
+        engine.stop()
+
+
+def test_a_gathered_row_computes_what_it_computes_alone(lms) -> None:
+    """KVCache.gather: prompts prefilled alone, gathered with left padding, step as they would alone."""
+    lm = lms["bpe"]
+    net = lm.net
+    ids = [encode_prompt(lm.tokenizer, p) for p in ["今天天气很好", "a", "The weather is nice today"]]
+    decoders, parts = [], []
+    with torch.inference_mode():
+        for row in ids:
+            decoder = CachedDecoder(net, 1, len(row) + 1)
+            decoder.prefill(torch.tensor([row]), None, torch.arange(len(row))[None])
+            decoders.append(decoder)
+            parts.append((decoder.cache, 0, len(row)))
+        gathered = CachedDecoder(net, 0, 0, cache=KVCache.gather(net.config, parts, max(map(len, ids)) + 1))
+        alone = [
+            d.step(torch.tensor([[7]]), torch.tensor([[len(r)]])) for d, r in zip(decoders, ids, strict=True)
+        ]
+        assert gathered.cache.real is not None and not bool(gathered.cache.real[1, 0])  # "a" is padded
+        together = gathered.step(torch.tensor([[7]] * 3), torch.tensor([[len(r)] for r in ids]))
+    torch.testing.assert_close(together, torch.cat(alone), atol=1e-5, rtol=1e-5)
+
+
+def test_cancel_frees_the_rows_and_spares_the_others(lms) -> None:
+    lm = lms["bpe"]
+    engine = Engine(lm).start()
+    try:
+        events: list = []
+        first = threading.Event()
+
+        def sink(event) -> None:
+            events.append(event)
+            first.set()
+
+        settings = greedy(max_new_tokens=120, ignore_eos=True)
+        job = engine.submit(Job(["a"], [encode_prompt(lm.tokenizer, "a")], settings, sink))
+        others = completions(engine, PROMPTS[:2], greedy(max_new_tokens=16))
+        assert first.wait(10)
+        job.cancel()
+        deadline = time.monotonic() + 10
+        while engine.stats()["rows"] and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert engine.stats()["rows"] == 0
+        seen = len(events)
+        time.sleep(0.05)
+        assert len(events) == seen  # nothing more after the cancel
+        assert not any(isinstance(e, (Completion, Done)) for e in events)
+        assert [c.token_ids for c in others] == [
+            c.token_ids for c in complete(lm, PROMPTS[:2], greedy(max_new_tokens=16), batch_size=1)
+        ]
+    finally:
+        engine.stop()
+
+
+def test_jobs_wait_for_room_and_join_when_rows_leave(lms) -> None:
+    lm = lms["bpe"]
+    engine = Engine(lm, max_rows=2).start()
+    try:
+        settings = greedy(max_new_tokens=12, ignore_eos=True)
+        together = completions(engine, PROMPTS, settings, stagger=0)
+        assert engine.peak_rows == 2
+        assert [c.token_ids for c in together] == [c.token_ids for c in complete(lm, PROMPTS, settings)]
+    finally:
+        engine.stop()
+
+
+def test_prompt_logprobs_are_the_model_distribution(lms) -> None:
+    lm = lms["bpe"]
+    engine = Engine(lm).start()
+    try:
+        prompt = "今天天气很好"
+        events = list(engine.stream([prompt], greedy(), prompt_logprobs=3, generate=False))
+        (scored,) = [e for e in events if isinstance(e, PromptLogprobs)]
+        assert not [e for e in events if isinstance(e, (Token, Completion))]
+        ids = encode_prompt(lm.tokenizer, prompt)
+        reference = torch.log_softmax(lm.model(torch.tensor([ids])).logits[0].float(), dim=-1)
+        assert scored.entries[0] is None and len(scored.entries) == len(ids)
+        for j, entry in enumerate(scored.entries[1:], 1):
+            assert entry["id"] == ids[j]
+            assert abs(entry["logprob"] - reference[j - 1, ids[j]].item()) < 1e-5
+            best = reference[j - 1].topk(3)
+            assert [t["id"] for t in entry["top_logprobs"]] == best.indices.tolist()
+    finally:
+        engine.stop()
+
+
+def test_a_failing_sink_stops_its_job_only(lms) -> None:
+    lm = lms["bpe"]
+    engine = Engine(lm).start()
+    try:
+
+        def broken(event) -> None:
+            raise RuntimeError("the listener is gone")
+
+        engine.submit(Job(["a"], [encode_prompt(lm.tokenizer, "a")], greedy(max_new_tokens=50), broken))
+        assert [c.token_ids for c in completions(engine, PROMPTS[:2], greedy(max_new_tokens=8))] == [
+            c.token_ids for c in complete(lm, PROMPTS[:2], greedy(max_new_tokens=8))
+        ]
+    finally:
+        engine.stop()
+
+
+def test_stop_fails_waiting_and_running_jobs(lms) -> None:
+    lm = lms["bpe"]
+    engine = Engine(lm).start()
+    got: list = []
+    engine.submit(Job(["a"], [encode_prompt(lm.tokenizer, "a")], greedy(max_new_tokens=127), got.append))
+    engine.stop()
+    assert isinstance(got[-1], (Failed, Done))
+    with pytest.raises(Exception, match="not running"):
+        engine.submit(Job(["a"], [[1]], greedy(), got.append))
+
+
+def test_a_job_the_model_cannot_run_fails_and_the_engine_goes_on(lms) -> None:
+    """A failure in the loop (here an id past the embedding table) fails every job it touched, whether
+    decoding, joining or waiting, instead of leaving them without an answer; then the engine serves on."""
+    lm = lms["bpe"]
+    engine = Engine(lm).start()
+    try:
+        events: list = []
+        bad = Job(["?"], [[len(lm.tokenizer) + 1000]], greedy(max_new_tokens=4), events.append)
+        engine.submit(bad)
+        deadline = time.monotonic() + 10
+        while not events and time.monotonic() < deadline:
+            time.sleep(0.01)
+        (failed,) = events
+        assert isinstance(failed, Failed) and "generation failed" in failed.message
+        assert [c.token_ids for c in completions(engine, PROMPTS[:2], greedy(max_new_tokens=8))] == [
+            c.token_ids for c in complete(lm, PROMPTS[:2], greedy(max_new_tokens=8))
+        ]
+    finally:
+        engine.stop()
