@@ -81,13 +81,13 @@ def kernel_seconds(net, rounds: int = 7) -> float:
 
 
 def layer_in(layer) -> int:
-    """Input width of a gptcli matmul object (Conv1D keeps [in, out]; the others [out, in])."""
-    from gptcli.gpt2 import Conv1D
+    """Input width of a gptcli matmul object (Conv1D and TiedOutput keep [in, out]; the others [out, in])."""
+    from gptcli.gpt2 import Conv1D, TiedOutput
     from gptcli.quantize import Int8Linear
 
     if isinstance(layer, Int8Linear) and layer.weight is None:
         return layer.packed.unpack()[0].shape[1]
-    return layer.weight.shape[0] if isinstance(layer, Conv1D) else layer.weight.shape[1]
+    return layer.weight.shape[0] if isinstance(layer, Conv1D | TiedOutput) else layer.weight.shape[1]
 
 
 def alternatives(net32) -> list[list[object]]:
@@ -98,7 +98,7 @@ def alternatives(net32) -> list[list[object]]:
     from gptcli.quantize import quantize_int8
 
     conv = matmuls(net32)[:-1]  # Conv1D layers, [in, out]
-    head = net32.lm_head.weight  # [vocab, width]
+    head = net32.lm_head.table  # the embeddings, [vocab, width]
     rows = []
 
     def run(name: str, layers: list, note: str) -> None:
@@ -122,7 +122,13 @@ def alternatives(net32) -> list[list[object]]:
     run(
         "fp32 F.linear, [out, in]",
         [(lambda x, w=w: F.linear(x, w), w.shape[1], f32) for w in [*out_in, head]],
-        "nn.Linear's layout: slower than addmm on [in, out]",
+        "nn.Linear's layout (and transformers' output layer): slower than addmm on [in, out]",
+    )
+    run(
+        "fp32 addmm blocks, F.linear output layer",
+        [(lambda x, m=m: m(x), layer_in(m), f32) for m in conv]
+        + [(lambda x: F.linear(x, head), head.shape[1], f32)],
+        "transformers' kernels: the output layer on the embeddings as they are",
     )
     del out_in
     in_out16 = [m.weight.to(bf16) for m in conv]
