@@ -42,6 +42,7 @@ from gptcli.generate import (
     _threads,
     eos_ids,
 )
+from gptcli.gpt2 import BATCHED_ROWS
 from gptcli.sampling import Settings
 from gptcli.tokens import Detokenizer, TokenText
 
@@ -163,6 +164,10 @@ class Engine:
         self._slots: list[_Slot] = []
         self._decoder: Any = None
         self._logits: torch.Tensor | None = None  # [rows, vocab], float32: each row's next pick
+        if lm.net is not None and max_rows >= BATCHED_ROWS:
+            # A server's steps are batched whenever requests overlap: oneDNN-packed weights run them
+            # faster, for a second at start and a second copy of the matmul weights (docs/performance.md).
+            lm.net.pack_for_batches()
         self.steps = 0  # decoding steps run (for tests and benchmarks)
         self.peak_rows = 0  # most rows decoded together
         self.tokens = 0  # tokens generated, all jobs together
