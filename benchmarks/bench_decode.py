@@ -172,7 +172,7 @@ def quality(folder: Path, text: str) -> list[list[object]]:
     from gptcli.sampling import resolve_settings
 
     base = load_model(str(folder), device="cpu")
-    greedy = resolve_settings(None, greedy=True, max_new_tokens=64, ignore_eos=True)
+    greedy = resolve_settings(None, greedy=True, max_new_tokens=64, ignore_eos=True, lookup=0)
     base_ppl = score_text(base, text).perplexity
     base_ids = [d.token_ids for d in complete(base, QUALITY_PROMPTS, greedy)]
     rows = [["fp32", f"{base_ppl:.3f}", "", "", "", "", ""]]
@@ -255,7 +255,9 @@ def main() -> None:
         model.generation_config.eos_token_id = None  # 128 tokens, as gptcli's --ignore-eos
 
     modes = {
-        "greedy": {"greedy": True},
+        # Without lookup decoding (on by default for greedy): the goal is set without it, and
+        # bench_lookup.py reports it separately.
+        "greedy": {"greedy": True, "lookup": 0},
         "top-k 50": {"temperature": 1.0, "top_k": 50, "top_p": 1.0, "seed": 1234},
     }
     ids: dict[tuple[str, str], list[int]] = {}

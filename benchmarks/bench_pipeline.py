@@ -64,7 +64,7 @@ def main() -> None:
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     model.generation_config.eos_token_id = None  # the same work as gptcli's --ignore-eos
     lines = prompts(tokenizer)
-    settings = resolve_settings(None, greedy=True, max_new_tokens=new, ignore_eos=True)
+    settings = resolve_settings(None, greedy=True, max_new_tokens=new, ignore_eos=True, lookup=0)
     ids: dict[str, list[list[int]]] = {}
 
     def each_line() -> None:

@@ -53,7 +53,7 @@ class Settings:
     ignore_eos: bool = False
     num_samples: int = 1
     logprobs: int | None = None  # None: no logprobs; K: the chosen token's and K alternatives
-    lookup: int = 0  # greedy: draft up to this many tokens from earlier text per pass (0: off)
+    lookup: int = 10  # greedy, one row: draft up to this many tokens from earlier text per pass (0: off)
     sources: dict[str, str] = field(default_factory=dict, compare=False, repr=False)
 
     @property

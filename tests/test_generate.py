@@ -475,7 +475,7 @@ REPEATING = [
 @pytest.mark.parametrize("extra", [{}, {"repetition_penalty": 1.3}, {"logprobs": 3}, {"stop": ("。",)}])
 def test_lookup_decoding_gives_greedy_decodings_tokens(lms, fixture: str, extra: dict) -> None:
     lm = lms[fixture]
-    plain = complete(lm, REPEATING, greedy(max_new_tokens=30, **extra), batch_size=1)
+    plain = complete(lm, REPEATING, greedy(max_new_tokens=30, lookup=0, **extra), batch_size=1)
     looked = complete(lm, REPEATING, greedy(max_new_tokens=30, lookup=8, **extra), batch_size=1)
     for a, b in zip(plain, looked, strict=True):
         assert (a.token_ids, a.text, a.finish_reason, a.context_full) == (
@@ -504,7 +504,7 @@ def test_lookup_decoding_takes_fewer_passes_on_repeating_text(lms, monkeypatch: 
 
     monkeypatch.setattr(GPT2, "forward", counted)
     prompt = "今天天气很好，我们去公园散步吧。" * 3 + "今天"
-    (plain,) = complete(lm, prompt, greedy(max_new_tokens=20, ignore_eos=True))
+    (plain,) = complete(lm, prompt, greedy(max_new_tokens=20, ignore_eos=True, lookup=0))
     plain_passes, passes[:] = len(passes), []
     (looked,) = complete(lm, prompt, greedy(max_new_tokens=20, ignore_eos=True, lookup=8))
     assert looked.token_ids == plain.token_ids
