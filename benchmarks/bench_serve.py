@@ -145,6 +145,8 @@ class Ceiling:
         from gptcli.models import load_model
 
         self.lm, self.rows, self.steps = load_model(str(folder)), rows, steps
+        if self.lm.net is not None:
+            self.lm.net.pack_for_batches()  # as the server's engine does at start
         self.ms: dict[int, list[float]] = {1: [], rows: []}
         with torch.inference_mode():
             self._decode(1), self._decode(rows)  # warm up

@@ -376,10 +376,14 @@ def _decode(
     if lm.net is not None and len(rows) >= BATCHED_ROWS and len(rows) * settings.max_new_tokens >= _PACK_WORK:
         lm.net.pack_for_batches()  # once per model: long batched work repays the packing many times
     with torch.inference_mode():
-        input_ids, mask, positions = left_pad([r.prompt_ids for r in rows], pad, device)
-        decoder = _decoder(lm, len(rows), input_ids.shape[1] + min(settings.max_new_tokens, context))
-        # Without padding the mask is all ones: leave it out so attention can take its causal fast path.
-        logits = decoder.prefill(input_ids, mask if min(lengths) < max(lengths) else None, positions)
+        capacity = max(lengths) + min(settings.max_new_tokens, context)
+        if lm.net is not None and len(rows) > 1:
+            decoder, logits = _prefill_in_groups(lm.net, [r.prompt_ids for r in rows], pad, capacity)
+        else:
+            input_ids, mask, positions = left_pad([r.prompt_ids for r in rows], pad, device)
+            decoder = _decoder(lm, len(rows), capacity)
+            # Without padding the mask is all ones: leave it out so attention can take its causal fast path.
+            logits = decoder.prefill(input_ids, mask if min(lengths) < max(lengths) else None, positions)
         next_pos = torch.tensor(lengths, device=device)
         seen = None
         if settings.repetition_penalty != 1.0:
@@ -538,6 +542,52 @@ def _logprobs_of(logits: torch.Tensor, token: int, k: int) -> tuple[float, list[
     top = torch.topk(logprobs, min(k, logprobs.shape[-1])) if k > 0 else None
     pairs = list(zip(top.indices.tolist(), top.values.tolist(), strict=True)) if top is not None else []
     return float(logprobs[token]), pairs
+
+
+# A prompt group of the batch is prefilled together while padding it to its longest prompt costs at
+# most this much more than its prompts' own tokens.
+_PADDING_SLACK = 1.25
+
+
+def _prefill_in_groups(
+    net: Any, prompts: list[list[int]], pad: int, capacity: int
+) -> tuple[Any, torch.Tensor]:
+    """Prefill a batch of prompts (sorted by length, as `_stream` sorts them) in groups of similar
+    length, then gather their caches into one batch: (decoder, the last positions' float32 logits).
+
+    A prefill is a matrix product over every padded position, so padding the whole batch to its longest
+    prompt spends most of its work on padding when lengths differ (a 10-token prompt next to a
+    170-token one); groups padded at most _PADDING_SLACK over their own tokens do the same work
+    without it. Gathered right-aligned with the padding marked, each row computes what it does alone.
+    """
+    import torch
+
+    from gptcli.gpt2 import CachedDecoder, KVCache
+
+    groups: list[list[int]] = []
+    for i in sorted(range(len(prompts)), key=lambda i: len(prompts[i])):
+        group = [*groups[-1], i] if groups else [i]
+        width = len(prompts[i])
+        if groups and width * len(group) <= _PADDING_SLACK * sum(len(prompts[j]) for j in group):
+            groups[-1] = group
+        else:
+            groups.append([i])
+    merged: KVCache | None = None
+    logits = [torch.empty(0)] * len(prompts)
+    with _threads(None):
+        for group in groups:
+            rows = [prompts[i] for i in group]
+            ids, mask, positions = left_pad(rows, pad, net.device)
+            decoder = CachedDecoder(net, len(rows), ids.shape[1])
+            even = min(map(len, rows)) == max(map(len, rows))
+            out = decoder.prefill(ids, None if even else mask, positions)
+            if merged is None:  # each group's cache goes into the batch's at once, then is freed
+                merged = KVCache.empty_for(net.config, [len(p) for p in prompts], capacity, decoder.cache)
+            for row, i in enumerate(group):
+                merged.put(i, decoder.cache, row, len(prompts[i]))
+                logits[i] = out[row]
+    assert merged is not None
+    return CachedDecoder(net, len(prompts), capacity, cache=merged), torch.stack(logits)
 
 
 @contextmanager

@@ -24,7 +24,7 @@ import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import IO, TYPE_CHECKING, Any
 
 from gptcli.errors import GptcliError
 
@@ -115,18 +115,24 @@ def check_shapes(config: GPT2Config, found: dict[str, tuple[int, ...]]) -> None:
             raise GptcliError(f"{name} has shape {tuple(found[name])}, config.json says {shape}")
 
 
+def _read_header(file: IO[bytes]) -> tuple[int, dict[str, Any]]:
+    """(header size, header) of an open .safetensors file: an 8-byte little-endian size, then JSON."""
+    try:
+        (size,) = struct.unpack("<Q", file.read(8))
+        if size > os.fstat(file.fileno()).st_size - 8:  # garbage, or truncated: do not try to read it
+            raise ValueError
+        header = json.loads(file.read(size))
+    except (struct.error, ValueError, UnicodeDecodeError) as exc:
+        raise GptcliError("not a safetensors file (its header does not parse)") from exc
+    if not isinstance(header, dict):
+        raise GptcliError("not a safetensors file (its header is not an object)")
+    return size, header
+
+
 def safetensors_shapes(path: Path) -> dict[str, tuple[int, ...]]:
     """Every tensor's shape in a .safetensors file, from its header alone (no torch, nothing mapped)."""
     with open(path, "rb") as file:
-        try:
-            (size,) = struct.unpack("<Q", file.read(8))
-            if size > os.fstat(file.fileno()).st_size - 8:
-                raise ValueError
-            header = json.loads(file.read(size))
-        except (struct.error, ValueError, UnicodeDecodeError) as exc:
-            raise GptcliError("not a safetensors file (its header does not parse)") from exc
-    if not isinstance(header, dict):
-        raise GptcliError("not a safetensors file (its header is not an object)")
+        _, header = _read_header(file)
     return {
         name: tuple(info["shape"])
         for name, info in header.items()
@@ -192,15 +198,7 @@ def read_safetensors(path: Path) -> MappedTensors:
     import torch
 
     with open(path, "rb") as file:
-        try:
-            (size,) = struct.unpack("<Q", file.read(8))
-            if size > os.fstat(file.fileno()).st_size - 8:  # garbage, or truncated: do not try to read it
-                raise ValueError
-            header = json.loads(file.read(size))
-        except (struct.error, ValueError, UnicodeDecodeError) as exc:
-            raise GptcliError("not a safetensors file (its header does not parse)") from exc
-        if not isinstance(header, dict):
-            raise GptcliError("not a safetensors file (its header is not an object)")
+        size, header = _read_header(file)
         data = mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_COPY)
     tensors = {}
     for name, info in header.items():
@@ -437,23 +435,36 @@ class KVCache:
         the last column, and its positions are its own, so a row computes what it computes alone. This
         is how a prompt prefilled on its own joins a batch that is already decoding.
         """
+        first = rows[0][0]
+        merged = cls.empty_for(config, [length for _, _, length in rows], capacity, first)
+        for i, (cache, row, length) in enumerate(rows):
+            merged.put(i, cache, row, length)
+        return merged
+
+    @classmethod
+    def empty_for(cls, config: GPT2Config, lengths: list[int], capacity: int, like: KVCache) -> KVCache:
+        """A cache for rows of these lengths, right-aligned (see `gather`), to be filled with `put`."""
         import torch
 
-        first = rows[0][0]
-        width = max(length for _, _, length in rows)
-        merged = cls(config, len(rows), max(capacity, width), first.keys.dtype, first.keys.device)
+        width = max(lengths)
+        merged = cls(config, len(lengths), max(capacity, width), like.keys.dtype, like.keys.device)
         # Padding columns are masked out, but a masked NaN still poisons attention (0 * NaN): zero them.
         merged.keys.zero_()
         merged.values.zero_()
-        real = torch.zeros(len(rows), merged.keys.shape[3], dtype=torch.bool, device=first.keys.device)
-        for i, (cache, row, length) in enumerate(rows):
-            end = cache.length
-            merged.keys[:, i, :, width - length : width] = cache.keys[:, row, :, end - length : end]
-            merged.values[:, i, :, width - length : width] = cache.values[:, row, :, end - length : end]
-            real[i, width - length :] = True
         merged.length = width
-        merged.real = None if all(length == width for _, _, length in rows) else real
+        if any(length != width for length in lengths):
+            merged.real = torch.zeros(
+                len(lengths), merged.keys.shape[3], dtype=torch.bool, device=like.keys.device
+            )
+            for i, length in enumerate(lengths):
+                merged.real[i, width - length : width] = True
         return merged
+
+    def put(self, i: int, cache: KVCache, row: int, length: int) -> None:
+        """Row `i` becomes the last `length` filled columns of `cache`'s row `row`, right-aligned."""
+        end, width = cache.length, self.length
+        self.keys[:, i, :, width - length : width] = cache.keys[:, row, :, end - length : end]
+        self.values[:, i, :, width - length : width] = cache.values[:, row, :, end - length : end]
 
 
 class GPT2:

@@ -42,6 +42,27 @@ def bert_model(models: dict[str, Path]) -> Path:
     return models["bert"]
 
 
+@pytest.fixture(scope="session")
+def traced_folders(models: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Copies of the fixtures with random LayerNorm weights, for looking inside (lens, attention); "hf"
+    is a GPT-2 variant that gptcli loads through transformers."""
+    root = tmp_path_factory.mktemp("traced")
+    return {
+        "bpe": tiny.model_copy(models["bpe"], root / "bpe"),
+        "bert": tiny.model_copy(models["bert"], root / "bert"),
+        "hf": tiny.model_copy(models["bpe"], root / "hf", transformers_path=True),
+    }
+
+
+@pytest.fixture(scope="session")
+def traced_lms(traced_folders: dict[str, Path]):
+    from gptcli.models import load_model
+
+    loaded = {name: load_model(str(path), device="cpu") for name, path in traced_folders.items()}
+    assert loaded["bpe"].net is not None and loaded["bert"].net is not None and loaded["hf"].net is None
+    return loaded
+
+
 @pytest.fixture
 def unreachable_hub(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """An empty Hugging Face cache, a hub endpoint that refuses connections, and no $GPTCLI_MODEL."""

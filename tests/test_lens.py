@@ -23,28 +23,17 @@ from gptcli.tracing import encode, run
 
 import tiny
 
-PROMPTS = {
-    "bpe": "今天天气很好，我们去 the park",
-    "bert": "今天天气很好，我们去公园",
-    "hf": "The weather is nice today",
-}
+PROMPTS = tiny.TRACED_PROMPTS
 
 
 @pytest.fixture(scope="module")
-def folders(models: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("lens")
-    return {
-        "bpe": tiny.model_copy(models["bpe"], root / "bpe"),
-        "bert": tiny.model_copy(models["bert"], root / "bert"),
-        "hf": tiny.model_copy(models["bpe"], root / "hf", transformers_path=True),
-    }
+def folders(traced_folders: dict[str, Path]) -> dict[str, Path]:
+    return traced_folders
 
 
 @pytest.fixture(scope="module")
-def lms(folders: dict[str, Path]):
-    loaded = {name: load_model(str(path), device="cpu") for name, path in folders.items()}
-    assert loaded["bpe"].net is not None and loaded["bert"].net is not None and loaded["hf"].net is None
-    return loaded
+def lms(traced_lms):
+    return traced_lms
 
 
 @pytest.fixture(scope="module")

@@ -170,3 +170,11 @@ def model_copy(source: Path, folder: Path, *, transformers_path: bool = False) -
     model.save_pretrained(folder)
     AutoTokenizer.from_pretrained(source).save_pretrained(folder)
     return folder
+
+
+# The prompts the lens and attention tests look inside, one per model of `traced_folders` (conftest).
+TRACED_PROMPTS = {
+    "bpe": "今天天气很好，我们去 the park",
+    "bert": "今天天气很好，我们去公园",
+    "hf": "The weather is nice today",
+}
