@@ -609,6 +609,7 @@ class GPT2:
 
         x = self.lm_head.rows(input_ids) + F.embedding(position_ids, self.wpe)
         heads, width = self.config.n_head, self.config.n_embd
+        last = len(self.blocks) - 1
         for layer, block in enumerate(self.blocks):
             residual = x
             h = F.layer_norm(x, (width,), *block.ln_1, self.config.layer_norm_epsilon)
@@ -620,6 +621,13 @@ class GPT2:
                 if start:  # attend to the cached columns too
                     k = cache.keys[layer, :, :, : start + new]
                     v = cache.values[layer, :, :, : start + new]
+            if layer == last and 0 < logits_to_keep < new:
+                # Past the last block's keys and values, only the kept positions matter: their queries
+                # alone go on through attention, its projection and the MLP (a prompt's prefill keeps
+                # one position of hundreds, so this skips most of a block's work).
+                q, residual = q[:, :, -logits_to_keep:], residual[:, -logits_to_keep:]
+                attn_mask, causal = _kept_queries(attn_mask, causal, start + new, logits_to_keep, q.device)
+                new = logits_to_keep
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=causal)
             y = y.transpose(1, 2).reshape(batch, new, width)
             x = block.attn_proj(y) + residual
@@ -627,11 +635,29 @@ class GPT2:
             h = F.layer_norm(x, (width,), *block.ln_2, self.config.layer_norm_epsilon)
             x = residual + block.mlp_proj(gelu_new(block.c_fc(h)))
         if cache is not None:
-            cache.length = start + new
+            cache.length = start + input_ids.shape[1]
         x = F.layer_norm(x, (width,), *self.ln_f, self.config.layer_norm_epsilon)
         if logits_to_keep:
             x = x[:, -logits_to_keep:]
         return self.lm_head(x)
+
+
+def _kept_queries(
+    attn_mask: torch.Tensor | None, causal: bool, columns: int, kept: int, device: torch.device
+) -> tuple[torch.Tensor | None, bool]:
+    """The attention mask for the last `kept` queries of `columns` alone: (mask, SDPA's causal mode).
+
+    SDPA's causal mode aligns queries with the first columns, which is wrong for the last ones: they
+    get an explicit mask instead (none for one query, which sees every column).
+    """
+    import torch
+
+    if attn_mask is not None:
+        return attn_mask[:, :, -kept:], False
+    if not causal or kept == 1:
+        return None, False
+    query_at = torch.arange(columns - kept, columns, device=device)[:, None]
+    return torch.arange(columns, device=device)[None, :] <= query_at, False
 
 
 def _attention_mask(

@@ -59,6 +59,35 @@ def test_logits_equal_transformers_unpadded_and_padded(lms, references, fixture:
         assert torch.allclose(lm.logits(one), ref(one).logits, atol=1e-4, rtol=0)
 
 
+@pytest.mark.parametrize("keep", [1, 3])
+@pytest.mark.parametrize("padded", [False, True])
+def test_kept_positions_equal_transformers(lms, references, keep: int, padded: bool) -> None:
+    """Only the kept positions go through the last block past its keys and values: with or without
+    padding, a cache before them, one position or several, their logits are transformers'."""
+    lm, ref = lms["bpe"], references["bpe"]
+    ids, mask, positions = batch(lm, PROMPTS if padded else [PROMPTS[1]] * 2)
+    mask = mask.bool()
+    split = ids.shape[1] // 2
+    with torch.inference_mode():
+        theirs = ref(input_ids=ids, attention_mask=mask, position_ids=positions).logits[:, -keep:]
+        whole = lm.net.forward(ids, positions, mask=mask if padded else None, logits_to_keep=keep)
+        decoder = CachedDecoder(lm.net, ids.shape[0], ids.shape[1])
+        decoder.prefill(ids[:, :split], mask[:, :split] if padded else None, positions[:, :split])
+        cached = lm.net.forward(
+            ids[:, split:],
+            positions[:, split:],
+            mask=mask[:, split:] if padded else None,
+            cache=decoder.cache,
+            logits_to_keep=keep,
+        )
+    assert decoder.cache.length == ids.shape[1]
+    real = mask[:, -keep:]  # padding positions compute nothing anyone reads
+    for ours in (whole, cached):
+        assert ours.shape == theirs.shape
+        p, q = torch.softmax(ours[real], -1), torch.softmax(theirs[real], -1)
+        assert torch.allclose(p, q, atol=1e-5, rtol=0)
+
+
 def test_cached_decoding_equals_a_full_forward_pass(lms) -> None:
     lm = lms["bpe"]
     ids, mask, positions = batch(lm, PROMPTS)
