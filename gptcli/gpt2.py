@@ -22,6 +22,7 @@ import math
 import mmap
 import os
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
@@ -349,12 +350,26 @@ class TiedOutput:
     the page cache. Only the rounding differs from transformers' product (fp32 sums in another order).
     """
 
-    def __init__(self, table: torch.Tensor, pages: HugePages | None = None) -> None:
+    _SLICE = 1024  # rows of the table copied (then given back) at a time
+
+    def __init__(
+        self,
+        table: torch.Tensor,
+        pages: HugePages | None = None,
+        release: Callable[[torch.Tensor], None] | None = None,
+    ) -> None:
+        """`release(rows)` gives back the file's pages of rows of `table` once they are copied: the copy
+        is made a slice at a time, so the table is never resident twice (peak memory)."""
         import torch
 
         self.table = table
         shape = (table.shape[1], table.shape[0])  # [width, vocab]
-        self.weight = (pages.empty(shape, table.dtype) if pages else torch.empty(shape)).copy_(table.t())
+        self.weight = pages.empty(shape, table.dtype) if pages else torch.empty(shape)
+        for start in range(0, table.shape[0], self._SLICE):
+            rows = table[start : start + self._SLICE]
+            self.weight[:, start : start + len(rows)].copy_(rows.t())
+            if release is not None:
+                release(rows)
         self.zero = torch.zeros(table.shape[0], dtype=table.dtype)
         self.dtype = table.dtype
         self.packed: Any = None
@@ -549,7 +564,9 @@ class GPT2:
 
             self.lm_head: Any = Int8Linear(wte, None, self.dtype, rows=True)
         elif wte.dtype == torch.float32 and device.type == "cpu":
-            self.lm_head = TiedOutput(wte, self._pages)
+            self.lm_head = TiedOutput(
+                wte, self._pages, weights.release if isinstance(weights, MappedTensors) else None
+            )
         else:
             self.lm_head = Linear(wte, None, self.dtype)
         if (

@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM
 
 from gptcli.batching import left_pad
 from gptcli.errors import GptcliError
-from gptcli.gpt2 import CachedDecoder, read_safetensors
+from gptcli.gpt2 import CachedDecoder, TiedOutput, read_safetensors
 from gptcli.models import load_model
 
 PROMPTS = ["今天天气很好", "The weather is nice today, so we", "", "龙"]
@@ -150,6 +150,21 @@ def test_fp32_weights_move_to_huge_pages_with_the_same_values(models: dict[str, 
     assert pages.used <= len(pages.buffer)
     bf16 = load_model(str(models["bpe"]), device="cpu", dtype="bfloat16")
     assert bf16.net.blocks[0].c_fc.weight.dtype == torch.bfloat16 and bf16.net._pages.buffer is None
+
+
+def test_output_layer_copy_gives_back_the_table_a_slice_at_a_time() -> None:
+    """The transposed copy of the embeddings is made a slice of rows at a time, each slice's file pages
+    given back once copied, so the table is never resident twice; the copy is exact."""
+    table = torch.randn(2 * TiedOutput._SLICE + 5, 16)
+    released: list[tuple[int, int]] = []
+    head = TiedOutput(table, release=lambda rows: released.append((rows.data_ptr(), len(rows))))
+    assert torch.equal(head.weight, table.t())
+    row_bytes = table.stride(0) * table.element_size()
+    starts = [(ptr - table.data_ptr()) // row_bytes for ptr, _ in released]
+    assert starts == [0, TiedOutput._SLICE, 2 * TiedOutput._SLICE]
+    assert sum(count for _, count in released) == len(table)
+    x = torch.randn(3, 16)
+    assert torch.allclose(head(x), x @ table.t(), atol=1e-5)
 
 
 def test_mapped_weights_are_never_written_back(models: dict[str, Path], tmp_path: Path) -> None:
