@@ -251,15 +251,26 @@ def test_score_plain_and_file(bpe_model: Path, tmp_path: Path, cli) -> None:
 
 
 def test_help_and_version_do_not_import_torch() -> None:
+    """`gptcli --help`, `--version` and every command's --help (found on the app, so a new command is
+    covered too) load none of the heavy libraries: help must stay instant."""
     code = (
         "import sys\n"
-        "from gptcli.cli import run\n"
-        "for argv in (['--help'], ['topk', '--help'], ['complete', '--help'], ['finetune', '--help'],"
-        " ['--version']):\n"
+        "import typer.main\n"
+        "from gptcli.cli import app, run\n"
+        "group = typer.main.get_command(app)\n"
+        "commands = [[name] for name in group.commands]\n"
+        "for name, command in group.commands.items():\n"
+        "    commands += [[name, sub] for sub in getattr(command, 'commands', {})]\n"
+        "for argv in [['--help'], ['--version']] + [[*c, '--help'] for c in commands]:\n"
         "    assert run(argv) == 0, argv\n"
-        "heavy = [m for m in ('torch', 'transformers', 'numpy', 'tokenizers') if m in sys.modules]\n"
-        "assert not heavy, heavy\n"
+        "heavy = ('torch', 'transformers', 'numpy', 'tokenizers', 'matplotlib',\n"
+        "         'fastapi', 'uvicorn', 'starlette')\n"
+        "loaded = [m for m in heavy if m in sys.modules]\n"
+        "assert not loaded, loaded\n"
+        "assert len(commands) >= 15, commands\n"
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     assert "gptcli 0.1.0" in proc.stdout
+    for option in ("--api-key", "model_a", "--choose", "--sublayer", "--rollout"):  # the commands' own
+        assert option in proc.stdout, option

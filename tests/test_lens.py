@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import subprocess
-import sys
 import warnings
 from html.parser import HTMLParser
 from pathlib import Path
@@ -393,17 +391,3 @@ def test_cjk_labels_are_drawn_as_characters() -> None:
         jin, tian = _render("今"), _render("天")
     # A missing glyph is the same box for every character; two real glyphs differ.
     assert (jin != tian).any()
-
-
-def test_help_imports_nothing_heavy() -> None:
-    code = (
-        "import sys\n"
-        "from gptcli.cli import run\n"
-        "for argv in (['lens', '--help'], ['attention', '--help']):\n"
-        "    assert run(argv) == 0, argv\n"
-        "heavy = ('torch', 'transformers', 'numpy', 'tokenizers', 'matplotlib')\n"
-        "assert not [m for m in heavy if m in sys.modules], sys.modules.keys() & set(heavy)\n"
-    )
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
-    assert proc.returncode == 0, proc.stderr
-    assert "--sublayer" in proc.stdout and "--rollout" in proc.stdout

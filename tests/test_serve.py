@@ -460,20 +460,6 @@ def test_one_log_line_per_request(server) -> None:
 # --- The command's own checks -------------------------------------------------------------------------
 
 
-def test_serve_help_stays_light() -> None:
-    code = (
-        "import sys\n"
-        "from gptcli.cli import run\n"
-        "assert run(['serve', '--help']) == 0\n"
-        "heavy = ('torch', 'transformers', 'numpy', 'tokenizers', 'fastapi', 'uvicorn', 'starlette')\n"
-        "loaded = [m for m in heavy if m in sys.modules]\n"
-        "assert not loaded, loaded\n"
-    )
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
-    assert proc.returncode == 0, proc.stderr
-    assert "--api-key" in proc.stdout
-
-
 def test_a_busy_port_fails_before_the_model_loads(cli) -> None:
     import socket
 
