@@ -305,11 +305,7 @@ class Engine:
         joining: list[tuple[_Slot, Any, torch.Tensor]] = []
         while self._waiting:
             job = self._waiting[0]
-            self._score_prompts(job)
-            if not job.generate or job.cancelled:
-                self._waiting.popleft()
-                if not job.cancelled:
-                    self._send(job, Done())
+            if self._ends_before_decoding(job):
                 continue
             if len(self._slots) + len(joining) >= self.max_rows:
                 break
@@ -414,11 +410,7 @@ class Engine:
         if self._slots:
             return
         job = self._waiting[0]
-        self._score_prompts(job)
-        if not job.generate or job.cancelled:
-            self._waiting.popleft()
-            if not job.cancelled:
-                self._send(job, Done())
+        if self._ends_before_decoding(job):
             return
         take = min(self.max_rows, job.rows - job._next)
         slots = []
@@ -438,6 +430,17 @@ class Engine:
         )
         self._slots = slots
         self.peak_rows = max(self.peak_rows, len(slots))
+
+    def _ends_before_decoding(self, job: Job) -> bool:
+        """Score the first waiting job's prompts (once); if it generates nothing, or was cancelled
+        meanwhile, it leaves the queue here (with Done when it was not cancelled): True."""
+        self._score_prompts(job)
+        if job.generate and not job.cancelled:
+            return False
+        self._waiting.popleft()
+        if not job.cancelled:
+            self._send(job, Done())
+        return True
 
     def _score_prompts(self, job: Job) -> None:
         """PromptLogprobs of every prompt of the job (once): one forward pass over each whole prompt."""
