@@ -477,13 +477,13 @@ def _decode_lookup(
         # logits[j] predicts the token after ids (j = 0), then after each kept draft token.
         for j in range(len(logits)):
             with torch.inference_mode():
-                row_logits = logits[j : j + 1]
-                token = int(draw(row_logits, settings, None if seen is None else seen[None], []))
+                seen_row = None if seen is None else seen[None]
+                picked, chosen, top = _pick(logits[j : j + 1], settings, seen_row, [], [True], 0)
+                token = int(picked[0])
                 if seen is not None:
                     seen[token] = True
-                if row.logprobs is not None and names is not None:
-                    lp, top = _logprobs_of(row_logits, token, settings.logprobs or 0)
-                    row.logprobs.append(_logprob_entry(names, token, lp, top))
+            if row.logprobs is not None and names is not None and chosen is not None:
+                row.logprobs.append(_logprob_entry(names, token, chosen[0], top[0] if top else []))
             if not row.token_ids:
                 row.first_token_at = time.perf_counter()
             row.token_ids.append(token)
@@ -532,16 +532,6 @@ class _Index:
                 if end < last and end >= n - 1 and ids[end - n + 1 : end + 1] == tail:
                     return ids[end + 1 : end + 1 + count]
         return []
-
-
-def _logprobs_of(logits: torch.Tensor, token: int, k: int) -> tuple[float, list[tuple[int, float]]]:
-    """The raw log-probability of `token` in one row of logits [1, vocab], and the k likeliest."""
-    import torch
-
-    logprobs = torch.log_softmax(logits[0], dim=-1)
-    top = torch.topk(logprobs, min(k, logprobs.shape[-1])) if k > 0 else None
-    pairs = list(zip(top.indices.tolist(), top.values.tolist(), strict=True)) if top is not None else []
-    return float(logprobs[token]), pairs
 
 
 # A prompt group of the batch is prefilled together while padding it to its longest prompt costs at

@@ -233,7 +233,6 @@ class HugePages:
     def __init__(self, nbytes: int) -> None:
         import torch
 
-        self.size = nbytes
         self.used = 0
         self.buffer: mmap.mmap | None = None
         if hasattr(mmap, "MADV_HUGEPAGE") and nbytes > 0:
@@ -286,8 +285,8 @@ class Conv1D:
     """y = x W + b with W as transformers' Conv1D stores it, [in, out].
 
     For fp32 weights, which this layout suits (MKL's fp32 matrix-vector product runs at memory speed
-    on it), and which it uses in place: memory-mapped from the checkpoint, never copied. With a
-    oneDNN-packed copy (`pack`), batches of BATCHED_ROWS rows or more run on it instead.
+    on it), as given (on a CPU, GPT2 gives it a copy in huge pages). With a oneDNN-packed copy
+    (`pack`), batches of BATCHED_ROWS rows or more run on it instead.
     """
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor) -> None:
@@ -345,9 +344,9 @@ class TiedOutput:
 
     The product runs on a transposed copy Eᵀ [width, vocab] with addmm, a matrix-vector product MKL
     streams at memory speed on this layout; F.linear over E itself, as transformers runs it, is far
-    slower for one token (docs/performance.md). The file's pages of E are given back once the copy
-    exists (the caller releases them); `rows` reads the few rows it needs from E, which come back from
-    the page cache. Only the rounding differs from transformers' product (fp32 sums in another order).
+    slower for one token (docs/performance.md). The file's pages of E are given back as the copy is
+    made (`release`); `rows` reads the few rows it needs from E, which come back from the page cache.
+    Only the rounding differs from transformers' product (fp32 sums in another order).
     """
 
     _SLICE = 1024  # rows of the table copied (then given back) at a time
@@ -569,12 +568,8 @@ class GPT2:
             )
         else:
             self.lm_head = Linear(wte, None, self.dtype)
-        if (
-            quantize == "int8"
-            or wte.data_ptr() != w["wte.weight"].data_ptr()
-            or isinstance(self.lm_head, TiedOutput)
-        ):
-            release("wte.weight")
+        if quantize == "int8" or wte.data_ptr() != w["wte.weight"].data_ptr():
+            release("wte.weight")  # (TiedOutput gave its pages back as it copied them)
 
     def pack_for_batches(self) -> None:
         """Give the fp32 matmuls a oneDNN-packed copy of their weights, for batched steps (BATCHED_ROWS
