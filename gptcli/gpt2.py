@@ -2,8 +2,8 @@
 
 gptcli runs plain GPT-2 checkpoints through this module instead of transformers' GPT2LMHeadModel:
 - start-up: transformers' modeling code takes seconds and over 100 MB to import; this needs torch only;
-- loading: model.safetensors is memory-mapped and its tensors are used in place (no copy in fp32), so a
-  model costs its file size once;
+- loading: model.safetensors is memory-mapped; each weight is copied once (fp32 on a CPU: into huge
+  pages; bf16, int8: converted) and its file pages given back, so a model costs its size about once;
 - decoding: keys and values go into a cache allocated once per batch, and a step is a fixed run of
   kernels, without the masks, cache objects and output records transformers builds at every step.
 

@@ -452,7 +452,7 @@ def _load_gpt2(path: Path, device: torch.device, dtype: torch.dtype, quantize: s
     if shape is None or raw.get("auto_map") or not weights_file.is_file():
         return None  # another architecture, the model's own code, or sharded weights: transformers runs it
     try:
-        # fp32 weights on the CPU are used in place, memory-mapped; anything else is converted once.
+        # Memory-mapped; GPT2 copies or converts each weight once and gives its file pages back.
         tensors = read_safetensors(weights_file)
         return GPT2(shape, tensors, dtype=dtype, device=device, quantize=quantize)
     except (GptcliError, OSError, RuntimeError, ValueError, KeyError, TypeError) as exc:
