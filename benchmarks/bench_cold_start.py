@@ -56,14 +56,14 @@ def phases_gptcli(folder: str) -> dict[str, float]:
 
     marks.append(time.perf_counter())
     # What load_model imports lazily: torch and tokenizers; transformers only for folders that are not
-    # plain GPT-2 (gptcli.gpt2_folder), so not here.
+    # plain GPT-2 (gptcli.loading.gpt2_folder), so not here.
     import tokenizers  # noqa: F401
     import torch  # noqa: F401
 
     marks.append(time.perf_counter())
-    from gptcli.generate import complete
-    from gptcli.models import load_model
-    from gptcli.sampling import resolve_settings
+    from gptcli.generation.generate import complete
+    from gptcli.generation.sampling import resolve_settings
+    from gptcli.loading.models import load_model
 
     lm = load_model(folder)
     marks.append(time.perf_counter())

@@ -83,7 +83,7 @@ def kernel_seconds(net, rounds: int = 7) -> float:
 def layer_in(layer) -> int:
     """Input width of a gptcli matmul object (Conv1D and TiedOutput keep [in, out]; the others [out, in])."""
     from gptcli.gpt2 import Conv1D, TiedOutput
-    from gptcli.quantize import Int8Linear
+    from gptcli.loading.quantize import Int8Linear
 
     if isinstance(layer, Int8Linear) and layer.weight is None:
         return layer.packed.unpack()[0].shape[1]
@@ -95,7 +95,7 @@ def alternatives(net32) -> list[list[object]]:
     import torch
     import torch.nn.functional as F
 
-    from gptcli.quantize import quantize_int8
+    from gptcli.loading.quantize import quantize_int8
 
     conv = matmuls(net32)[:-1]  # Conv1D layers, [in, out]
     head = net32.lm_head.table  # the embeddings, [vocab, width]
@@ -166,10 +166,10 @@ def quality(folder: Path, text: str) -> list[list[object]]:
     probabilities and KL divergence after a few prompts, and greedy ids."""
     import torch
 
-    from gptcli.generate import complete
-    from gptcli.models import load_model
-    from gptcli.predict import score_text
-    from gptcli.sampling import resolve_settings
+    from gptcli.generation.generate import complete
+    from gptcli.generation.sampling import resolve_settings
+    from gptcli.inspection.predict import score_text
+    from gptcli.loading.models import load_model
 
     base = load_model(str(folder), device="cpu")
     greedy = resolve_settings(None, greedy=True, max_new_tokens=64, ignore_eos=True, lookup=0)
@@ -235,9 +235,9 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    from gptcli.generate import _threads, complete
-    from gptcli.models import load_model
-    from gptcli.sampling import resolve_settings
+    from gptcli.generation.generate import _threads, complete
+    from gptcli.generation.sampling import resolve_settings
+    from gptcli.loading.models import load_model
 
     folder = model_folder()
 

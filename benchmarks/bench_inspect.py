@@ -40,8 +40,8 @@ def main() -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from gptcli.models import load_model
-    from gptcli.predict import next_token_distribution, score_text
+    from gptcli.inspection.predict import next_token_distribution, score_text
+    from gptcli.loading.models import load_model
 
     folder = model_folder()
 

@@ -54,9 +54,9 @@ def main() -> None:
     args = parser.parse_args()
     rounds, new = (3, 64) if args.quick else (5, 128)
 
-    from gptcli.generate import complete
-    from gptcli.models import load_model
-    from gptcli.sampling import resolve_settings
+    from gptcli.generation.generate import complete
+    from gptcli.generation.sampling import resolve_settings
+    from gptcli.loading.models import load_model
 
     text = passage(args.corpus)
     first = text.split(". ")[0] + "."

@@ -51,10 +51,10 @@ def main() -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    import gptcli.generate
-    from gptcli.generate import complete
-    from gptcli.models import load_model
-    from gptcli.sampling import resolve_settings
+    import gptcli.generation.generate
+    from gptcli.generation.generate import complete
+    from gptcli.generation.sampling import resolve_settings
+    from gptcli.loading.models import load_model
 
     folder = model_folder()
 
@@ -72,12 +72,12 @@ def main() -> None:
 
     def unsorted() -> None:
         # One batch per sorting window: the rows of a batch are the same as without sorting.
-        window = gptcli.generate._SORT_WINDOW
-        gptcli.generate._SORT_WINDOW = 1
+        window = gptcli.generation.generate._SORT_WINDOW
+        gptcli.generation.generate._SORT_WINDOW = 1
         try:
             ids["unsorted"] = [d.token_ids for d in complete(lm, lines, settings, batch_size=args.batch_size)]
         finally:
-            gptcli.generate._SORT_WINDOW = window
+            gptcli.generation.generate._SORT_WINDOW = window
 
     def one_by_one() -> None:
         ids["one by one"] = [complete(lm, line, settings)[0].token_ids for line in lines]

@@ -142,7 +142,7 @@ class Ceiling:
     def __init__(self, folder: Path, rows: int = CLIENTS, steps: int = 8) -> None:
         import torch
 
-        from gptcli.models import load_model
+        from gptcli.loading.models import load_model
 
         self.lm, self.rows, self.steps = load_model(str(folder)), rows, steps
         if self.lm.net is not None:
@@ -162,7 +162,7 @@ class Ceiling:
         """Seconds of `steps` steps of `batch` rows, after a 16-token prefill (not timed)."""
         import torch
 
-        from gptcli.generate import _threads
+        from gptcli.generation.generate import _threads
         from gptcli.gpt2 import CachedDecoder
 
         decoder = CachedDecoder(self.lm.net, batch, 16 + self.steps)
@@ -184,7 +184,7 @@ def main() -> None:
     args = parser.parse_args()
     folder = model_folder(4, 4, 256) if args.quick else model_folder()
     texts = prompts()
-    from gptcli.gpt2_folder import load
+    from gptcli.loading.gpt2_folder import load
 
     prompt_tokens = sum(len(load(folder)[2].encode(t)) for t in texts) / len(texts)  # type: ignore[index]
     process, host, port = start_server(folder)

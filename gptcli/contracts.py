@@ -1,6 +1,7 @@
 """What gptcli needs of a tokenizer, a model config and a generation config, declared once.
 
-A loaded model carries either transformers' objects or gptcli.gpt2_folder's transformers-free stand-ins
+A loaded model carries either transformers' objects or gptcli.loading.gpt2_folder's
+transformers-free stand-ins
 (for plain GPT-2 folders, which then never import transformers). Everything outside those two modules
 sees only these protocols, so mypy checks that nothing reaches for more than both provide. Code that
 needs transformers' whole tokenizer API asks for it explicitly (`gpt2_folder.transformers_tokenizer`).

@@ -500,7 +500,7 @@ class GPT2:
             biases and LayerNorms are float32 on the CPU, whatever the weights: CPUs have no fast
             low-precision elementwise kernels, and fp32 keeps the residual stream exact. On a GPU
             everything is in `dtype`.
-        quantize: "int8" stores the matmul weights as int8 (gptcli.quantize).
+        quantize: "int8" stores the matmul weights as int8 (gptcli.loading.quantize).
         """
         import torch
 
@@ -529,7 +529,7 @@ class GPT2:
             weight = w[name].to(device=device, dtype=dtype)  # no copy when it already is (fp32 on CPU)
             bias = small(name.replace(".weight", ".bias"))
             if quantize == "int8":
-                from gptcli.quantize import Int8Linear
+                from gptcli.loading.quantize import Int8Linear
 
                 layer: Any = Int8Linear.from_conv1d(weight, bias, self.dtype)
                 release(name)
@@ -559,7 +559,7 @@ class GPT2:
         # The output layer is tied to the token embeddings (GPT-2): one table serves both, int8 too.
         wte = w["wte.weight"].to(device=device, dtype=dtype)
         if quantize == "int8":
-            from gptcli.quantize import Int8Linear
+            from gptcli.loading.quantize import Int8Linear
 
             self.lm_head: Any = Int8Linear(wte, None, self.dtype, rows=True)
         elif wte.dtype == torch.float32 and device.type == "cpu":

@@ -56,7 +56,7 @@ def traced_folders(models: dict[str, Path], tmp_path_factory: pytest.TempPathFac
 
 @pytest.fixture(scope="session")
 def traced_lms(traced_folders: dict[str, Path]):
-    from gptcli.models import load_model
+    from gptcli.loading.models import load_model
 
     loaded = {name: load_model(str(path), device="cpu") for name, path in traced_folders.items()}
     assert loaded["bpe"].net is not None and loaded["bert"].net is not None and loaded["hf"].net is None

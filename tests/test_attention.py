@@ -10,9 +10,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from gptcli.attention import attention_grids, attention_rollout, attention_weights
-from gptcli.models import load_model
-from gptcli.tracing import encode
+from gptcli.inspection.attention import attention_grids, attention_rollout, attention_weights
+from gptcli.inspection.tracing import encode
+from gptcli.loading.models import load_model
 
 import tiny
 
@@ -82,7 +82,7 @@ def test_capture_leaves_the_logits_unchanged(lms, name: str) -> None:
 
 def test_the_traced_stream_is_the_models_own(lms) -> None:
     """gptcli's trace computes the forward pass's numbers, also while it computes weights on the side."""
-    from gptcli.tracing import final_logits, run
+    from gptcli.inspection.tracing import final_logits, run
 
     lm = lms["bpe"]
     ids = encode(lm, PROMPTS["bpe"]).ids
@@ -176,7 +176,7 @@ def test_views(lms) -> None:
 
 
 def test_terminal_view(folders, cli, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("gptcli.cli.lens.is_tty", lambda *a: True)
+    monkeypatch.setattr("gptcli.cli.attention.is_tty", lambda *a: True)
     out = cli("attention", "今天天气很好", "-m", folders["bert"])
     assert out.code == 0, out.err
     lines = out.out.splitlines()

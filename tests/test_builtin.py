@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from gptcli.models import BUILTIN, builtin_path, load_model, resolve
+from gptcli.loading.models import BUILTIN, builtin_path, load_model, resolve
 
 
 def test_builtin_ships_with_attribution() -> None:

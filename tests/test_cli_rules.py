@@ -202,9 +202,9 @@ def test_tokenize_json_offsets_point_into_the_text(cli, models: dict[str, Path])
 def test_a_character_left_unfinished_at_the_end_is_left_out(cli, bpe_model: Path) -> None:
     """A budget that ends between the bytes of a character: no U+FFFD, the same text streamed and in
     JSON, and the JSON keeps every token id."""
-    from gptcli.generate import complete
-    from gptcli.models import load_model
-    from gptcli.sampling import resolve_settings
+    from gptcli.generation.generate import complete
+    from gptcli.generation.sampling import resolve_settings
+    from gptcli.loading.models import load_model
     from gptcli.tokens import TokenText, unfinished_tail
 
     lm = load_model(str(bpe_model), device="cpu")
@@ -288,8 +288,8 @@ def test_heat_map_levels_stay_apart_on_16_colours_and_without_colour() -> None:
 
 
 def test_score_reports_progress_window_by_window(bpe_model: Path) -> None:
-    from gptcli.models import load_model
-    from gptcli.predict import score_text
+    from gptcli.inspection.predict import score_text
+    from gptcli.loading.models import load_model
 
     lm = load_model(str(bpe_model), device="cpu")
     seen: list[tuple[int, int]] = []

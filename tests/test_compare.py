@@ -1,4 +1,5 @@
-"""`gptcli compare` and gptcli.compare: two tiny real models, checked against `score`, `topk` and a direct
+"""`gptcli compare` and gptcli.inspection.compare: two tiny real models, checked against `score`, `topk`
+and a direct
 transformers computation."""
 
 from __future__ import annotations
@@ -10,8 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from gptcli.compare import compare_text
-from gptcli.models import load_model
+from gptcli.inspection.compare import compare_text
+from gptcli.loading.models import load_model
 from gptcli.training.config import TrainConfig
 from gptcli.training.loop import train
 
@@ -196,7 +197,7 @@ def test_bad_values_are_refused(cli, bpe_model, args, message) -> None:
 
 
 def test_kl_is_zero_only_for_equal_distributions() -> None:
-    from gptcli.compare import kl_divergence
+    from gptcli.inspection.compare import kl_divergence
 
     p = torch.log_softmax(torch.tensor([[1.0, 2.0, 3.0], [0.0, 0.0, 0.0]]), dim=-1)
     q = torch.log_softmax(torch.tensor([[3.0, 2.0, 1.0], [0.0, 0.0, 0.0]]), dim=-1)

@@ -27,14 +27,14 @@ import tiny
 
 @pytest.fixture(scope="module")
 def bpe(bpe_model: Path):
-    from gptcli.models import load_tokenizer
+    from gptcli.loading.models import load_tokenizer
 
     return load_tokenizer(bpe_model)
 
 
 @pytest.fixture(scope="module")
 def bert(bert_model: Path):
-    from gptcli.models import load_tokenizer
+    from gptcli.loading.models import load_tokenizer
 
     return load_tokenizer(bert_model)
 

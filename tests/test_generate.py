@@ -16,9 +16,8 @@ from transformers.generation.logits_process import (
 )
 
 from gptcli.errors import UsageError
-from gptcli.generate import Completion, StopScanner, TextChunk, complete, stream
-from gptcli.models import load_model
-from gptcli.sampling import (
+from gptcli.generation.generate import Completion, StopScanner, TextChunk, complete, stream
+from gptcli.generation.sampling import (
     Settings,
     apply_repetition_penalty,
     candidates,
@@ -29,6 +28,7 @@ from gptcli.sampling import (
     top_k_filter,
     top_p_filter,
 )
+from gptcli.loading.models import load_model
 from gptcli.tokens import TokenText, decode
 
 PROMPTS = ["今天天气", "The weather is", "", "我喜欢在早上喝一杯热茶", "Hello world! 12345", "龙"]
@@ -206,7 +206,7 @@ def test_batched_greedy_equals_one_at_a_time(lms, fixture: str) -> None:
 
 
 def test_batches_take_fewer_rows_when_their_kv_cache_would_not_fit(lms, monkeypatch) -> None:
-    import gptcli.generate as generate
+    import gptcli.generation.generate as generate
 
     lm = lms["bpe"]
     settings = greedy(max_new_tokens=6)
@@ -512,7 +512,7 @@ def test_lookup_decoding_takes_fewer_passes_on_repeating_text(lms, monkeypatch: 
 
 
 def test_lookup_drafts_follow_the_last_earlier_occurrence() -> None:
-    from gptcli.generate import _Index
+    from gptcli.generation.generate import _Index
 
     ids = [1, 2, 3, 9, 1, 2, 4, 5, 1, 2]
     index = _Index(ids)

@@ -15,7 +15,7 @@ from transformers import AutoModelForCausalLM
 from gptcli.batching import left_pad
 from gptcli.errors import GptcliError
 from gptcli.gpt2 import CachedDecoder, TiedOutput, read_safetensors
-from gptcli.models import load_model
+from gptcli.loading.models import load_model
 
 PROMPTS = ["今天天气很好", "The weather is nice today, so we", "", "龙"]
 
@@ -235,9 +235,9 @@ def test_other_variants_load_through_transformers(models: dict[str, Path], tmp_p
 
 def test_batched_steps_on_packed_weights_compute_the_same(models) -> None:
     """oneDNN-packed weights (long --each-line work): the same probabilities, the same greedy ids."""
-    from gptcli.generate import complete
+    from gptcli.generation.generate import complete
+    from gptcli.generation.sampling import resolve_settings
     from gptcli.gpt2 import BATCHED_ROWS
-    from gptcli.sampling import resolve_settings
 
     plain, packed = load_model(str(models["bpe"])), load_model(str(models["bpe"]))
     packed.net.pack_for_batches()

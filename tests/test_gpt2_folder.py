@@ -1,4 +1,5 @@
-"""gptcli.gpt2_folder stands in for transformers' config, generation config and tokenizer: the same values."""
+"""gptcli.loading.gpt2_folder stands in for transformers' config, generation config and tokenizer: the same
+values."""
 
 from __future__ import annotations
 
@@ -13,10 +14,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from transformers import AutoConfig, AutoTokenizer, GenerationConfig
 
-from gptcli import gpt2_folder as plain
-from gptcli.generate import eos_ids
-from gptcli.models import builtin_path, context_length, load_model
-from gptcli.sampling import generation_config_values
+from gptcli.generation.generate import eos_ids
+from gptcli.generation.sampling import generation_config_values
+from gptcli.loading import gpt2_folder as plain
+from gptcli.loading.models import builtin_path, context_length, load_model
 
 TEXTS = [
     "Hello world",

@@ -12,8 +12,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from gptcli.models import load_model
-from gptcli.predict import next_token_distribution, score_text
+from gptcli.inspection.predict import next_token_distribution, score_text
+from gptcli.loading.models import load_model
 
 
 @pytest.fixture(scope="module")

@@ -13,11 +13,11 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-import gptcli.lens
+import gptcli.inspection.lens
 from gptcli.errors import UsageError
-from gptcli.lens import lens_grid, logit_lens, parse_positions
-from gptcli.models import load_model
-from gptcli.tracing import encode, run
+from gptcli.inspection.lens import lens_grid, logit_lens, parse_positions
+from gptcli.inspection.tracing import encode, run
+from gptcli.loading.models import load_model
 
 import tiny
 
@@ -144,7 +144,7 @@ def test_last_row_equals_topk(lms, folders, cli, name: str) -> None:
 def test_decoding_in_chunks_gives_the_same_numbers(lms, monkeypatch: pytest.MonkeyPatch) -> None:
     lm = lms["bpe"]
     whole = logit_lens(lm, PROMPTS["bpe"], k=3)
-    monkeypatch.setattr(gptcli.lens, "CHUNK", 2)
+    monkeypatch.setattr(gptcli.inspection.lens, "CHUNK", 2)
     chunked = logit_lens(lm, PROMPTS["bpe"], k=3)
     for a, b in zip(whole.rows, chunked.rows, strict=True):
         for x, y in zip(a.top, b.top, strict=True):
@@ -358,14 +358,14 @@ def test_pictures_are_written(folders, cli, tmp_path: Path) -> None:
 
 
 def test_png_without_a_cjk_font_uses_byte_notation() -> None:
-    from gptcli.pictures import drawable
+    from gptcli.inspection.pictures import drawable
 
     assert drawable("今天 ok") == "<e4 bb 8a e5 a4 a9> ok"
     assert drawable("<e4 bb>") == "<e4 bb>"
 
 
 def test_labels_show_spaces_alone_as_such() -> None:
-    from gptcli.pictures import visible
+    from gptcli.inspection.pictures import visible
 
     assert visible("  ") == "␣␣" and visible(" the") == " the" and visible("") == ""
 
@@ -373,7 +373,7 @@ def test_labels_show_spaces_alone_as_such() -> None:
 def _render(label: str):
     import numpy as np
 
-    from gptcli.pictures import Grid, figure
+    from gptcli.inspection.pictures import Grid, figure
 
     grid = Grid("", ["r"], [label], [[0.5]], [[label]], [[""]])
     fig = figure([grid], title=label)
@@ -382,7 +382,7 @@ def _render(label: str):
 
 
 def test_cjk_labels_are_drawn_as_characters() -> None:
-    from gptcli.pictures import cjk_font
+    from gptcli.inspection.pictures import cjk_font
 
     if cjk_font() is None:
         pytest.skip("no CJK font installed (e.g. Debian's fonts-noto-cjk)")

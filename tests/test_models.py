@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from gptcli.errors import GptcliError, UsageError
-from gptcli.models import load_model, resolve_device, resolve_dtype, resolve_model_path
+from gptcli.loading.models import load_model, resolve_device, resolve_dtype, resolve_model_path
 
 from conftest import run_gptcli
 

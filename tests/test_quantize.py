@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from gptcli.errors import UsageError
-from gptcli.models import load_model
-from gptcli.quantize import Int8Linear, quantize_int8
+from gptcli.loading.models import load_model
+from gptcli.loading.quantize import Int8Linear, quantize_int8
 
 PROMPTS = ["今天天气很好", "The weather is nice today, so we", "Hello world! 12345", "我喜欢在早上喝一杯热茶"]
 

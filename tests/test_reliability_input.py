@@ -564,9 +564,9 @@ def test_topk_tiny_temperature_gives_finite_probabilities(models) -> None:
 
 
 def test_many_samples_start_streaming_at_once(models) -> None:
-    from gptcli.generate import stream
-    from gptcli.models import load_model
-    from gptcli.sampling import resolve_settings
+    from gptcli.generation.generate import stream
+    from gptcli.generation.sampling import resolve_settings
+    from gptcli.loading.models import load_model
 
     lm = load_model(str(models["bpe"]), device="cpu")
     settings = resolve_settings(lm.generation_config, num_samples=10**12, max_new_tokens=1, seed=0)

@@ -21,8 +21,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from gptcli.chat import TRANSCRIPT_STOPS, transcript
-from gptcli.server.responses import legacy_piece
+from gptcli.serving.chat import TRANSCRIPT_STOPS, transcript
+from gptcli.serving.responses import legacy_piece
 
 openai = pytest.importorskip("openai")
 
@@ -249,7 +249,7 @@ def test_server_sent_events_end_with_usage_and_done(server) -> None:
 def test_echo_scores_the_prompt(client, folders) -> None:
     import torch
 
-    from gptcli.models import load_model
+    from gptcli.loading.models import load_model
     from gptcli.tokens import encode_prompt
 
     prompt = "今天天气很好"

@@ -1,4 +1,5 @@
-"""`gptcli step` and gptcli.step: choices replayed against `complete`, the KV cache against a recompute,
+"""`gptcli step` and gptcli.inspection.step: choices replayed against `complete`, the KV cache against a
+recompute,
 and the interactive loop driven through a real pseudo-terminal."""
 
 from __future__ import annotations
@@ -19,9 +20,9 @@ import pytest
 import torch
 from forked import fork_main
 
-from gptcli.models import load_model
-from gptcli.sampling import resolve_settings
-from gptcli.step import StepSession, parse_choices
+from gptcli.generation.sampling import resolve_settings
+from gptcli.inspection.step import StepSession, parse_choices
+from gptcli.loading.models import load_model
 
 
 @pytest.fixture(scope="module")

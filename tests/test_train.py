@@ -55,7 +55,7 @@ def test_loss_falls_and_the_output_is_a_model_folder(cli, bpe_model: Path, corpu
     import torch
     from transformers import AutoModelForCausalLM
 
-    from gptcli.models import load_model
+    from gptcli.loading.models import load_model
 
     out = tmp_path / "out"
     args = ["--steps", "40", "--lr", "3e-3", "--eval-every", "20", "--seed", "0"]

@@ -9,16 +9,20 @@ from typing import Annotated
 import typer
 
 from gptcli import __version__
+from gptcli.cli import attention as _attention  # noqa: F401
 
 # Importing a command module registers its commands on `app`.
 from gptcli.cli import compare as _compare  # noqa: F401
 from gptcli.cli import complete as _complete  # noqa: F401
 from gptcli.cli import finetune as _finetune  # noqa: F401
-from gptcli.cli import hub as _hub  # noqa: F401
-from gptcli.cli import inspect as _inspect  # noqa: F401
+from gptcli.cli import info as _info  # noqa: F401
 from gptcli.cli import lens as _lens  # noqa: F401
+from gptcli.cli import models as _models  # noqa: F401
+from gptcli.cli import score as _score  # noqa: F401
 from gptcli.cli import serve as _serve  # noqa: F401
 from gptcli.cli import step as _step  # noqa: F401
+from gptcli.cli import tokenize as _tokenize  # noqa: F401
+from gptcli.cli import topk as _topk  # noqa: F401
 from gptcli.cli._common import app, quiet_broken_pipe
 from gptcli.errors import GptcliError
 

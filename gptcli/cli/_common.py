@@ -21,7 +21,7 @@ from gptcli.textio import read_input, read_input_lines
 if TYPE_CHECKING:
     from rich.console import Console
 
-    from gptcli.models import LoadedModel
+    from gptcli.loading.models import LoadedModel
 
 
 class _FlagsWithoutValues:
@@ -153,7 +153,7 @@ def load(
     # On a machine busy with other work, spinning threads wait a scheduler slice at every parallel
     # kernel, which made decoding several times slower on a shared 2-core machine (docs/performance.md).
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    from gptcli.models import load_model
+    from gptcli.loading.models import load_model
 
     with status(f"loading {model or 'the model'}"):
         lm = load_model(
@@ -339,3 +339,8 @@ def is_tty(stream: Any = None) -> bool:
         return stream.isatty() and os.environ.get("TERM") != "dumb"
     except (AttributeError, ValueError):
         return False
+
+
+def examples(*lines: str) -> str:
+    """A command's help epilog: one example command a line."""
+    return "[bold]Examples[/bold]\n\n" + "\n".join(f"  {line}" for line in lines) + "\n"

@@ -31,7 +31,7 @@ if TYPE_CHECKING:
     from rich.console import Console
     from rich.text import Text
 
-    from gptcli.compare import Comparison, NextComparison
+    from gptcli.inspection.compare import Comparison, NextComparison
 
 _EXAMPLES = """\
 [bold]Examples[/bold]
@@ -77,7 +77,7 @@ def compare(
     Piped: tab-separated `id piece logprob_a logprob_b change kl` lines, the totals on stderr.
     Models with different vocabularies compare on perplexity and bits per byte only.
     """
-    from gptcli.compare import check_compare_options, compare_next, compare_text
+    from gptcli.inspection.compare import check_compare_options, compare_next, compare_text
 
     check_compare_options(k=k, changes=changes)
     source = check_text(read_text(text, file))

@@ -27,17 +27,17 @@ from gptcli.cli._common import (
     read_lines,
     read_text,
 )
-from gptcli.models import check_quantize
-from gptcli.sampling import (  # light: no torch until decoding
+from gptcli.generation.sampling import (  # light: no torch until decoding
     Settings,
     check_flags,
     check_samples,
     resolve_settings,
 )
+from gptcli.loading.models import check_quantize
 
 if TYPE_CHECKING:
     from gptcli.contracts import Tokenizer
-    from gptcli.generate import Completion
+    from gptcli.generation.generate import Completion
 
 _DECODING = "Decoding (a model's generation_config.json replaces these defaults)"
 _D = Settings()  # our defaults, shown in --help
@@ -166,7 +166,7 @@ def complete(
 
     Values in the model's generation_config.json replace the defaults shown; flags replace both.
     """
-    from gptcli.generate import TextChunk, stream
+    from gptcli.generation.generate import TextChunk, stream
 
     flags = {
         "max_new_tokens": max_new_tokens,

@@ -18,7 +18,7 @@ from gptcli.cli._common import (
     load,
     note,
 )
-from gptcli.models import check_quantize
+from gptcli.loading.models import check_quantize
 
 _EXAMPLES = """\
 [bold]Examples[/bold]
@@ -64,7 +64,7 @@ def serve(
     Ctrl-C or SIGTERM stops it: requests in flight get a few seconds to finish.
     """
     from gptcli.errors import UsageError
-    from gptcli.server import check_port, is_loopback, listen
+    from gptcli.serving import check_port, is_loopback, listen
 
     check_port(port)
     check_quantize(quantize)
@@ -83,7 +83,7 @@ def serve(
     except BaseException:
         sock.close()
         raise
-    from gptcli.server import serve as run_server
+    from gptcli.serving import serve as run_server
 
     def listening(url: str) -> None:
         note(f"serving {lm.name} at {url}/v1 (OpenAI API; Ctrl-C stops)")

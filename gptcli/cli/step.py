@@ -26,13 +26,13 @@ from gptcli.cli._common import (
 )
 from gptcli.cli.complete import MinPOpt, PenaltyOpt, SeedOpt, TemperatureOpt, TopKOpt, TopPOpt
 from gptcli.errors import GptcliError, UsageError
-from gptcli.sampling import check_flags, resolve_settings
+from gptcli.generation.sampling import check_flags, resolve_settings
 from gptcli.textio import check_text
 
 if TYPE_CHECKING:
     from rich.console import Console
 
-    from gptcli.step import StepSession
+    from gptcli.inspection.step import StepSession
 
 _EXAMPLES = """\
 [bold]Examples[/bold]
@@ -91,7 +91,7 @@ def step(
     one JSON line per step {"step", "text", "top", "chosen"}, then {"text", "token_ids",
     "finish_reason"}.
     """
-    from gptcli.step import StepSession, check_k, parse_choices, replay
+    from gptcli.inspection.step import StepSession, check_k, parse_choices, replay
 
     check_k(k)
     flags = {

@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 
 from gptcli.errors import GptcliError
-from gptcli.models import resolve_device
+from gptcli.loading.models import resolve_device
 
 T = TypeVar("T")
 

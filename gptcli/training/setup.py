@@ -19,7 +19,7 @@ from transformers import (
 )
 
 from gptcli.errors import GptcliError, UsageError, first_line
-from gptcli.models import (
+from gptcli.loading.models import (
     check_model_folder,
     context_length,
     load_tokenizer,
@@ -103,7 +103,7 @@ def build_model(cfg: TrainConfig) -> tuple[PreTrainedTokenizerBase, PreTrainedMo
     """The tokenizer and fp32 model to train (a pretrained one loaded safely, or new random weights),
     and a notice for the user when the default model had to stand in.
 
-    The tokenizer is always transformers' (not gptcli.gpt2_folder's stand-in): the run ends by saving
+    The tokenizer is always transformers' (not gptcli.loading.gpt2_folder's stand-in): the run ends by saving
     it with the model, which only transformers' tokenizer does.
     """
     if cfg.from_scratch:

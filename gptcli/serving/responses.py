@@ -12,8 +12,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from gptcli.engine import Done, Event, Failed, PromptLogprobs, Token
-from gptcli.generate import Completion
+from gptcli.generation.generate import Completion
+from gptcli.serving.engine import Done, Event, Failed, PromptLogprobs, Token
 from gptcli.tokens import Detokenizer, TokenText
 
 FINISH = {"eos": "stop", "stop": "stop", "length": "length"}

@@ -18,9 +18,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
-from gptcli import gpt2_folder
 from gptcli.errors import GptcliError, UsageError, first_line
-from gptcli.hub import cached_snapshot, download, hub_reachable
+from gptcli.loading import gpt2_folder
+from gptcli.loading.hub import cached_snapshot, download, hub_reachable
 
 if TYPE_CHECKING:
     import torch
@@ -61,7 +61,8 @@ class LoadedModel:
 
     name: str
     path: Path
-    # transformers' classes, or for a plain GPT-2 folder gptcli.gpt2_folder's stand-ins (no transformers
+    # transformers' classes, or for a plain GPT-2 folder gptcli.loading.gpt2_folder's stand-ins (no
+    # transformers
     # import); gptcli.contracts declares what gptcli uses of either
     tokenizer: Tokenizer
     config: ModelConfig
@@ -70,7 +71,7 @@ class LoadedModel:
     dtype: torch.dtype
     net: GPT2 | None = None
     notice: str | None = None  # something the user should hear about, e.g. a fallback to the builtin
-    quantize: str | None = None  # "int8": `net`'s matmul weights are int8 (gptcli.quantize)
+    quantize: str | None = None  # "int8": `net`'s matmul weights are int8 (gptcli.loading.quantize)
     allow_pickle: bool = False
     trust_remote_code: bool = False
     _model: PreTrainedModel | None = field(default=None, repr=False)
@@ -204,7 +205,7 @@ def is_hub_id(name: str) -> bool:
 
 def builtin_path() -> Path:
     """The folder of the small model that ships inside the package."""
-    return Path(__file__).parent / "builtin"
+    return Path(__file__).parent.parent / "builtin"
 
 
 def resolve(name: str | None, *, allow_pickle: bool = False) -> tuple[str, Path, str | None]:
@@ -362,7 +363,7 @@ def as_contract(tokenizer: PreTrainedTokenizerBase) -> Tokenizer:
 
 def check_quantize(quantize: str | None) -> None:
     """Refuse a --quantize method gptcli does not have (before a model loads, too)."""
-    from gptcli.quantize import METHODS
+    from gptcli.loading.quantize import METHODS
 
     if quantize is not None and quantize not in METHODS:
         raise UsageError(f"--quantize must be {' or '.join(METHODS)} (got {quantize!r})")
@@ -379,7 +380,7 @@ def load_model(
 ) -> LoadedModel:
     """Load tokenizer and causal LM `name` (hub id, folder or "builtin"; see `resolve`) for inference.
 
-    `quantize="int8"` stores a plain GPT-2's matmul weights as int8 (gptcli.quantize); other models
+    `quantize="int8"` stores a plain GPT-2's matmul weights as int8 (gptcli.loading.quantize); other models
     cannot be quantized.
     """
     check_quantize(quantize)

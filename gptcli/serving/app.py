@@ -1,9 +1,9 @@
 """The HTTP side of `gptcli serve`: routes, the guard around them, request bodies, event streams.
 
-`create_app(lm)` returns a FastAPI app whose lifespan starts and stops one gptcli.engine.Engine. Every
-route reads its body itself (size-limited, strict UTF-8 and JSON), validates it (gptcli.server.schemas),
-tokenizes it in a worker thread (gptcli.server.plans), submits one engine Job and turns its events into
-OpenAI's objects (gptcli.server.responses). The guard, outermost, checks the API key, turns any failure into
+`create_app(lm)` returns a FastAPI app whose lifespan starts and stops one gptcli.serving.engine.Engine. Every
+route reads its body itself (size-limited, strict UTF-8 and JSON), validates it (gptcli.serving.schemas),
+tokenizes it in a worker thread (gptcli.serving.plans), submits one engine Job and turns its events into
+OpenAI's objects (gptcli.serving.responses). The guard, outermost, checks the API key, turns any failure into
 OpenAI's error object (never a traceback to the client), and logs one line per request.
 """
 
@@ -24,12 +24,12 @@ from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from gptcli.engine import Done, Engine, Event, Failed, Job
 from gptcli.errors import GptcliError, UsageError, first_line
-from gptcli.models import LoadedModel
-from gptcli.server.plans import Plan, check_ids, plan_chat, plan_completion, tokenize_text
-from gptcli.server.responses import Reply
-from gptcli.server.schemas import (
+from gptcli.loading.models import LoadedModel
+from gptcli.serving.engine import Done, Engine, Event, Failed, Job
+from gptcli.serving.plans import Plan, check_ids, plan_chat, plan_completion, tokenize_text
+from gptcli.serving.responses import Reply
+from gptcli.serving.schemas import (
     ApiError,
     ChatRequest,
     CompletionRequest,

@@ -134,7 +134,7 @@ class Tokenizer:
     def transformers_tokenizer(self) -> PreTrainedTokenizerBase:
         """transformers' tokenizer of the same folder (imports transformers on the first call)."""
         if self._full is None:
-            from gptcli.models import load_tokenizer
+            from gptcli.loading.models import load_tokenizer
 
             self._full = load_tokenizer(Path(self.name_or_path))
         return self._full

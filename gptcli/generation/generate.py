@@ -2,7 +2,8 @@
 
 `stream()` is a generator of events: `TextChunk`s as text becomes final and one `Completion` per sample.
 It never prints and knows nothing of terminals; the CLI decides what to show. What a token is drawn
-from (settings, the filters) is gptcli.sampling; the model runs through gptcli.gpt2's cached decoder
+from (settings, the filters) is gptcli.generation.sampling; the model runs through gptcli.gpt2's cached
+decoder
 for plain GPT-2 checkpoints and through transformers for the rest, with the same results.
 """
 
@@ -17,15 +18,15 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from gptcli.batching import check_batch_size, fit_context, left_pad, pad_id
+from gptcli.generation.sampling import Settings, draw, resolve_settings
 from gptcli.gpt2 import BATCHED_ROWS
-from gptcli.sampling import Settings, draw, resolve_settings
 from gptcli.tokens import Detokenizer, TokenText, decode, encode_prompt
 
 if TYPE_CHECKING:
     import torch
 
     from gptcli.contracts import Tokenizer
-    from gptcli.models import LoadedModel
+    from gptcli.loading.models import LoadedModel
 
 # --- Events -------------------------------------------------------------------------------------------
 

@@ -9,11 +9,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from gptcli.chat import chat_prompt
 from gptcli.errors import GptcliError, UsageError, first_line
-from gptcli.models import LoadedModel
-from gptcli.sampling import Settings
-from gptcli.server.schemas import (
+from gptcli.generation.sampling import Settings
+from gptcli.loading.models import LoadedModel
+from gptcli.serving.chat import chat_prompt
+from gptcli.serving.schemas import (
     MAX_CHOICES,
     ApiError,
     ChatRequest,

@@ -25,7 +25,7 @@ from gptcli.tokens import TokenText, encode_prompt
 if TYPE_CHECKING:
     import torch
 
-    from gptcli.models import LoadedModel
+    from gptcli.loading.models import LoadedModel
 
 # Where the parts of a decoder live in transformers' causal LMs, by the names their classes use.
 _LAYERS = ("h", "layers", "blocks", "layer")

@@ -16,14 +16,14 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 from gptcli.errors import GptcliError, UsageError
-from gptcli.generate import encode_for_context, eos_ids
-from gptcli.sampling import Settings, apply_repetition_penalty, draw, resolve_settings
+from gptcli.generation.generate import encode_for_context, eos_ids
+from gptcli.generation.sampling import Settings, apply_repetition_penalty, draw, resolve_settings
 from gptcli.tokens import Detokenizer, TokenText, decode, readable
 
 if TYPE_CHECKING:
     import torch
 
-    from gptcli.models import LoadedModel
+    from gptcli.loading.models import LoadedModel
 
 SAMPLE = "s"
 
@@ -263,7 +263,7 @@ def _decoder(lm: LoadedModel, max_length: int) -> Any:
         from gptcli.gpt2 import CachedDecoder
 
         return CachedDecoder(lm.net, 1, max_length)
-    from gptcli.generate import KVStepper
+    from gptcli.generation.generate import KVStepper
 
     return KVStepper(lm.model)
 

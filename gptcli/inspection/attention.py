@@ -1,7 +1,7 @@
 """Attention weights: how much each query position draws on each earlier position, per block and head.
 
 The weights are softmax(q kᵀ / sqrt(head_dim)) over the keys up to the query, as transformers' eager
-attention computes them (gptcli.tracing), kept only for the query rows asked for. Attention rollout
+attention computes them (gptcli.inspection.tracing), kept only for the query rows asked for. Attention rollout
 (Abnar & Zuidema, "Quantifying Attention Flow in Transformers", ACL 2020) multiplies the head-averaged
 weights, with the residual connection added as (A + I) / 2, through the layers: a heuristic for how
 much each input token reaches the top layer's position, not a measurement.
@@ -16,15 +16,15 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from gptcli.errors import UsageError
-from gptcli.lens import parse_positions
-from gptcli.tracing import Prompt, encode, num_heads, num_layers, run
+from gptcli.inspection.lens import parse_positions
+from gptcli.inspection.tracing import Prompt, encode, num_heads, num_layers, run
 
 if TYPE_CHECKING:
     import numpy as np
     import torch
 
-    from gptcli.models import LoadedModel
-    from gptcli.pictures import Grid
+    from gptcli.inspection.pictures import Grid
+    from gptcli.loading.models import LoadedModel
 
 _HEAD = re.compile(r"^\s*(\d+)\s*\.\s*(\d+)\s*$")
 
@@ -168,7 +168,7 @@ def attention_grids(
     `hide_sink`: the first token's column is left out of the shading, which then spans the other
     weights (GPT-2 parks much of its attention on the first token).
     """
-    from gptcli.pictures import Grid, visible
+    from gptcli.inspection.pictures import Grid, visible
 
     tokens = [visible(t["token"]) for t in result.prompt.tokens]
     width = max(result.queries) + 1  # no query looks further

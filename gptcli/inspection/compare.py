@@ -4,7 +4,7 @@ next-token distributions are (KL divergence), on a text or after a prompt.
 Meant for a base model and its fine-tune (`gptcli finetune`), but any two models with the same
 vocabulary compare token by token. Models with different vocabularies compare only on perplexity and
 bits per byte. Every probability is a float32 log-softmax; each model's log-probabilities are exactly
-those `gptcli score` gives it, through the same sliding window (gptcli.predict.window_logprobs).
+those `gptcli score` gives it, through the same sliding window (gptcli.inspection.predict.window_logprobs).
 """
 
 from __future__ import annotations
@@ -17,13 +17,13 @@ from typing import TYPE_CHECKING, Any
 
 from gptcli.batching import fit_context
 from gptcli.errors import GptcliError, UsageError
-from gptcli.predict import check_stride, score_text, text_ids, window_logprobs
+from gptcli.inspection.predict import check_stride, score_text, text_ids, window_logprobs
 from gptcli.tokens import TokenText, encode_prompt
 
 if TYPE_CHECKING:
     import torch
 
-    from gptcli.models import LoadedModel
+    from gptcli.loading.models import LoadedModel
 
 
 def vocabulary_difference(a: LoadedModel, b: LoadedModel) -> str | None:

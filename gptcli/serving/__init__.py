@@ -1,7 +1,7 @@
 """`gptcli serve`'s library: an OpenAI-compatible HTTP server over one loaded model.
 
     from gptcli import load_model
-    from gptcli.server import serve
+    from gptcli.serving import serve
     serve(load_model("gpt2"), port=8000, log=print)
 
 This module stays light (no FastAPI until `serve` or `create_app` runs), so `gptcli serve --help` is.
@@ -21,15 +21,15 @@ from gptcli.errors import GptcliError, UsageError
 if TYPE_CHECKING:
     from fastapi import FastAPI
 
-    from gptcli.models import LoadedModel
+    from gptcli.loading.models import LoadedModel
 
 # Seconds that in-flight requests get to finish after Ctrl-C or SIGTERM before they are cancelled.
 GRACE_SECONDS = 5
 
 
 def create_app(lm: LoadedModel, **options: Any) -> FastAPI:
-    """The FastAPI app over `lm` (gptcli.server.app.create_app)."""
-    from gptcli.server.app import create_app as create
+    """The FastAPI app over `lm` (gptcli.serving.app.create_app)."""
+    from gptcli.serving.app import create_app as create
 
     return create(lm, **options)
 

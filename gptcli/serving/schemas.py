@@ -13,7 +13,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from gptcli.errors import UsageError
-from gptcli.sampling import Settings, resolve_settings
+from gptcli.generation.sampling import Settings, resolve_settings
 
 MAX_CHOICES = 128  # prompts × n of one request
 MAX_LOGPROBS = 100  # alternatives per token (OpenAI: 5 for completions, 20 for chat)

@@ -9,7 +9,8 @@ A joining prompt is prefilled on its own, exactly as `gptcli complete` prefills 
 values are gathered with the running rows into one right-aligned cache (gptcli.gpt2.KVCache.gather):
 left padding marked in the mask, positions counted per row. So a row computes what it computes alone,
 whoever shares its steps, and a seeded row draws from its own generator (seed + sample) as in the CLI.
-Picking tokens, stop texts, the UTF-8-safe text and the finished Completion are gptcli.generate's own.
+Picking tokens, stop texts, the UTF-8-safe text and the finished Completion are
+gptcli.generation.generate's own.
 
 Models that gptcli.gpt2 does not run (transformers' DynamicCache, lm.net is None) decode one job at
 a time: a job waits until the batch is empty, then its rows decode together as in `generate.stream`.
@@ -29,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 from gptcli.batching import left_pad, pad_id
 from gptcli.errors import GptcliError, first_line
-from gptcli.generate import (
+from gptcli.generation.generate import (
     _KV_BUDGET,
     Completion,
     StopScanner,
@@ -42,14 +43,14 @@ from gptcli.generate import (
     _threads,
     eos_ids,
 )
+from gptcli.generation.sampling import Settings
 from gptcli.gpt2 import BATCHED_ROWS
-from gptcli.sampling import Settings
 from gptcli.tokens import Detokenizer, TokenText
 
 if TYPE_CHECKING:
     import torch
 
-    from gptcli.models import LoadedModel
+    from gptcli.loading.models import LoadedModel
 
 # --- Events (what a job's sink receives, in order) ----------------------------------------------------
 

@@ -13,14 +13,14 @@ from typing import TYPE_CHECKING, Any
 
 from gptcli.batching import check_batch_size, fit_context, left_pad, pad_id
 from gptcli.errors import UsageError
-from gptcli.sampling import apply_temperature
+from gptcli.generation.sampling import apply_temperature
 from gptcli.tokens import TokenText, encode_prompt, start_token_id
 
 if TYPE_CHECKING:
     import torch
 
     from gptcli.contracts import Tokenizer
-    from gptcli.models import LoadedModel
+    from gptcli.loading.models import LoadedModel
 
 
 def check_topk_options(*, k: int = 10, temperature: float = 1.0, batch_size: int = 16) -> None:

@@ -44,7 +44,7 @@ class ChatPrompt:
 
 def has_chat_template(tokenizer: Tokenizer) -> bool:
     """Whether the tokenizer (or, for gptcli's stand-in, its folder) has a chat template."""
-    from gptcli import gpt2_folder
+    from gptcli.loading import gpt2_folder
 
     if not isinstance(tokenizer, gpt2_folder.Tokenizer):  # transformers' own tokenizer knows
         return bool(getattr(tokenizer, "chat_template", None))
@@ -67,7 +67,7 @@ def transcript(messages: list[dict[str, str]]) -> str:
 def chat_prompt(tokenizer: Tokenizer, messages: list[dict[str, str]]) -> ChatPrompt:
     """The prompt for the assistant's next message after `messages` ({"role", "content"} each)."""
     if has_chat_template(tokenizer):
-        from gptcli.gpt2_folder import transformers_tokenizer
+        from gptcli.loading.gpt2_folder import transformers_tokenizer
 
         full: Any = transformers_tokenizer(tokenizer)
         text = full.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)

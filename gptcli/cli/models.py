@@ -33,8 +33,8 @@ def models(ctx: typer.Context, json_: JsonOpt = False) -> None:
         return
     from rich.filesize import decimal
 
-    from gptcli.hub import cached_models
-    from gptcli.models import BUILTIN, builtin_path
+    from gptcli.loading.hub import cached_models
+    from gptcli.loading.models import BUILTIN, builtin_path
 
     found: list[dict[str, Any]] = []
     if (builtin_path() / "config.json").is_file():
@@ -60,8 +60,8 @@ def rm(
     from rich.filesize import decimal
 
     from gptcli.errors import UsageError
-    from gptcli.hub import remove_cached
-    from gptcli.models import BUILTIN
+    from gptcli.loading.hub import remove_cached
+    from gptcli.loading.models import BUILTIN
 
     if name == BUILTIN:
         raise UsageError("the built-in model is part of gptcli and cannot be removed")
@@ -87,8 +87,8 @@ def pull(
     answers; offline, the cached copy is the answer.
     """
     from gptcli.errors import UsageError
-    from gptcli.hub import cached_snapshot, download, hub_reachable, unreachable_reason
-    from gptcli.models import check_model_folder, is_hub_id
+    from gptcli.loading.hub import cached_snapshot, download, hub_reachable, unreachable_reason
+    from gptcli.loading.models import check_model_folder, is_hub_id
 
     if not is_hub_id(name):
         try:

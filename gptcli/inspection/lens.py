@@ -18,14 +18,14 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from gptcli.errors import UsageError
+from gptcli.inspection.tracing import Prompt, check_mid_points, encode, final_logits, run
 from gptcli.tokens import TokenText
-from gptcli.tracing import Prompt, check_mid_points, encode, final_logits, run
 
 if TYPE_CHECKING:
     import torch
 
-    from gptcli.models import LoadedModel
-    from gptcli.pictures import Grid
+    from gptcli.inspection.pictures import Grid
+    from gptcli.loading.models import LoadedModel
 
 # Stream vectors decoded per output-layer call: 64 × 50,257 float32 logits are 13 MB.
 CHUNK = 64
@@ -234,7 +234,7 @@ def lens_grid(lens: Lens, positions: Sequence[int] | None = None) -> Grid:
     """The heat map of a lens: rows = points of the stream (embeddings on top), columns = positions
     headed by their token, each cell the top-1 next token shaded by its probability, outlined where
     it is the prompt's actual next token. `positions`: some of the lens's positions (default all)."""
-    from gptcli.pictures import Grid, visible
+    from gptcli.inspection.pictures import Grid, visible
 
     keep = [lens.positions.index(p) for p in (lens.positions if positions is None else positions)]
     shown = [lens.positions[i] for i in keep]

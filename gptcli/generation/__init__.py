@@ -1,0 +1,1 @@
+"""Producing text: decoding settings, the decode loop and its events."""

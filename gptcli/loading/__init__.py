@@ -1,0 +1,1 @@
+"""Finding, checking and loading models: names, folders, the hub cache, quantized weights."""
