@@ -20,7 +20,7 @@ _API = {
     "attention_weights": "gptcli.inspection.attention",
     "compare_text": "gptcli.inspection.compare",
     "StepSession": "gptcli.inspection.step",
-    "tokenize": "gptcli.tokens",
+    "tokenize": "gptcli.generation.tokens",
     "complete": "gptcli.generation.generate",
     "stream": "gptcli.generation.generate",
     "Settings": "gptcli.generation.sampling",

@@ -204,8 +204,8 @@ def test_a_character_left_unfinished_at_the_end_is_left_out(cli, bpe_model: Path
     JSON, and the JSON keeps every token id."""
     from gptcli.generation.generate import complete
     from gptcli.generation.sampling import resolve_settings
+    from gptcli.generation.tokens import TokenText, unfinished_tail
     from gptcli.loading.models import load_model
-    from gptcli.tokens import TokenText, unfinished_tail
 
     lm = load_model(str(bpe_model), device="cpu")
     names = TokenText(lm.tokenizer)

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from forked import fork_main
 
-from gptcli.tokens import TokenText
+from gptcli.generation.tokens import TokenText
 
 # Random fixtures at a high temperature emit many byte tokens, so characters get split across tokens.
 HOT = ("--temperature", "3", "--top-k", "0", "--top-p", "1")
@@ -101,7 +101,7 @@ def test_bert_continuation_of_an_english_word_starts_with_a_space(cli, bert_mode
     """WordPiece tokens carry no spaces: `--echo` must not glue the first new word to the prompt's last."""
     from transformers import AutoTokenizer
 
-    from gptcli.tokens import Detokenizer
+    from gptcli.generation.tokens import Detokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(bert_model)
     world, numbers = tokenizer.convert_tokens_to_ids(["world", "numbers"])

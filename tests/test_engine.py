@@ -13,10 +13,10 @@ import torch
 
 from gptcli.generation.generate import Completion, complete
 from gptcli.generation.sampling import resolve_settings
+from gptcli.generation.tokens import encode_prompt
 from gptcli.gpt2 import CachedDecoder, KVCache
 from gptcli.loading.models import load_model
 from gptcli.serving.engine import Done, Engine, Failed, Job, PromptLogprobs, Token
-from gptcli.tokens import encode_prompt
 
 PROMPTS = ["今天天气", "The weather is", "", "我喜欢在早上喝一杯热茶", "Hello world! 12345", "龙"]
 

@@ -28,8 +28,8 @@ from gptcli.generation.sampling import (
     top_k_filter,
     top_p_filter,
 )
+from gptcli.generation.tokens import TokenText, decode
 from gptcli.loading.models import load_model
-from gptcli.tokens import TokenText, decode
 
 PROMPTS = ["今天天气", "The weather is", "", "我喜欢在早上喝一杯热茶", "Hello world! 12345", "龙"]
 

@@ -249,8 +249,8 @@ def test_server_sent_events_end_with_usage_and_done(server) -> None:
 def test_echo_scores_the_prompt(client, folders) -> None:
     import torch
 
+    from gptcli.generation.tokens import encode_prompt
     from gptcli.loading.models import load_model
-    from gptcli.tokens import encode_prompt
 
     prompt = "今天天气很好"
     answer = client.completions.create(model="m", prompt=prompt, max_tokens=0, echo=True, logprobs=2).choices[

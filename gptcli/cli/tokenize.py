@@ -55,8 +55,8 @@ def tokenize(
     Pieces that are not whole characters (GPT-2 splits most CJK characters into byte pieces) are shown
     by their bytes, e.g. <e4 bb>. --json adds each token's exact bytes and its character offsets.
     """
+    from gptcli.generation.tokens import tokenize as tokenize_text
     from gptcli.loading.models import load_tokenizer_only
-    from gptcli.tokens import tokenize as tokenize_text
 
     chosen = [flag for flag, on in (("--ids", ids), ("--count", count), ("--json", json_)) if on]
     if len(chosen) > 1:
@@ -100,9 +100,9 @@ def detokenize(
 
     Special tokens are written out by name. With --json, each token's piece and exact bytes too.
     """
+    from gptcli.generation.tokens import TokenText
+    from gptcli.generation.tokens import detokenize as detokenize_ids
     from gptcli.loading.models import load_tokenizer_only
-    from gptcli.tokens import TokenText
-    from gptcli.tokens import detokenize as detokenize_ids
 
     words = ids if ids else read_text(None).split()
     numbers = []

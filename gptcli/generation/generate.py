@@ -19,8 +19,8 @@ from typing import TYPE_CHECKING, Any
 
 from gptcli.batching import check_batch_size, fit_context, left_pad, pad_id
 from gptcli.generation.sampling import Settings, draw, resolve_settings
+from gptcli.generation.tokens import Detokenizer, TokenText, decode, encode_prompt
 from gptcli.gpt2 import BATCHED_ROWS
-from gptcli.tokens import Detokenizer, TokenText, decode, encode_prompt
 
 if TYPE_CHECKING:
     import torch

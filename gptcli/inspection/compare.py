@@ -17,8 +17,8 @@ from typing import TYPE_CHECKING, Any
 
 from gptcli.batching import fit_context
 from gptcli.errors import GptcliError, UsageError
+from gptcli.generation.tokens import TokenText, encode_prompt
 from gptcli.inspection.predict import check_stride, score_text, text_ids, window_logprobs
-from gptcli.tokens import TokenText, encode_prompt
 
 if TYPE_CHECKING:
     import torch

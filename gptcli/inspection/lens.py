@@ -18,8 +18,8 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from gptcli.errors import UsageError
+from gptcli.generation.tokens import TokenText
 from gptcli.inspection.tracing import Prompt, check_mid_points, encode, final_logits, run
-from gptcli.tokens import TokenText
 
 if TYPE_CHECKING:
     import torch

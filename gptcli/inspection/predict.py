@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 from gptcli.batching import check_batch_size, fit_context, left_pad, pad_id
 from gptcli.errors import UsageError
 from gptcli.generation.sampling import apply_temperature
-from gptcli.tokens import TokenText, encode_prompt, start_token_id
+from gptcli.generation.tokens import TokenText, encode_prompt, start_token_id
 
 if TYPE_CHECKING:
     import torch

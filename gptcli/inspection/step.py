@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 from gptcli.errors import GptcliError, UsageError
 from gptcli.generation.generate import encode_for_context, eos_ids
 from gptcli.generation.sampling import Settings, apply_repetition_penalty, draw, resolve_settings
-from gptcli.tokens import Detokenizer, TokenText, decode, readable
+from gptcli.generation.tokens import Detokenizer, TokenText, decode, readable
 
 if TYPE_CHECKING:
     import torch

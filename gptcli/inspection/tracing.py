@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from gptcli.batching import fit_context
 from gptcli.errors import GptcliError, UsageError
-from gptcli.tokens import TokenText, encode_prompt
+from gptcli.generation.tokens import TokenText, encode_prompt
 
 if TYPE_CHECKING:
     import torch

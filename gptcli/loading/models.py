@@ -508,8 +508,8 @@ def folder_info(
     if not check_model_folder(path, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code):
         return None  # pickle weights: transformers reads them
     plain = gpt2_folder.load(path)
+    from gptcli.generation.tokens import describe_tokenizer
     from gptcli.gpt2 import GPT2Config, check_shapes, safetensors_shapes
-    from gptcli.tokens import describe_tokenizer
 
     shape = GPT2Config.from_config(plain[0].to_dict()) if plain is not None else None
     if plain is None or shape is None:
@@ -547,7 +547,7 @@ def _may_have_an_accelerator() -> bool:
 
 def model_info(lm: LoadedModel) -> dict[str, Any]:
     """What `gptcli info` reports: architecture, size, context, vocabulary, tokenizer, dtype, device, path."""
-    from gptcli.tokens import describe_tokenizer
+    from gptcli.generation.tokens import describe_tokenizer
 
     config = lm.config
     return {

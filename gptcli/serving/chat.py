@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from gptcli.tokens import encode_prompt
+from gptcli.generation.tokens import encode_prompt
 
 if TYPE_CHECKING:
     from gptcli.contracts import Tokenizer

@@ -44,8 +44,8 @@ from gptcli.generation.generate import (
     eos_ids,
 )
 from gptcli.generation.sampling import Settings
+from gptcli.generation.tokens import Detokenizer, TokenText
 from gptcli.gpt2 import BATCHED_ROWS
-from gptcli.tokens import Detokenizer, TokenText
 
 if TYPE_CHECKING:
     import torch
@@ -100,9 +100,9 @@ class Job:
     """A request: complete each prompt `settings.num_samples` times and send the events to `sink`.
 
     `sink` is called on the engine's thread and must not block. `prompt_ids` are the prompts as the
-    model sees them (gptcli.tokens.encode_prompt), each shorter than the context. `prompt_logprobs`:
-    also score the prompt tokens, with that many alternatives each. `generate=False`: only that (an
-    `echo` with no new tokens); the settings are then unused.
+    model sees them (gptcli.generation.tokens.encode_prompt), each shorter than the context.
+    `prompt_logprobs`: also score the prompt tokens, with that many alternatives each.
+    `generate=False`: only that (an `echo` with no new tokens); the settings are then unused.
     """
 
     prompts: Sequence[str]
@@ -204,7 +204,7 @@ class Engine:
 
         Raises GptcliError when the job fails; closing the iterator early cancels the job.
         """
-        from gptcli.tokens import encode_prompt
+        from gptcli.generation.tokens import encode_prompt
 
         events: queue.SimpleQueue[Event] = queue.SimpleQueue()
         ids = [encode_prompt(self.lm.tokenizer, p) for p in prompts]

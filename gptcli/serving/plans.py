@@ -11,6 +11,7 @@ from typing import Any
 
 from gptcli.errors import GptcliError, UsageError, first_line
 from gptcli.generation.sampling import Settings
+from gptcli.generation.tokens import TokenText, encode_prompt
 from gptcli.loading.models import LoadedModel
 from gptcli.serving.chat import chat_prompt
 from gptcli.serving.schemas import (
@@ -23,7 +24,6 @@ from gptcli.serving.schemas import (
     unsupported,
 )
 from gptcli.textio import check_text
-from gptcli.tokens import TokenText, encode_prompt
 
 
 @dataclass

@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from gptcli.generation.generate import Completion
+from gptcli.generation.tokens import Detokenizer, TokenText
 from gptcli.serving.engine import Done, Event, Failed, PromptLogprobs, Token
-from gptcli.tokens import Detokenizer, TokenText
 
 FINISH = {"eos": "stop", "stop": "stop", "length": "length"}
 
