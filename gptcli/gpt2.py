@@ -22,7 +22,7 @@ import math
 import mmap
 import os
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
@@ -593,6 +593,7 @@ class GPT2:
         mask: torch.Tensor | None = None,
         cache: KVCache | None = None,
         logits_to_keep: int = 0,
+        hooks: Hooks | None = None,
     ) -> torch.Tensor:
         """Logits [batch, positions, vocab] (the last `logits_to_keep` positions, 0: all), weights' dtype.
 
@@ -602,11 +603,16 @@ class GPT2:
                 mask of the columns already cached is the cache's own.
             cache: where the new keys and values go (after the `cache.length` columns already there),
                 and what the new tokens attend to besides themselves.
+            hooks: functions at named points (`hook_names`), each called as fn(x, name) with the
+                activation there, and returning None (read it) or a tensor of its shape that replaces it.
+                None or empty: no hook is looked for, and the pass is the decode path's, kernel for
+                kernel. With `logits_to_keep`, the last block's points after its keys and values hold
+                only the kept positions.
         """
         import torch
         import torch.nn.functional as F
 
-        batch, new = input_ids.shape
+        new = input_ids.shape[1]
         start = 0 if cache is None else cache.length
         if cache is not None and mask is not None:
             if cache.real is None:
@@ -619,39 +625,201 @@ class GPT2:
         # Many queries and no padding: SDPA's causal mode, the path transformers takes too.
         causal = attn_mask is None and new > 1
 
-        x = self.lm_head.rows(input_ids) + F.embedding(position_ids, self.wpe)
-        heads, width = self.config.n_head, self.config.n_embd
+        if hooks:
+            top = _At(hooks, "")
+            x = top("hook_embed", self.lm_head.rows(input_ids)) + top(
+                "hook_pos_embed", F.embedding(position_ids, self.wpe)
+            )
+        else:
+            x = self.lm_head.rows(input_ids) + F.embedding(position_ids, self.wpe)
+        attention = _Attention(start, attn_mask, causal, 0)
         last = len(self.blocks) - 1
         for layer, block in enumerate(self.blocks):
-            residual = x
-            h = F.layer_norm(x, (width,), *block.ln_1, self.config.layer_norm_epsilon)
-            q, k, v = block.c_attn(h).split(width, dim=2)
-            q, k, v = (t.view(batch, new, heads, -1).transpose(1, 2) for t in (q, k, v))
-            if cache is not None:
-                cache.keys[layer, :, :, start : start + new] = k
-                cache.values[layer, :, :, start : start + new] = v
-                if start:  # attend to the cached columns too
-                    k = cache.keys[layer, :, :, : start + new]
-                    v = cache.values[layer, :, :, : start + new]
             if layer == last and 0 < logits_to_keep < new:
                 # Past the last block's keys and values, only the kept positions matter: their queries
                 # alone go on through attention, its projection and the MLP (a prompt's prefill keeps
                 # one position of hundreds, so this skips most of a block's work).
-                q, residual = q[:, :, -logits_to_keep:], residual[:, -logits_to_keep:]
-                attn_mask, causal = _kept_queries(attn_mask, causal, start + new, logits_to_keep, q.device)
-                new = logits_to_keep
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=causal)
-            y = y.transpose(1, 2).reshape(batch, new, width)
-            x = block.attn_proj(y) + residual
-            residual = x
-            h = F.layer_norm(x, (width,), *block.ln_2, self.config.layer_norm_epsilon)
-            x = residual + block.mlp_proj(gelu_new(block.c_fc(h)))
+                kept = _kept_queries(attn_mask, causal, start + new, logits_to_keep, x.device)
+                attention = _Attention(start, *kept, logits_to_keep)
+            at = _At(hooks, f"blocks.{layer}.") if hooks else None
+            x = self._block(layer, block, x, attention, cache, at)
         if cache is not None:
             cache.length = start + input_ids.shape[1]
-        x = F.layer_norm(x, (width,), *self.ln_f, self.config.layer_norm_epsilon)
+        x = _layer_norm(
+            x, self.ln_f, self.config.layer_norm_epsilon, _At(hooks, "ln_final.") if hooks else None
+        )
         if logits_to_keep:
             x = x[:, -logits_to_keep:]
         return self.lm_head(x)
+
+    def _block(
+        self,
+        layer: int,
+        block: Block,
+        x: torch.Tensor,
+        attention: _Attention,
+        cache: KVCache | None,
+        at: _At | None,
+    ) -> torch.Tensor:
+        """One block on the stream x [batch, new, width]; `at`: its hooks (None: none, the decode path)."""
+        batch, new = x.shape[:2]
+        heads, width, eps = self.config.n_head, self.config.n_embd, self.config.layer_norm_epsilon
+        start = attention.start
+        if at is not None:
+            x = at("hook_resid_pre", x)
+        h = _layer_norm(x, block.ln_1, eps, None if at is None else at.sub("ln1."))
+        q, k, v = block.c_attn(h).split(width, dim=2)
+        q, k, v = (t.view(batch, new, heads, -1).transpose(1, 2) for t in (q, k, v))
+        if at is not None:  # [batch, new, head, d_head], as TransformerLens shows them
+            q, k, v = (at.heads(f"attn.hook_{name}", t) for name, t in (("q", q), ("k", k), ("v", v)))
+        if cache is not None:
+            cache.keys[layer, :, :, start : start + new] = k
+            cache.values[layer, :, :, start : start + new] = v
+            if start:  # attend to the cached columns too
+                k = cache.keys[layer, :, :, : start + new]
+                v = cache.values[layer, :, :, : start + new]
+        residual = x
+        if attention.kept:
+            q, residual = q[:, :, -attention.kept :], residual[:, -attention.kept :]
+            new = attention.kept
+        y = attention(q, k, v, at).transpose(1, 2)  # [batch, new, head, d_head]
+        if at is not None:
+            y = at("attn.hook_z", y)
+            out = at("hook_attn_out", block.attn_proj(y.reshape(batch, new, width)))
+            x = at("hook_resid_mid", out + residual)
+        else:
+            x = block.attn_proj(y.reshape(batch, new, width)) + residual
+        residual = x
+        h = _layer_norm(x, block.ln_2, eps, None if at is None else at.sub("ln2."))
+        if at is None:
+            return residual + block.mlp_proj(gelu_new(block.c_fc(h)))
+        post = at("mlp.hook_post", gelu_new(at("mlp.hook_pre", block.c_fc(h))))
+        return at("hook_resid_post", residual + at("hook_mlp_out", block.mlp_proj(post)))
+
+
+# --- Hook points: what `forward` lets a caller read or replace on the way ------------------------------
+
+HookFn = Callable[["torch.Tensor", str], "torch.Tensor | None"]
+Hooks = Mapping[str, HookFn]
+
+# Per block, with their shapes (TransformerLens' names; blocks count from 0 here).
+BLOCK_POINTS = {
+    "hook_resid_pre": "[batch, pos, width]: the block's input",
+    "ln1.hook_scale": "[batch, pos, 1]: the first LayerNorm's divisor, sqrt(var + eps)",
+    "ln1.hook_normalized": "[batch, pos, width]: centred and divided, before the gain and bias",
+    "attn.hook_q": "[batch, pos, head, d_head]",
+    "attn.hook_k": "[batch, pos, head, d_head]",
+    "attn.hook_v": "[batch, pos, head, d_head]",
+    "attn.hook_pattern": "[batch, head, query, key]: the attention weights (float32)",
+    "attn.hook_z": "[batch, pos, head, d_head]: each head's output before the output projection",
+    "hook_attn_out": "[batch, pos, width]: the attention's output, projection bias included",
+    "hook_resid_mid": "[batch, pos, width]: the stream after attention, before the MLP",
+    "ln2.hook_scale": "[batch, pos, 1]",
+    "ln2.hook_normalized": "[batch, pos, width]",
+    "mlp.hook_pre": "[batch, pos, inner]: before the GELU",
+    "mlp.hook_post": "[batch, pos, inner]: after the GELU",
+    "hook_mlp_out": "[batch, pos, width]: the MLP's output",
+    "hook_resid_post": "[batch, pos, width]: the block's output",
+}
+MODEL_POINTS = {
+    "hook_embed": "[batch, pos, width]: the token embeddings",
+    "hook_pos_embed": "[batch, pos, width]: the position embeddings",
+    "ln_final.hook_scale": "[batch, pos, 1]: the final LayerNorm's divisor",
+    "ln_final.hook_normalized": "[batch, pos, width]",
+}
+
+
+def hook_names(n_layer: int) -> list[str]:
+    """Every hook point's name of a model with `n_layer` blocks, in the order a pass reaches them."""
+    blocks = [f"blocks.{layer}.{point}" for layer in range(n_layer) for point in BLOCK_POINTS]
+    return ["hook_embed", "hook_pos_embed", *blocks, "ln_final.hook_scale", "ln_final.hook_normalized"]
+
+
+class _At:
+    """The hooks of one part of the model (a name prefix such as "blocks.3."), called by point name."""
+
+    __slots__ = ("hooks", "prefix")
+
+    def __init__(self, hooks: Hooks, prefix: str) -> None:
+        self.hooks = hooks
+        self.prefix = prefix
+
+    def sub(self, prefix: str) -> _At:
+        return _At(self.hooks, self.prefix + prefix)
+
+    def wants(self, point: str) -> bool:
+        return self.prefix + point in self.hooks
+
+    def replacement(self, point: str, x: torch.Tensor) -> torch.Tensor | None:
+        """What the hook at `point` returns for x (None: no hook, or it only read x)."""
+        name = self.prefix + point
+        fn = self.hooks.get(name)
+        return None if fn is None else fn(x, name)
+
+    def __call__(self, point: str, x: torch.Tensor) -> torch.Tensor:
+        out = self.replacement(point, x)
+        return x if out is None else out
+
+    def heads(self, point: str, t: torch.Tensor) -> torch.Tensor:
+        """A [batch, head, pos, d_head] tensor through the hook at `point`, which sees [batch, pos, head,
+        d_head]."""
+        if not self.wants(point):
+            return t
+        return self(point, t.transpose(1, 2)).transpose(1, 2)
+
+
+def _layer_norm(
+    x: torch.Tensor, weights: tuple[torch.Tensor, torch.Tensor], eps: float, at: _At | None
+) -> torch.Tensor:
+    """LayerNorm, through its scale and normalized points when a hook asks for them; reading them
+    leaves the result the kernel's."""
+    import torch.nn.functional as F
+
+    if at is None or not (at.wants("hook_scale") or at.wants("hook_normalized")):
+        return F.layer_norm(x, (x.shape[-1],), *weights, eps)
+    centred = x - x.mean(dim=-1, keepdim=True)
+    scale = (centred.pow(2).mean(dim=-1, keepdim=True) + eps).sqrt()
+    new_scale = at.replacement("hook_scale", scale)
+    normalized = centred / (scale if new_scale is None else new_scale)
+    new_normalized = at.replacement("hook_normalized", normalized)
+    if new_scale is None and new_normalized is None:  # only read: the stream stays the kernel's
+        return F.layer_norm(x, (x.shape[-1],), *weights, eps)
+    return (normalized if new_normalized is None else new_normalized) * weights[0] + weights[1]
+
+
+@dataclass
+class _Attention:
+    """How a block's queries attend: from column `start`, with a bool mask or SDPA's causal mode, and
+    `kept` > 0 when only the last `kept` queries go on (the last block under `logits_to_keep`)."""
+
+    start: int
+    mask: torch.Tensor | None
+    causal: bool
+    kept: int
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, at: _At | None) -> torch.Tensor:
+        """softmax(q kᵀ / sqrt(d_head)) v per head, [batch, head, query, d_head]: SDPA's kernel, unless a
+        hook wants the pattern. The pattern is then also formed, in float32 as transformers' eager
+        attention forms it; it feeds the output only when the hook replaces it, so reading it leaves
+        the stream exactly as it was."""
+        import torch
+        import torch.nn.functional as F
+
+        if at is None or not at.wants("attn.hook_pattern"):
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=self.mask, is_causal=self.causal)
+        scores = q.float() @ k.float().transpose(-1, -2) / math.sqrt(q.shape[-1])
+        if self.mask is not None:
+            scores = scores.masked_fill(~self.mask, float("-inf"))
+        elif self.causal:
+            columns = k.shape[2]
+            query_at = torch.arange(columns - q.shape[2], columns, device=q.device)[:, None]
+            scores = scores.masked_fill(
+                torch.arange(columns, device=q.device)[None, :] > query_at, float("-inf")
+            )
+        replaced = at.replacement("attn.hook_pattern", torch.softmax(scores, dim=-1))
+        if replaced is None:
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=self.mask, is_causal=self.causal)
+        return (replaced.to(v.dtype) @ v).to(q.dtype)
 
 
 def _kept_queries(
@@ -742,50 +910,7 @@ class CachedDecoder:
         return logits[0].float()
 
 
-# --- Looking inside: the residual stream and the attention weights (gptcli lens, gptcli attention) -----
-
-
-def trace(
-    net: GPT2,
-    input_ids: torch.Tensor,
-    on_point: Callable[[int, str, torch.Tensor], None],
-    *,
-    on_attention: Callable[[int, torch.Tensor], None] | None = None,
-    attention_rows: torch.Tensor | None = None,
-) -> None:
-    """`net.forward` for one unpadded prompt, reporting what passes through it on the way.
-
-    A separate function, so `forward` (the decode path) stays as it is: same blocks, same kernels, same
-    numbers. `on_point(layer, point, x)` gets the residual stream [batch, positions, width]: layer 0
-    "embeddings", then for each block L (1-based) "attention" (after its attention, before its MLP)
-    and "block" (its output, before any final LayerNorm). `on_attention(layer, weights)` gets block
-    L's attention weights [batch, heads, rows, positions] in float32 for the query positions
-    `attention_rows` (default: all), computed as transformers' eager attention computes them:
-    softmax(q kᵀ / sqrt(head_dim)) over the keys up to the query. The stream itself goes through SDPA
-    as in `forward`, so asking for weights does not change it.
-    """
-    import torch
-    import torch.nn.functional as F
-
-    batch, length = input_ids.shape
-    positions = torch.arange(length, device=input_ids.device).expand(batch, length)
-    x = net.lm_head.rows(input_ids) + F.embedding(positions, net.wpe)
-    on_point(0, "embeddings", x)
-    heads, width, eps = net.config.n_head, net.config.n_embd, net.config.layer_norm_epsilon
-    rows = torch.arange(length, device=input_ids.device) if attention_rows is None else attention_rows
-    for layer, block in enumerate(net.blocks, 1):
-        h = F.layer_norm(x, (width,), *block.ln_1, eps)
-        q, k, v = (t.view(batch, length, heads, -1).transpose(1, 2) for t in block.c_attn(h).split(width, 2))
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=length > 1)
-        x = block.attn_proj(y.transpose(1, 2).reshape(batch, length, width)) + x
-        on_point(layer, "attention", x)
-        if on_attention is not None:
-            scores = q[:, :, rows].float() @ k.float().transpose(-1, -2) / math.sqrt(width // heads)
-            future = torch.arange(length, device=rows.device)[None, :] > rows[:, None]
-            on_attention(layer, torch.softmax(scores.masked_fill(future, float("-inf")), dim=-1))
-        h = F.layer_norm(x, (width,), *block.ln_2, eps)
-        x = x + block.mlp_proj(gelu_new(block.c_fc(h)))
-        on_point(layer, "block", x)
+# --- The output layer on stream vectors (gptcli lens) ---------------------------------------------
 
 
 def final_logits(net: GPT2, x: torch.Tensor) -> torch.Tensor:
