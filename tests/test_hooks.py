@@ -195,9 +195,9 @@ def test_points_a_model_does_not_have_are_refused(traced_lms) -> None:
 
     check_points(traced_lms["bpe"], hook_names(2))
     check_points(traced_lms["hf"], ["blocks.1.attn.hook_z", "ln_final.hook_scale"])
-    with pytest.raises(GptcliError, match="no hook point blocks.2.hook_resid_pre"):
+    with pytest.raises(GptcliError, match=r"no hook point blocks\.2\.hook_resid_pre"):
         check_points(traced_lms["bpe"], ["blocks.2.hook_resid_pre"])
-    with pytest.raises(GptcliError, match="no hook point blocks.0.mlp.hook_post"):
+    with pytest.raises(GptcliError, match=r"no hook point blocks\.0\.mlp\.hook_post"):
         check_points(traced_lms["hf"], ["blocks.0.mlp.hook_post"])
     ids = torch.tensor([encode(traced_lms["hf"], "hello").ids])
     with pytest.raises(GptcliError, match="can be read but not replaced"), torch.inference_mode():
