@@ -10,6 +10,7 @@ import typer
 
 from gptcli import __version__
 from gptcli.cli import attention as _attention  # noqa: F401
+from gptcli.cli import attribute as _attribute  # noqa: F401
 
 # Importing a command module registers its commands on `app`.
 from gptcli.cli import compare as _compare  # noqa: F401

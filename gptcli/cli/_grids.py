@@ -50,13 +50,17 @@ _SHADES = " ░▒▓█"
 _STANDARD = {
     "blue": ("", "black on bright_cyan", "black on cyan", "bright_white on blue"),
     "orange": ("", "black on bright_yellow", "black on yellow", "bright_white on red"),
+    "red": ("", "black on bright_magenta", "black on magenta", "bright_white on red"),
 }
 
 
 def cell_style(console: Console, palette: str, shade: float) -> str:
-    """The style of a cell of `shade` (0 to 1): a background from the palette and ink that reads on it."""
+    """The style of a cell of `shade` (0 to 1; palette "signed": -1 to 1): a background from the palette
+    and ink that reads on it."""
     from gptcli.inspection.pictures import colour, ink
 
+    if palette == "signed":
+        palette, shade = ("red", shade) if shade >= 0 else ("blue", -shade)
     if console.color_system in ("standard", "windows"):
         t = shade**0.5
         return _STANDARD[palette][0 if t < 0.3 else 1 if t < 0.55 else 2 if t < 0.8 else 3]
@@ -99,7 +103,7 @@ def print_grid(grid: Grid, console: Console, *, marks: str = "") -> None:
             marked = bool(grid.marks and grid.marks[i][j])
             shade = grid.shade(i, j)
             if plain:
-                glyph = "·" if shade is None else _SHADES[min(4, int(shade * 5))]
+                glyph = "·" if shade is None else _SHADES[min(4, int(abs(shade) * 5))]
                 cells.append(Text(glyph + content + (marks if marked else "")))
                 continue
             style = "bright_black" if shade is None else cell_style(console, grid.palette, shade)

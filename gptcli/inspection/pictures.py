@@ -19,7 +19,7 @@ import warnings
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from gptcli.errors import UsageError
 
@@ -39,13 +39,19 @@ _CJK_FILE = re.compile(
     r"NotoSans(SC|TC|JP|KR)",
     re.IGNORECASE,
 )
-# Two shades per palette, light to dark: probabilities in blue, attention in orange (ColorBrewer).
-PALETTES = {"blue": ((247, 251, 255), (8, 48, 107)), "orange": ((255, 245, 235), (127, 39, 4))}
+# Two shades per palette, light to dark: probabilities in blue, attention in orange (ColorBrewer);
+# "signed" values (attribution, patching) are red above zero and blue below.
+PALETTES = {
+    "blue": ((247, 251, 255), (8, 48, 107)),
+    "orange": ((255, 245, 235), (127, 39, 4)),
+    "red": ((255, 245, 240), (103, 0, 13)),
+}
 
 
 @dataclass
 class Grid:
-    """A heat map: rows × columns of cells, each with a value in [0, 1], a text and hover details."""
+    """A heat map: rows × columns of cells, each with a value in [0, 1] (signed: any sign, shaded up to
+    `limit` or the largest magnitude), a text and hover details."""
 
     title: str
     rows: list[str]
@@ -60,10 +66,19 @@ class Grid:
     caption: str = ""
     row_title: str = ""
     column_title: str = ""
+    signed: bool = False  # palette "signed": red above zero, blue below
+    limit: float | None = None  # signed: the magnitude that gets the darkest shade (default: the largest)
 
     @property
     def scale(self) -> float:
-        """The value that gets the darkest shade: 1, or the largest value outside the dimmed columns."""
+        """The value that gets the darkest shade: 1, or the largest value outside the dimmed columns;
+        signed: `limit`, or the largest magnitude."""
+        if self.signed:
+            return (
+                self.limit
+                or max((abs(v) for row in self.values for v in row if v is not None), default=0.0)
+                or 1.0
+            )
         if not self.dim_columns:
             return 1.0
         rest = [
@@ -72,11 +87,11 @@ class Grid:
         return max(rest, default=0.0) or 1.0
 
     def shade(self, row: int, column: int) -> float | None:
-        """How dark the cell is, 0 to 1; None for no cell or a dimmed column."""
+        """How dark the cell is, 0 to 1 (signed: -1 to 1); None for no cell or a dimmed column."""
         value = self.values[row][column]
         if value is None or column in self.dim_columns:
             return None
-        return min(1.0, max(0.0, value / self.scale))
+        return min(1.0, max(-1.0 if self.signed else 0.0, value / self.scale))
 
 
 def visible(piece: str) -> str:
@@ -85,7 +100,9 @@ def visible(piece: str) -> str:
 
 
 def colour(palette: str, shade: float) -> tuple[int, int, int]:
-    """The palette's colour at `shade` (0 light, 1 dark)."""
+    """The palette's colour at `shade` (0 light, 1 dark; "signed": -1 dark blue to 1 dark red)."""
+    if palette == "signed":
+        palette, shade = ("red", shade) if shade >= 0 else ("blue", -shade)
     light, dark = PALETTES[palette]
     # A square root spreads the small values, where most cells are, over more of the range.
     t = math.sqrt(max(0.0, min(1.0, shade)))
@@ -207,11 +224,23 @@ def drawable(text: str) -> str:
     return "".join(out)
 
 
+def _colour_map(palette: str) -> Any:
+    """The matplotlib colour map of a palette (on square-rooted shades, as `colour` spreads them)."""
+    import numpy as np
+    from matplotlib.colors import LinearSegmentedColormap
+
+    if palette == "signed":
+        blue, red = PALETTES["blue"][1], PALETTES["red"][1]
+        stops = [np.array(c) / 255 for c in (blue, (255, 255, 255), red)]
+    else:
+        stops = [np.array(c) / 255 for c in PALETTES[palette]]
+    return LinearSegmentedColormap.from_list(palette, stops).with_extremes(bad="#ffffff")
+
+
 def figure(grids: list[Grid], *, title: str, fallback: bool = False) -> Figure:
     """A matplotlib Figure with one heat map per grid, stacked; `fallback`: no CJK font, use bytes."""
     import numpy as np
     from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.colors import LinearSegmentedColormap
     from matplotlib.figure import Figure
     from matplotlib.patches import Rectangle
 
@@ -225,14 +254,19 @@ def figure(grids: list[Grid], *, title: str, fallback: bool = False) -> Figure:
     fig.suptitle(label(title), fontfamily=families, parse_math=False)
     axes = fig.subplots(len(grids), 1, squeeze=False, height_ratios=heights)[:, 0]
     for ax, grid in zip(axes, grids, strict=True):
-        light, dark = (np.array(c) / 255 for c in PALETTES[grid.palette])
-        cmap = LinearSegmentedColormap.from_list(grid.palette, [light, dark]).with_extremes(bad="#ffffff")
+        cmap = _colour_map(grid.palette)
         shades = np.array(
-            [[math.nan if (s := grid.shade(i, j)) is None else math.sqrt(s) for j in range(len(grid.columns))]
+            [[math.nan if (s := grid.shade(i, j)) is None else math.copysign(math.sqrt(abs(s)), s)
+              for j in range(len(grid.columns))]
              for i in range(len(grid.rows))]
         )  # fmt: skip
         ax.imshow(
-            np.ma.masked_invalid(shades), cmap=cmap, vmin=0, vmax=1, aspect="auto", interpolation="none"
+            np.ma.masked_invalid(shades),
+            cmap=cmap,
+            vmin=-1 if grid.signed else 0,
+            vmax=1,
+            aspect="auto",
+            interpolation="none",
         )
         for i in range(len(grid.rows)):
             for j in range(len(grid.columns)):
