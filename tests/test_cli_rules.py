@@ -133,7 +133,7 @@ def test_bare_gptcli_prints_the_help_and_succeeds(cli) -> None:
 
 def test_help_shows_flags_without_a_value_and_every_command_has_examples(cli) -> None:
     commands = ["info", "tokenize", "detokenize", "topk", "score", "complete", "finetune", "models", "pull"]
-    commands += ["compare", "step", "lens", "attention"]
+    commands += ["compare", "step", "lens", "attention", "attribute", "patch"]
     for name in commands:
         result = cli(name, "--help")
         assert result.code == 0, name

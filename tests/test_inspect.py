@@ -272,5 +272,6 @@ def test_help_and_version_do_not_import_torch() -> None:
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     assert "gptcli 0.1.0" in proc.stdout
-    for option in ("--api-key", "model_a", "--choose", "--sublayer", "--rollout"):  # the commands' own
+    # the commands' own
+    for option in ("--api-key", "model_a", "--choose", "--sublayer", "--rollout", "--foil-id", "--subject"):
         assert option in proc.stdout, option

@@ -18,7 +18,7 @@ from gptcli.cli._common import (
     is_tty,
     load,
     note,
-    progress,
+    status,
     stdout,
 )
 from gptcli.cli._grids import SaveOpt, print_grid, save_grids, title
@@ -87,7 +87,7 @@ def patch(
     clean = check_text(clean)
     corrupt = None if corrupt is None else check_text(corrupt)
     lm = load(model, device, dtype, allow_pickle, trust_remote_code)
-    with progress(0, "patching"):
+    with status("patching: the runs of every cell, batched"):
         result = run(
             lm,
             clean,

@@ -36,6 +36,7 @@ if TYPE_CHECKING:
 GRIDS = {"resid_pre": "hook_resid_pre", "attn_out": "hook_attn_out", "mlp_out": "hook_mlp_out"}
 HEADS = "attn.hook_z"
 TOKENS_PER_PASS = 4096  # rows x positions of one batched pass: bounds its activations' memory
+KV_BYTES = 256 << 20  # and the keys and values its rows start from
 NOISE_SCALE = 3.0  # ROME: 3 x the embeddings' standard deviation
 SEED = 0
 SAME = 1e-4  # logit differences closer than this (relative) are the same: there is nothing to restore
@@ -62,6 +63,7 @@ class Setup:
     target: int
     foil: int
     noise: torch.Tensor | None = None  # [samples, n, width], added to the token embeddings
+    prefix: Any = None  # gptcli's GPT-2: the corrupted run's keys and values (gptcli.gpt2.KVCache)
 
     @property
     def samples(self) -> int:
@@ -239,7 +241,7 @@ def prepare(
             ids = clean_tensor
         else:
             ids = torch.tensor([corrupt_ids], device=lm.device)
-        setup = Setup(ids, clean, clean_logits, -1, -1, noise)
+        setup = Setup(ids, clean, clean_logits, -1, -1, noise, _prefix(lm, ids, noise))
         corrupt_logits = _patched_logits(lm, setup, [()]).mean(dim=0)
     setup.target = int(clean_logits.argmax()) if target is None else target
     if foil is None:
@@ -254,23 +256,55 @@ def prepare(
 
 def diffs(lm: LoadedModel, setup: Setup, cells: list[tuple[Patch, ...]]) -> list[float]:
     """The logit difference of the corrupted run with each cell's patches (averaged over the noise
-    samples), batched: as many cells per pass as TOKENS_PER_PASS allows."""
+    samples), batched: cells that patch from the same position on share passes, as many per pass as
+    TOKENS_PER_PASS and KV_BYTES allow."""
     import torch
 
     n, samples = setup.ids.shape[1], setup.samples
-    per_pass = max(1, TOKENS_PER_PASS // (n * samples))
-    out: list[float] = []
+    starts: dict[int, list[int]] = {}
+    for i, patches in enumerate(cells):
+        starts.setdefault(_first_position(setup, patches), []).append(i)
+    out = [0.0] * len(cells)
     with torch.inference_mode():
-        for start in range(0, len(cells), per_pass):
-            chunk = cells[start : start + per_pass]
-            logits = _patched_logits(lm, setup, chunk)
-            ld = (logits[:, setup.target] - logits[:, setup.foil]).view(len(chunk), samples).mean(dim=1)
-            out += ld.tolist()
+        for start, members in starts.items():
+            per_pass = max(
+                1, min(TOKENS_PER_PASS // ((n - start) * samples), _rows_of_cache(setup) // samples)
+            )
+            for first in range(0, len(members), per_pass):
+                chosen = members[first : first + per_pass]
+                logits = _patched_logits(lm, setup, [cells[i] for i in chosen], start)
+                ld = (logits[:, setup.target] - logits[:, setup.foil]).view(len(chosen), samples).mean(dim=1)
+                for i, value in zip(chosen, ld.tolist(), strict=True):
+                    out[i] = value
     return out
 
 
-def _patched_logits(lm: LoadedModel, setup: Setup, chunk: list[tuple[Patch, ...]]) -> torch.Tensor:
-    """Last-position float32 logits [cells x samples, vocab]: row c * samples + s is cell c, sample s."""
+def _first_position(setup: Setup, patches: tuple[Patch, ...]) -> int:
+    """Where the rows of a cell start computing: a patch at position p changes nothing before p
+    (attention is causal), so with the corrupted run's keys and values of the first p positions
+    (`Setup.prefix`) the pass starts at p. Without them, at 0."""
+    if setup.prefix is None:
+        return 0
+    n = setup.ids.shape[1]
+    return min((0 if one.positions is None else min(one.positions) for one in patches), default=n - 1)
+
+
+def _rows_of_cache(setup: Setup) -> int:
+    """How many rows of keys and values (the whole prompt's) fit in KV_BYTES."""
+    if setup.prefix is None:
+        return TOKENS_PER_PASS
+    keys = setup.prefix.keys
+    row = 2 * keys[:, :1].numel() * keys.element_size()
+    return max(1, KV_BYTES // row)
+
+
+def _patched_logits(
+    lm: LoadedModel, setup: Setup, chunk: list[tuple[Patch, ...]], start: int = 0
+) -> torch.Tensor:
+    """Last-position float32 logits [cells x samples, vocab]: row c * samples + s is cell c, sample s.
+    The pass computes the positions from `start` on, over the prefix's keys and values before it."""
+    import torch
+
     samples = setup.samples
     rows = len(chunk) * samples
     groups: dict[str, list[tuple[int, Patch]]] = {}
@@ -281,9 +315,40 @@ def _patched_logits(lm: LoadedModel, setup: Setup, chunk: list[tuple[Patch, ...]
     hooks: dict[str, Any] = {name: _writer(setup.clean[name], group) for name, group in groups.items()}
     if setup.noise is not None:
         noise = setup.noise.repeat(len(chunk), 1, 1)  # row r: sample r % samples
-        hooks["hook_embed"] = lambda x, _: x + noise.to(x.dtype)
-    logits = run_with_hooks(lm, setup.ids.expand(rows, -1), hooks, logits_to_keep=1)
+        hooks["hook_embed"] = lambda x, _: x + noise[:, noise.shape[1] - x.shape[1] :].to(x.dtype)
+    if start == 0 or setup.prefix is None:
+        logits = run_with_hooks(lm, setup.ids.expand(rows, -1), hooks, logits_to_keep=1)
+        return logits[:, -1].float()
+    from gptcli.gpt2 import KVCache
+
+    assert lm.net is not None
+    n = setup.ids.shape[1]
+    cache = KVCache(lm.net.config, rows, n, lm.net.dtype, lm.net.device)
+    cache.keys[:, :, :, :start] = setup.prefix.keys[:, :, :, :start].repeat(1, len(chunk), 1, 1, 1)
+    cache.values[:, :, :, :start] = setup.prefix.values[:, :, :, :start].repeat(1, len(chunk), 1, 1, 1)
+    cache.length = start
+    positions = torch.arange(start, n, device=lm.device).expand(rows, -1)
+    ids = setup.ids[:, start:].expand(rows, -1)
+    logits = lm.net.forward(ids, positions, cache=cache, logits_to_keep=1, hooks=hooks)
     return logits[:, -1].float()
+
+
+def _prefix(lm: LoadedModel, ids: torch.Tensor, noise: torch.Tensor | None) -> Any:
+    """The corrupted run's keys and values on gptcli's GPT-2 (a KVCache, one row per noise sample),
+    which patched runs start from; None for a transformers model (they run every position)."""
+    import torch
+
+    if not runs_gptcli(lm):
+        return None
+    from gptcli.gpt2 import KVCache
+
+    assert lm.net is not None
+    rows, n = 1 if noise is None else len(noise), ids.shape[1]
+    cache = KVCache(lm.net.config, rows, n, lm.net.dtype, lm.net.device)
+    hooks: dict[str, Any] = {} if noise is None else {"hook_embed": lambda x, _: x + noise.to(x.dtype)}
+    positions = torch.arange(n, device=lm.device).expand(rows, -1)
+    lm.net.forward(ids.expand(rows, -1), positions, cache=cache, logits_to_keep=1, hooks=hooks)
+    return cache
 
 
 def _writer(clean: torch.Tensor, group: list[tuple[int, Patch]]) -> Any:
