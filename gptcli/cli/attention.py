@@ -32,6 +32,7 @@ from gptcli.cli._grids import (
 from gptcli.textio import check_text
 
 if TYPE_CHECKING:
+    from gptcli.inspection.attention import Attention
     from gptcli.inspection.pictures import Grid
 
 
@@ -110,22 +111,25 @@ def attention(
         for grid in grids():
             print_grid(grid, console)
     else:
-        tokens = [t["token"] for t in result.prompt.tokens]
-        if rollout and result.rollout is not None:
+        _tsv(result, layer, chosen_head, rollout)
+
+
+def _tsv(result: Attention, layer: int | None, head: tuple[int, int] | None, rollout: bool) -> None:
+    """`layer head query key piece weight` lines (rollout: `rollout - query key piece weight`)."""
+    tokens = [t["token"] for t in result.prompt.tokens]
+    if rollout and result.rollout is not None:
+        for i, q in enumerate(result.queries):
+            for j in range(q + 1):
+                print(f"rollout\t-\t{q}\t{j}\t{tokens[j]}\t{result.rollout[i, j]:.6g}")
+        return
+    blocks = [head[0]] if head else [layer] if layer else range(1, result.weights.shape[0] + 1)
+    heads = [head[1]] if head else range(result.weights.shape[1])
+    for block in blocks:
+        for h in heads:
             for i, q in enumerate(result.queries):
+                weights = result.weights[block - 1, h, i]
                 for j in range(q + 1):
-                    print(f"rollout\t-\t{q}\t{j}\t{tokens[j]}\t{result.rollout[i, j]:.6g}")
-            return
-        blocks = (
-            [chosen_head[0]] if chosen_head else [layer] if layer else range(1, result.weights.shape[0] + 1)
-        )
-        heads = [chosen_head[1]] if chosen_head else range(result.weights.shape[1])
-        for block in blocks:
-            for h in heads:
-                for i, q in enumerate(result.queries):
-                    weights = result.weights[block - 1, h, i]
-                    for j in range(q + 1):
-                        print(f"{block}\t{h}\t{q}\t{j}\t{tokens[j]}\t{weights[j]:.6g}")
+                    print(f"{block}\t{h}\t{q}\t{j}\t{tokens[j]}\t{weights[j]:.6g}")
 
 
 # --- Rendering ----------------------------------------------------------------------------------------
