@@ -103,7 +103,8 @@ def patch(
     if same(result.clean_diff, result.corrupt_diff):
         note("the two runs give the same logit difference: there is nothing to restore, no score")
     if save is not None:
-        save_grids(patching_grids(result), save, title(lm.name, clean))
+        shown = f"{clean} → {corrupt}" if corrupt is not None else f"{clean} (noise on {subject})"
+        save_grids(patching_grids(result), save, title(lm.name, shown))
     if json_:
         emit_json(result.to_json())
     elif is_tty():
