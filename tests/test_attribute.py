@@ -29,6 +29,7 @@ def references(traced_folders: dict[str, Path]):
     }
 
 
+@torch.no_grad()
 def reference_parts(model, ids: list[int], position: int, target: int, foil: int | None) -> dict:
     """{(kind, layer, head): logit term} and per-head sources, from transformers' modules: each part of
     the stream at `position` through ln_f with the real pass's scale, times the output layer's row."""
@@ -103,6 +104,8 @@ def test_every_part_equals_transformers_modules(
     assert abs(result.bias - expected["bias"]) < 1e-4
     assert abs(result.logit - expected["logit"]) < 1e-4
     assert abs(result.total - result.logit) < 1e-4  # the parts plus the bias term are the logit
+    if name == "hf":  # eager attention for the pass that read the pattern, and back after it
+        assert lm.model.config._attn_implementation == "sdpa"
     # The LayerNorm's gain and centring matter on this fixture: without the gain the parts do not add up.
     assert abs(sum(expected["parts"].values()) + expected["bias"] - expected["logit"]) < 1e-4
 
