@@ -30,16 +30,20 @@ if TYPE_CHECKING:
 
 
 @command(
-    epilog="Examples: gptcli patch '今天天气很好' '今天天气很差' · "
+    epilog="Examples: gptcli patch '今天天气很好，我们去' '今天天气不好，我们去' · "
     "gptcli patch 'The Eiffel Tower is in' --noise --subject 'Eiffel Tower' · "
     "gptcli patch 'When Mary and John went, John gave it to' 'When Mary and John went, Mary gave it to' "
     "--heads --save patch.html"
 )
 def patch(
-    clean: Annotated[str, typer.Argument(help="The prompt whose answer is restored.", show_default=False)],
+    clean: Annotated[
+        str, typer.Argument(metavar="CLEAN", help="The prompt whose answer is restored.", show_default=False)
+    ],
     corrupt: Annotated[
         str | None,
-        typer.Argument(help="The corrupted prompt, of the same token length.", show_default=False),
+        typer.Argument(
+            metavar="CORRUPT", help="The corrupted prompt, of the same token length.", show_default=False
+        ),
     ] = None,
     model: ModelOpt = None,
     heads: Annotated[bool, typer.Option("--heads", help="Also patch each head (at every position).")] = False,

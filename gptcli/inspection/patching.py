@@ -37,7 +37,6 @@ GRIDS = {"resid_pre": "hook_resid_pre", "attn_out": "hook_attn_out", "mlp_out": 
 HEADS = "attn.hook_z"
 TOKENS_PER_PASS = 4096  # rows x positions of one batched pass: bounds its activations' memory
 KV_BYTES = 256 << 20  # and the keys and values its rows start from
-PACK_FROM = 256  # cells from which packing the weights for batches (a second copy, ~1 s) pays
 NOISE_SCALE = 3.0  # ROME: 3 x the embeddings' standard deviation
 SEED = 0
 SAME = 1e-4  # logit differences closer than this (relative) are the same: there is nothing to restore
@@ -191,9 +190,6 @@ def patch(
     ]
     if heads:
         cells += [(Patch(HEADS, layer, None, h),) for layer in range(layers) for h in range(num_heads(lm))]
-    if runs_gptcli(lm) and len(cells) >= PACK_FROM:
-        assert lm.net is not None
-        lm.net.pack_for_batches()  # oneDNN's packed weights: about 1.5x on batched passes (bench_patch.py)
     values = [score(d, clean_diff, corrupt_diff) for d in diffs(lm, setup, cells)]
     for i, grid in enumerate(grids):
         flat = values[i * layers * n : (i + 1) * layers * n]
