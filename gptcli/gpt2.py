@@ -645,9 +645,11 @@ class GPT2:
             x = self._block(layer, block, x, attention, cache, at)
         if cache is not None:
             cache.length = start + input_ids.shape[1]
-        x = _layer_norm(
-            x, self.ln_f, self.config.layer_norm_epsilon, _At(hooks, "ln_final.") if hooks else None
-        )
+        eps = self.config.layer_norm_epsilon
+        if hooks:
+            x = _layer_norm(x, self.ln_f, eps, _At(hooks, "ln_final."))
+        else:
+            x = F.layer_norm(x, (x.shape[-1],), *self.ln_f, eps)
         if logits_to_keep:
             x = x[:, -logits_to_keep:]
         return self.lm_head(x)
@@ -661,13 +663,19 @@ class GPT2:
         cache: KVCache | None,
         at: _At | None,
     ) -> torch.Tensor:
-        """One block on the stream x [batch, new, width]; `at`: its hooks (None: none, the decode path)."""
+        """One block on the stream x [batch, new, width]; `at`: its hooks (None: none, the decode path,
+        which calls the kernels directly: a step of a small model is a few milliseconds, and a helper
+        call or an import per kernel would show in it)."""
+        import torch.nn.functional as F
+
         batch, new = x.shape[:2]
         heads, width, eps = self.config.n_head, self.config.n_embd, self.config.layer_norm_epsilon
         start = attention.start
-        if at is not None:
+        if at is None:
+            h = F.layer_norm(x, (width,), *block.ln_1, eps)
+        else:
             x = at("hook_resid_pre", x)
-        h = _layer_norm(x, block.ln_1, eps, None if at is None else at.sub("ln1."))
+            h = _layer_norm(x, block.ln_1, eps, at.sub("ln1."))
         q, k, v = block.c_attn(h).split(width, dim=2)
         q, k, v = (t.view(batch, new, heads, -1).transpose(1, 2) for t in (q, k, v))
         if at is not None:  # [batch, new, head, d_head], as TransformerLens shows them
@@ -682,7 +690,11 @@ class GPT2:
         if attention.kept:
             q, residual = q[:, :, -attention.kept :], residual[:, -attention.kept :]
             new = attention.kept
-        y = attention(q, k, v, at).transpose(1, 2)  # [batch, new, head, d_head]
+        if at is None or not at.wants("attn.hook_pattern"):
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attention.mask, is_causal=attention.causal)
+        else:
+            y = attention.with_pattern(q, k, v, at)
+        y = y.transpose(1, 2)  # [batch, new, head, d_head]
         if at is not None:
             y = at("attn.hook_z", y)
             out = at("hook_attn_out", block.attn_proj(y.reshape(batch, new, width)))
@@ -690,9 +702,10 @@ class GPT2:
         else:
             x = block.attn_proj(y.reshape(batch, new, width)) + residual
         residual = x
-        h = _layer_norm(x, block.ln_2, eps, None if at is None else at.sub("ln2."))
         if at is None:
+            h = F.layer_norm(x, (width,), *block.ln_2, eps)
             return residual + block.mlp_proj(gelu_new(block.c_fc(h)))
+        h = _layer_norm(x, block.ln_2, eps, at.sub("ln2."))
         post = at("mlp.hook_post", gelu_new(at("mlp.hook_pre", block.c_fc(h))))
         return at("hook_resid_post", residual + at("hook_mlp_out", block.mlp_proj(post)))
 
@@ -797,16 +810,13 @@ class _Attention:
     causal: bool
     kept: int
 
-    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, at: _At | None) -> torch.Tensor:
-        """softmax(q kᵀ / sqrt(d_head)) v per head, [batch, head, query, d_head]: SDPA's kernel, unless a
-        hook wants the pattern. The pattern is then also formed, in float32 as transformers' eager
-        attention forms it; it feeds the output only when the hook replaces it, so reading it leaves
-        the stream exactly as it was."""
+    def with_pattern(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, at: _At) -> torch.Tensor:
+        """softmax(q kᵀ / sqrt(d_head)) v per head, [batch, head, query, d_head], for a hook that wants
+        the pattern: it is formed in float32 as transformers' eager attention forms it, and feeds the
+        output only when the hook replaces it; reading it leaves the stream SDPA's, exactly as it was."""
         import torch
         import torch.nn.functional as F
 
-        if at is None or not at.wants("attn.hook_pattern"):
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=self.mask, is_causal=self.causal)
         scores = q.float() @ k.float().transpose(-1, -2) / math.sqrt(q.shape[-1])
         if self.mask is not None:
             scores = scores.masked_fill(~self.mask, float("-inf"))
