@@ -94,6 +94,50 @@ def test_every_cell_equals_patching_one_run_at_a_time(traced_lms, references, na
                 assert abs(result.scores[grid][layer][p] - expected) < 1e-4, (grid, layer, p)
 
 
+def head_patched(model, ids: list[int], clean_z: torch.Tensor, layer: int, head: int) -> torch.Tensor:
+    """Last-position logits with head `head` of block `layer` (its slice of c_proj's input, every
+    position) taken from `clean_z` [positions, width]."""
+    d = model.config.n_embd // model.config.n_head
+
+    def swap(_m, args):
+        x = args[0].clone()
+        x[0, :, head * d : (head + 1) * d] = clean_z[:, head * d : (head + 1) * d]
+        return (x,)
+
+    handle = model.transformer.h[layer].attn.c_proj.register_forward_pre_hook(swap)
+    try:
+        with torch.no_grad():
+            return model(torch.tensor([ids])).logits[0, -1]
+    finally:
+        handle.remove()
+
+
+@pytest.mark.parametrize("name", ["bpe", "hf"])
+def test_every_head_equals_patching_its_output_with_transformers(traced_lms, references, name: str) -> None:
+    lm, ref = traced_lms[name], references[name]
+    clean_ids, corrupt_ids = encode(lm, CLEAN).ids, encode(lm, CORRUPT).ids
+    result = patch(lm, CLEAN, CORRUPT, heads=True, grids=())
+    target, foil = result.target["id"], result.foil["id"]
+    clean_z: list[torch.Tensor] = []
+    hooks = [
+        b.attn.c_proj.register_forward_pre_hook(lambda _m, a: clean_z.append(a[0][0]))
+        for b in ref.transformer.h
+    ]
+    try:
+        with torch.no_grad():
+            ref(torch.tensor([clean_ids]))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert result.heads is not None and result.scores == {}
+    for layer in range(2):
+        for head in range(2):
+            logits = head_patched(ref, corrupt_ids, clean_z[layer], layer, head)
+            ld = float(logits[target] - logits[foil])
+            expected = (ld - result.corrupt_diff) / (result.clean_diff - result.corrupt_diff)
+            assert abs(result.heads[layer][head] - expected) < 1e-4, (layer, head)
+
+
 @pytest.mark.parametrize("name", ["bpe", "hf"])
 def test_all_of_the_first_input_scores_one_and_nothing_scores_zero(traced_lms, name: str) -> None:
     lm = traced_lms[name]
