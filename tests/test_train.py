@@ -502,3 +502,57 @@ def test_a_closed_stderr_never_stops_training(bpe_model: Path, corpus: Path, tmp
     assert proc.wait(timeout=300) == 0, head
     assert checkpoint_step(out) == 60 and (out / "model.safetensors").exists()
     assert max(r["step"] for r in metrics(out)) == 60
+
+
+class _ReaderGoneAt(__import__("io").TextIOWrapper):
+    """fd 2 of a forked child whose pipe's only reader (`read_end`, held by the child alone) goes away
+    just before the first line that starts with `cue` is written: that write meets a real EPIPE."""
+
+    def __init__(self, read_end: int, cue: str) -> None:
+        import io
+
+        super().__init__(io.FileIO(2, "w", closefd=False), encoding="utf-8", write_through=True)
+        self.read_end, self.cue = read_end, cue
+
+    def write(self, text: str) -> int:
+        if self.read_end >= 0 and text.lstrip().startswith(self.cue):
+            os.close(self.read_end)
+            self.read_end = -1
+        return super().write(text)
+
+
+@pytest.mark.parametrize("cue", ["training ", "note: ", "step ", "trained "])
+def test_stderr_gone_at_any_kind_of_line_never_stops_training(
+    bpe_model: Path, corpus: Path, tmp_path: Path, cue: str
+) -> None:
+    """`gptcli finetune ... 2>&1 | head -c 64`: the reader goes just as a start line, a note, a progress
+    line or the summary is written; the run still ends at its last step with its model saved."""
+    from forked import fork_main
+
+    out = tmp_path / "out"
+    read_end, write_end = os.pipe()
+
+    def reader_goes_at_cue() -> None:
+        sys.stderr = _ReaderGoneAt(read_end, cue)
+
+    args = ("finetune", corpus, "-m", bpe_model, "-o", out, *SMALL, "--steps", "3")
+    pid = fork_main(*args, stdout=write_end, stderr=write_end, before=reader_goes_at_cue)
+    os.close(read_end)
+    os.close(write_end)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert checkpoint_step(out) == 3 and (out / "model.safetensors").exists()
+    assert max(r["step"] for r in metrics(out)) == 3
+
+
+def test_the_model_folder_follows_the_umask(cli, bpe_model: Path, corpus: Path, tmp_path: Path) -> None:
+    """Every file of OUT, the weights too, is readable by others when the umask says so (022)."""
+    old = os.umask(0o022)
+    try:
+        result = cli("finetune", corpus, "-m", bpe_model, "-o", tmp_path / "out", *SMALL, "--steps", "1")
+    finally:
+        os.umask(old)
+    assert result.code == 0, result.err
+    modes = {p.name: p.stat().st_mode & 0o777 for p in (tmp_path / "out").iterdir() if p.is_file()}
+    assert "model.safetensors" in modes and "checkpoint.pt" in modes
+    assert set(modes.values()) == {0o644}, modes

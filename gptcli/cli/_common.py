@@ -170,15 +170,49 @@ def load(
 
 
 def stderr() -> Console:
+    """A rich console on stderr that outlives its reader: rich's own answer to a closed pipe is
+    `SystemExit(1)`, which would end a training run for the loss of its progress display."""
     from rich.console import Console
 
-    return Console(stderr=True, highlight=False, soft_wrap=True)
+    class TalkConsole(Console):
+        def on_broken_pipe(self) -> None:
+            self.quiet = True
+            stderr_gone()
+
+    return TalkConsole(stderr=True, highlight=False, soft_wrap=True)
 
 
 def stdout() -> Console:
+    """A rich console on stdout; a closed pipe raises BrokenPipeError, which `command` turns into a
+    quiet exit 141 (rich would exit 1)."""
     from rich.console import Console
 
-    return Console(highlight=False, soft_wrap=True)
+    class DataConsole(Console):
+        def on_broken_pipe(self) -> None:
+            self.quiet = True
+            raise BrokenPipeError
+
+    return DataConsole(highlight=False, soft_wrap=True)
+
+
+def stderr_gone() -> None:
+    """The reader of stderr went away (`2>&1 | head` exited, the terminal closed): send stderr to
+    /dev/null from now on, so that no later remark fails and the work goes on."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stderr.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):
+        pass
+
+
+def quietly_if_gone(write: Callable[..., None], *args: Any, **kwargs: Any) -> None:
+    """`write(*args, **kwargs)` to stderr, for talk that must never stop the work (training progress):
+    a gone reader (EPIPE from a closed pipe, EIO from a hung-up terminal) silences stderr instead."""
+    try:
+        write(*args, **kwargs)
+    except OSError:
+        stderr_gone()
 
 
 class _NoStatus:

@@ -7,16 +7,14 @@ there), so a default or a help text exists once.
 from __future__ import annotations
 
 import inspect
-import os
 import sys
 import typing
-from collections.abc import Callable
 from dataclasses import MISSING, fields
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from gptcli.cli._common import command, is_tty, stderr
+from gptcli.cli._common import command, is_tty, quietly_if_gone, stderr
 from gptcli.training.config import TrainConfig
 
 if TYPE_CHECKING:
@@ -82,27 +80,13 @@ def finetune(**options: Any) -> None:
     )
     view = ProgressView(live=is_tty(sys.stderr))
     try:
-        result = train(cfg, lambda event: _quietly_if_gone(view.on_event, event))
+        result = train(cfg, lambda event: quietly_if_gone(view.on_event, event))
     finally:
-        _quietly_if_gone(view.close)
+        quietly_if_gone(view.close)
     if result.main:
-        _quietly_if_gone(print, summary(result), file=sys.stderr, flush=True)
+        quietly_if_gone(print, summary(result), file=sys.stderr, flush=True)
     if result.interrupted:
         raise typer.Exit(130)
-
-
-def _quietly_if_gone(write: Callable[..., None], *args: Any, **kwargs: Any) -> None:
-    """Progress output that must never stop training: when stderr is gone (`2>&1 | head` exited, the
-    terminal closed), stderr goes to /dev/null from then on and the run goes on."""
-    try:
-        write(*args, **kwargs)
-    except OSError:  # EPIPE from a closed pipe, EIO from a hung-up terminal
-        try:
-            devnull = os.open(os.devnull, os.O_WRONLY)
-            os.dup2(devnull, sys.stderr.fileno())
-            os.close(devnull)
-        except (OSError, ValueError):
-            pass
 
 
 _PARAMETERS = _parameters()
