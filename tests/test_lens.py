@@ -291,6 +291,7 @@ def test_parse_positions() -> None:
         (["--positions", "a:b"], "--positions 'a:b'"),
         (["--at", "0", "--positions", "1"], "do not pass --positions too"),
         (["--save", "out.jpg"], "must end in .png, .svg, .html"),
+        (["--save", "no-such-folder/x.png"], "--save no-such-folder/x.png: no-such-folder does not exist"),
     ],
 )
 def test_bad_options_fail_before_loading(cli, args: list[str], message: str) -> None:

@@ -99,9 +99,19 @@ def ink(background: tuple[int, int, int]) -> str:
 
 
 def check_save_path(path: Path) -> None:
-    """Refuse a --save FILE whose kind gptcli cannot write."""
+    """Refuse a --save FILE that cannot be written (its kind, its folder), before any work is done."""
+    import os
+
     if path.suffix.lower() not in FORMATS:
         raise UsageError(f"--save {path}: the file name must end in {', '.join(FORMATS)}")
+    folder = path.expanduser().parent
+    if not folder.is_dir():
+        what = "is not a folder" if folder.exists() else "does not exist"
+        raise UsageError(f"--save {path}: {folder} {what}")
+    if path.expanduser().is_dir():
+        raise UsageError(f"--save {path}: that is a folder; give a file name")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise UsageError(f"--save {path}: the folder {folder} is not writable")
 
 
 def save(grids: list[Grid], path: Path, *, title: str) -> list[str]:
