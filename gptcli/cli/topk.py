@@ -81,11 +81,17 @@ def topk(
             note(f"{where} has more tokens than the context ({lm.context_length}); kept the last ones")
         if json_ or each_line:
             emit_json(result.to_json(lm.name))
-        elif is_tty():
-            _topk_table(result.tokens)
         else:
-            for t in result.tokens:
-                print(f"{t['rank']}\t{t['id']}\t{t['token']}\t{t['prob']:.6g}\t{t['logprob']:.6g}")
+            print_tokens(result.tokens, table=is_tty())
+
+
+def print_tokens(tokens: list[dict[str, Any]], *, table: bool) -> None:
+    """A next-token distribution on stdout: a table for a person, tab-separated lines for a pipe."""
+    if table:
+        _topk_table(tokens)
+        return
+    for t in tokens:
+        print(f"{t['rank']}\t{t['id']}\t{t['token']}\t{t['prob']:.6g}\t{t['logprob']:.6g}")
 
 
 def _topk_table(tokens: list[dict[str, Any]]) -> None:
