@@ -29,6 +29,7 @@ from gptcli.cli._grids import (
     save_grids,
     title,
 )
+from gptcli.generation.tokens import one_line
 from gptcli.textio import check_text
 
 if TYPE_CHECKING:
@@ -110,7 +111,7 @@ def attention(
         for grid in grids():
             print_grid(grid, console)
     else:
-        tokens = [t["token"] for t in result.prompt.tokens]
+        tokens = [one_line(t["token"]) for t in result.prompt.tokens]
         if rollout and result.rollout is not None:
             for i, q in enumerate(result.queries):
                 for j in range(q + 1):

@@ -34,6 +34,7 @@ from gptcli.cli._grids import (
     save_grids,
     title,
 )
+from gptcli.generation.tokens import one_line
 from gptcli.textio import check_text
 
 if TYPE_CHECKING:
@@ -142,12 +143,12 @@ def _lens_tsv(result: Lens) -> None:
             if row.target is not None:
                 t = row.target[i]
                 print(
-                    f"{row.label}\t{position}\t{t['rank']}\t{t['id']}\t{t['token']}\t{t['prob']:.6g}\t{t['logprob']:.6g}"
+                    f"{row.label}\t{position}\t{t['rank']}\t{t['id']}\t{one_line(t['token'])}\t{t['prob']:.6g}\t{t['logprob']:.6g}"
                 )
                 continue
             for rank, t in enumerate(row.top[i], 1):
                 print(
-                    f"{row.label}\t{position}\t{rank}\t{t['id']}\t{t['token']}\t{t['prob']:.6g}\t{t['logprob']:.6g}"
+                    f"{row.label}\t{position}\t{rank}\t{t['id']}\t{one_line(t['token'])}\t{t['prob']:.6g}\t{t['logprob']:.6g}"
                 )
 
 
@@ -174,7 +175,7 @@ def _lens_table(result: Lens) -> None:
         cells: list[Any] = [row.name]
         for t in row.top[0]:
             style = "" if is_plain(console) else cell_style(console, "blue", t["prob"])
-            cells.append(Text(f"{t['token']} {100 * t['prob']:.0f}%", style=style))
+            cells.append(Text(f"{one_line(t['token'])} {100 * t['prob']:.0f}%", style=style))
         if row.target is not None:
             t = row.target[0]
             cells.append(f"rank {t['rank']}  {100 * t['prob']:.2f}%")

@@ -31,6 +31,7 @@ from gptcli.cli._common import (
     whole_characters,
 )
 from gptcli.errors import UsageError
+from gptcli.generation.tokens import one_line
 from gptcli.textio import check_text
 
 if TYPE_CHECKING:
@@ -90,7 +91,7 @@ def score(
         stdout().print(totals)
     else:
         for t in result.tokens:
-            print(f"{t['id']}\t{t['token']}\t{t['logprob']:.6g}\t{t['rank']}")
+            print(f"{t['id']}\t{one_line(t['token'])}\t{t['logprob']:.6g}\t{t['rank']}")
         note(totals)
 
 

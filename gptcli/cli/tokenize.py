@@ -19,6 +19,7 @@ from gptcli.cli._common import (
     read_text,
 )
 from gptcli.errors import UsageError
+from gptcli.generation.tokens import one_line
 from gptcli.textio import check_text
 
 if TYPE_CHECKING:
@@ -75,7 +76,7 @@ def tokenize(
         emit_json({"model": name, "text": source, "tokens": tokens})
     else:
         for t in tokens:
-            print(f"{t['id']}\t{t['token']}")
+            print(f"{t['id']}\t{one_line(t['token'])}")
 
 
 @command(

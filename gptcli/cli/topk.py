@@ -26,6 +26,7 @@ from gptcli.cli._common import (
     read_text,
     stdout,
 )
+from gptcli.generation.tokens import one_line
 from gptcli.textio import check_text
 
 if TYPE_CHECKING:
@@ -91,7 +92,7 @@ def print_tokens(tokens: list[dict[str, Any]], *, table: bool) -> None:
         _topk_table(tokens)
         return
     for t in tokens:
-        print(f"{t['rank']}\t{t['id']}\t{t['token']}\t{t['prob']:.6g}\t{t['logprob']:.6g}")
+        print(f"{t['rank']}\t{t['id']}\t{one_line(t['token'])}\t{t['prob']:.6g}\t{t['logprob']:.6g}")
 
 
 def _topk_table(tokens: list[dict[str, Any]]) -> None:
@@ -109,7 +110,7 @@ def _topk_table(tokens: list[dict[str, Any]]) -> None:
         table.add_row(
             str(t["rank"]),
             str(t["id"]),
-            repr(t["token"])[1:-1],
+            one_line(t["token"]),
             f"{t['prob']:.4f}",
             f"{t['logprob']:.3f}",
             bar,

@@ -80,8 +80,11 @@ class Grid:
 
 
 def visible(piece: str) -> str:
-    """A piece as a label: one made only of spaces shows them as ␣ (a blank label reads as no token)."""
-    return "␣" * len(piece) if piece and not piece.strip(" ") else piece
+    """A piece as a label: on one line (`\\n` for a newline), and one made only of spaces shows them as
+    ␣ (a blank label reads as no token)."""
+    from gptcli.generation.tokens import one_line
+
+    return "␣" * len(piece) if piece and not piece.strip(" ") else one_line(piece)
 
 
 def colour(palette: str, shade: float) -> tuple[int, int, int]:
