@@ -235,6 +235,11 @@ def note(message: str) -> None:
     print(f"note: {message}", file=sys.stderr, flush=True)
 
 
+def warn(message: str) -> None:
+    """A warning for the person at the terminal (stderr): something works, but maybe not as they think."""
+    print(f"warning: {message}", file=sys.stderr, flush=True)
+
+
 def emit_json(obj: dict[str, Any]) -> None:
     sys.stdout.write(json.dumps(obj, ensure_ascii=False) + "\n")
     sys.stdout.flush()

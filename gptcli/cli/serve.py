@@ -17,6 +17,7 @@ from gptcli.cli._common import (
     command,
     load,
     note,
+    warn,
 )
 from gptcli.loading.models import check_quantize
 
@@ -73,10 +74,7 @@ def serve(
     if api_key is not None and not api_key.strip():
         raise UsageError("--api-key must not be empty")
     if not api_key and not is_loopback(host):
-        note(
-            f"warning: listening on {host} without --api-key: anyone who can reach this machine "
-            "can use the model"
-        )
+        warn(f"listening on {host} without --api-key: anyone who can reach this machine can use the model")
     sock = listen(host, port)  # before loading: a busy port fails at once
     try:
         lm = load(model, device, dtype, allow_pickle, trust_remote_code, quantize)
