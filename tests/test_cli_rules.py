@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import re
 import os
 import shutil
 import subprocess
@@ -133,12 +134,38 @@ def test_bare_gptcli_prints_the_help_and_succeeds(cli) -> None:
 
 def test_help_shows_flags_without_a_value_and_every_command_has_examples(cli) -> None:
     commands = ["info", "tokenize", "detokenize", "topk", "score", "complete", "finetune", "models", "pull"]
-    commands += ["compare", "step", "lens", "attention"]
+    commands += ["compare", "step", "lens", "attention", "chat", "serve"]
     for name in commands:
         result = cli(name, "--help")
         assert result.code == 0, name
-        assert "<bool>" not in result.out, name
+        assert "<bool>" not in result.out and "<list[" not in result.out, name
         assert "Examples" in result.out, name
+        examples = [line.strip() for line in result.out[result.out.index("Examples") :].splitlines()[1:]]
+        commands = [line for line in examples if line]
+        assert len(commands) >= 2 and " · " not in " ".join(commands), name  # one example a line
+
+
+ORDER = {
+    "Generate": ["complete", "chat", "step"],
+    "Inspect": ["tokenize", "detokenize", "topk", "score", "lens", "attention", "compare"],
+    "Train": ["finetune"],
+    "Serve": ["serve"],
+    "Models": ["models", "pull", "info"],
+}
+
+
+def test_gptcli_help_groups_the_commands_each_on_one_line(cli, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`gptcli --help`: panels Generate, Inspect, Train, Serve, Models in that order; on a wide terminal
+    each command's summary is one line, never broken mid-phrase."""
+    monkeypatch.setenv("COLUMNS", "250")
+    out = cli("--help").out
+    panels = re.findall(r"╭─ (\w+) ─", out)
+    assert panels == ["Options", *ORDER], panels
+    for panel, names in ORDER.items():
+        body = out[out.index(f"╭─ {panel} ─") :]
+        body = body[: body.index("╰")]
+        rows = [line.strip("│ ").split()[0] for line in body.splitlines()[1:]]
+        assert rows == names, (panel, rows)  # every row starts with a command: no wrapped lines
 
 
 def test_messages_fit_what_was_typed(cli, unreachable_hub: Path) -> None:

@@ -6,6 +6,7 @@ This package is the only place that imports typer and rich. Library modules neve
 from __future__ import annotations
 
 import functools
+import inspect
 import json
 import os
 import sys
@@ -25,13 +26,24 @@ if TYPE_CHECKING:
 
 
 class _FlagsWithoutValues:
-    """Flags show no value placeholder in --help (typer would show `<bool>`, as if `--json` took one)."""
+    """Flags show no value placeholder in --help (typer would show `<bool>`, as if `--json` took one),
+    and a repeatable option or argument shows the type of one value (typer would show `<list[str]>`)."""
 
     def get_params(self, ctx: Any) -> list[Any]:
         params = super().get_params(ctx)  # type: ignore[misc]
         for param in params:
-            if getattr(param, "is_flag", False) and param.metavar is None:
+            if param.metavar is not None:
+                continue
+            if getattr(param, "is_flag", False):
                 param.metavar = ""
+            else:
+                shown = param.display_type(ctx)  # e.g. "<list[str]>" for a repeatable value
+                if shown.startswith("<list[") and shown.endswith("]>"):
+                    one = "<" + shown[6:-2] + ">"
+                    if param.nargs == -1:  # an argument: its name stays, only its type column changes
+                        param.display_type_rich = lambda ctx, one=one: one + "..."
+                    else:
+                        param.metavar = one
         return params
 
 
@@ -39,8 +51,24 @@ class _Command(_FlagsWithoutValues, TyperCommand):
     """A command of gptcli's."""
 
 
+# `gptcli --help` groups the commands in panels, in this order (each command names its panel).
+GENERATE, INSPECT, TRAIN, SERVE, MODELS = "Generate", "Inspect", "Train", "Serve", "Models"
+COMMAND_ORDER = (
+    *("complete", "chat", "step"),
+    *("tokenize", "detokenize", "topk", "score", "lens", "attention", "compare"),
+    *("finetune", "serve", "models", "pull", "info"),
+)
+
+
 class Group(_FlagsWithoutValues, TyperGroup):
     """A command group of gptcli's (`gptcli` itself, `gptcli models`)."""
+
+    def list_commands(self, ctx: Any) -> list[str]:
+        """In COMMAND_ORDER (the order of the panels, and within one the order of common use), not in
+        the order the modules happen to be imported."""
+        names = super().list_commands(ctx)
+        known = {name: i for i, name in enumerate(COMMAND_ORDER)}
+        return sorted(names, key=lambda name: known.get(name, len(known)))
 
 
 app = typer.Typer(
@@ -65,6 +93,11 @@ def command(
     """
 
     def register(fn: Callable[..., Any]) -> Callable[..., Any]:
+        # `gptcli --help` shows the docstring's first paragraph; joined into one line, so that it wraps
+        # at the terminal's width instead of at the docstring's line breaks.
+        summary = inspect.cleandoc(fn.__doc__ or "").split("\n\n")[0]
+        kwargs.setdefault("short_help", " ".join(summary.split()))
+
         @functools.wraps(fn)
         def guarded(*args: Any, **kw: Any) -> Any:
             try:

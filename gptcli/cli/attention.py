@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 from gptcli.cli._common import (
+    INSPECT,
     AllowPickleOpt,
     DeviceOpt,
     DtypeOpt,
@@ -17,6 +18,7 @@ from gptcli.cli._common import (
     TextArg,
     TrustCodeOpt,
     command,
+    examples,
     is_tty,
     load,
     note,
@@ -37,8 +39,13 @@ if TYPE_CHECKING:
 
 
 @command(
-    epilog="Examples: gptcli attention '今天天气很好，我们去' · gptcli attention 'I like' --layer 3 · "
-    "gptcli attention 'The cat sat' --head 2.1 --query all · gptcli attention 'I like tea' --rollout"
+    rich_help_panel=INSPECT,
+    epilog=examples(
+        "gptcli attention '今天天气很好，我们去'",
+        "gptcli attention 'I like' --layer 3",
+        "gptcli attention 'The cat sat' --head 2.1 --query all",
+        "gptcli attention 'I like tea' --rollout",
+    ),
 )
 def attention(
     prompt: TextArg = None,

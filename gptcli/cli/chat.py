@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 from gptcli.cli._common import (
+    GENERATE,
     AllowPickleOpt,
     DeviceOpt,
     DtypeOpt,
@@ -55,11 +56,12 @@ An empty entry (text mode) lets the model go on with the text so far; //x sends 
 
 
 @command(
+    rich_help_panel=GENERATE,
     epilog=examples(
         "gptcli chat -m builtin",
         "gptcli chat -m ./my-model --temperature 0.7 -n 200",
         "printf 'Once upon a time\\n/topk 5\\n' | gptcli chat --seed 1    [dim]# one entry a line[/dim]",
-    )
+    ),
 )
 def chat(
     model: ModelOpt = None,

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 
 from gptcli.cli._common import (
+    INSPECT,
     AllowPickleOpt,
     DeviceOpt,
     DtypeOpt,
@@ -44,7 +45,7 @@ _EXAMPLES = """\
 """
 
 
-@command(epilog=_EXAMPLES)
+@command(rich_help_panel=INSPECT, epilog=_EXAMPLES)
 def compare(
     model_a: Annotated[str, typer.Argument(help="The first model (A), e.g. the base model.")],
     model_b: Annotated[str, typer.Argument(help="The second model (B), e.g. its fine-tune.")],

@@ -12,6 +12,7 @@ import typer
 
 from gptcli.batching import check_batch_size
 from gptcli.cli._common import (
+    GENERATE,
     AllowPickleOpt,
     DeviceOpt,
     DtypeOpt,
@@ -111,7 +112,7 @@ _EXAMPLES = """\
 """
 
 
-@command(epilog=_EXAMPLES)
+@command(rich_help_panel=GENERATE, epilog=_EXAMPLES)
 def complete(
     prompt: Annotated[
         str | None, typer.Argument(help="The prompt; read from stdin when absent or '-'.", show_default=False)

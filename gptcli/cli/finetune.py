@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from gptcli.cli._common import command, is_tty, quietly_if_gone, stderr
+from gptcli.cli._common import TRAIN, command, is_tty, quietly_if_gone, stderr
 from gptcli.training.config import TrainConfig
 
 if TYPE_CHECKING:
@@ -92,7 +92,7 @@ def finetune(**options: Any) -> None:
 _PARAMETERS = _parameters()
 finetune.__signature__ = inspect.Signature(_PARAMETERS)  # type: ignore[attr-defined]
 finetune.__annotations__ = {p.name: p.annotation for p in _PARAMETERS}
-command(epilog=EPILOG)(finetune)
+command(rich_help_panel=TRAIN, epilog=EPILOG)(finetune)
 
 
 def _duration(seconds: float) -> str:

@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 
 from gptcli.cli._common import (
+    INSPECT,
     AllowPickleOpt,
     DeviceOpt,
     DtypeOpt,
@@ -17,6 +18,7 @@ from gptcli.cli._common import (
     TrustCodeOpt,
     command,
     emit_json,
+    examples,
     is_tty,
     load,
     note,
@@ -43,8 +45,13 @@ if TYPE_CHECKING:
 
 
 @command(
-    epilog="Examples: gptcli lens 'The capital of France is' · gptcli lens 'I like' --at -1 -k 8 · "
-    "gptcli lens 'The capital of France is' --token ' Paris' · gptcli lens '今天天气' --save lens.html"
+    rich_help_panel=INSPECT,
+    epilog=examples(
+        "gptcli lens 'The capital of France is'",
+        "gptcli lens 'I like' --at -1 -k 8",
+        "gptcli lens 'The capital of France is' --token ' Paris'",
+        "gptcli lens '今天天气' --save lens.html",
+    ),
 )
 def lens(
     prompt: TextArg = None,

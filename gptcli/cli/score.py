@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 
 from gptcli.cli._common import (
+    INSPECT,
     AllowPickleOpt,
     DeviceOpt,
     DtypeOpt,
@@ -47,11 +48,12 @@ BatchOpt = Annotated[int, typer.Option("--batch-size", help="Prompts per forward
 
 
 @command(
+    rich_help_panel=INSPECT,
     epilog=examples(
         'gptcli score "The cat sat on the mat."',
         "gptcli score -f essay.txt --json | jq .perplexity",
         "gptcli score -f notes.txt | sort -t$'\\t' -k3 -g | head   [dim]# the most surprising tokens[/dim]",
-    )
+    ),
 )
 def score(
     text: TextArg = None,

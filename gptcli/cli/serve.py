@@ -8,6 +8,7 @@ from typing import Annotated
 import typer
 
 from gptcli.cli._common import (
+    SERVE,
     AllowPickleOpt,
     DeviceOpt,
     DtypeOpt,
@@ -33,7 +34,7 @@ docs/serve.md: the endpoints, their parameters, and use from the openai package 
 """
 
 
-@command(epilog=_EXAMPLES)
+@command(rich_help_panel=SERVE, epilog=_EXAMPLES)
 def serve(
     model: ModelOpt = None,
     host: Annotated[

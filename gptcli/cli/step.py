@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 from gptcli.cli._common import (
+    GENERATE,
     AllowPickleOpt,
     DeviceOpt,
     DtypeOpt,
@@ -48,7 +49,7 @@ _BACKSPACE = ("\x7f", "\x08")
 _QUIT = ("q", "Q", "\x04")  # q, or Ctrl-D
 
 
-@command(epilog=_EXAMPLES)
+@command(rich_help_panel=GENERATE, epilog=_EXAMPLES)
 def step(
     prompt: Annotated[
         str | None,

@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 from gptcli.cli._common import (
+    INSPECT,
     FileOpt,
     JsonOpt,
     ModelOpt,
@@ -35,12 +36,13 @@ BatchOpt = Annotated[int, typer.Option("--batch-size", help="Prompts per forward
 
 
 @command(
+    rich_help_panel=INSPECT,
     epilog=examples(
         'gptcli tokenize "今天天气 hello"',
         'echo "今天天气" | gptcli tokenize --ids',
         "gptcli tokenize --count -f chapter.txt",
         "gptcli tokenize --json \"龙\" | jq -c '.tokens[]'",
-    )
+    ),
 )
 def tokenize(
     text: TextArg = None,
@@ -80,11 +82,12 @@ def tokenize(
 
 
 @command(
+    rich_help_panel=INSPECT,
     epilog=examples(
         "gptcli detokenize 31373 995",
         'gptcli tokenize --ids "今天天气" | gptcli detokenize',
         "gptcli detokenize --json 164 119 | jq -r '.tokens[].bytes'",
-    )
+    ),
 )
 def detokenize(
     ids: Annotated[

@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 
 from gptcli.cli._common import (
+    INSPECT,
     AllowPickleOpt,
     DeviceOpt,
     DtypeOpt,
@@ -42,11 +43,12 @@ BatchOpt = Annotated[int, typer.Option("--batch-size", help="Prompts per forward
 
 
 @command(
+    rich_help_panel=INSPECT,
     epilog=examples(
         'gptcli topk "The capital of France is"',
         'gptcli topk "今天天气" -k 5 | cut -f3',
         "gptcli topk --each-line -f prompts.txt | jq -c '.tokens[0]'",
-    )
+    ),
 )
 def topk(
     prompt: TextArg = None,
