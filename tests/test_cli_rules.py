@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import itertools
 import json
-import re
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -361,6 +361,16 @@ def test_models_rm_removes_every_revision_and_says_what_it_freed(
     assert cli("models", "rm", "builtin").code == 2
 
 
+def test_models_rm_of_a_path_says_it_is_a_path(cli, unreachable_hub: Path, tmp_path: Path) -> None:
+    (tmp_path / "folder").mkdir()
+    for name in (str(tmp_path / "folder"), "./folder", "~/x"):
+        result = cli("models", "rm", name)
+        assert result.code == 2 and f"Error: '{name}' is a path, not a hub id: " in result.err, result.err
+    bad = cli("models", "rm", "a--b")
+    assert bad.code == 2 and "is not a hub id: a hub id is NAME or OWNER/NAME" in bad.err
+    assert "repo_type" not in bad.err
+
+
 def test_an_uncached_hub_id_fails_before_torch_loads(unreachable_hub: Path, tmp_path: Path) -> None:
     """`complete -m gpt2` offline: the answer comes before the seconds torch takes to import."""
     code = (
@@ -372,3 +382,10 @@ def test_an_uncached_hub_id_fails_before_torch_loads(unreachable_hub: Path, tmp_
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60)
     assert out.stdout.split() == ["1", "False"], out.stderr
     assert time.monotonic() - started < 20
+
+
+def test_every_doc_is_linked_from_the_readme() -> None:
+    root = Path(__file__).parent.parent
+    readme = (root / "README.md").read_text(encoding="utf-8")
+    unlinked = [p.name for p in sorted((root / "docs").glob("*.md")) if f"(docs/{p.name})" not in readme]
+    assert unlinked == []
