@@ -389,3 +389,32 @@ def test_every_doc_is_linked_from_the_readme() -> None:
     readme = (root / "README.md").read_text(encoding="utf-8")
     unlinked = [p.name for p in sorted((root / "docs").glob("*.md")) if f"(docs/{p.name})" not in readme]
     assert unlinked == []
+
+
+@pytest.mark.parametrize("command", [["topk", "hi"], ["score", "hi there"], ["lens", "hi"]])
+def test_no_empty_progress_bar_flashes_on_a_terminal(bpe_model: Path, command: list[str]) -> None:
+    """stderr on a terminal: a progress bar appears only once its total is known, never as `0/0`."""
+    import pty
+
+    from forked import fork_main
+
+    master, slave = pty.openpty()
+    out_r, out_w = os.pipe()
+    pid = fork_main(*command, "-m", bpe_model, stdout=out_w, stderr=slave, close=[master, out_r])
+    os.close(slave)
+    os.close(out_w)
+    shown = b""
+    while True:
+        try:
+            data = os.read(master, 4096)
+        except OSError:  # EIO: the child closed the terminal
+            break
+        if not data:
+            break
+        shown += data
+    _, status = os.waitpid(pid, 0)
+    os.close(master)
+    assert os.read(out_r, 1 << 16)  # the command's data went to stdout
+    os.close(out_r)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert b" 0/0 " not in shown.replace(b"\x1b[32m", b" ").replace(b"\x1b[0m", b" "), shown

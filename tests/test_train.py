@@ -6,6 +6,7 @@ import contextlib
 import itertools
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -556,3 +557,52 @@ def test_the_model_folder_follows_the_umask(cli, bpe_model: Path, corpus: Path, 
     modes = {p.name: p.stat().st_mode & 0o777 for p in (tmp_path / "out").iterdir() if p.is_file()}
     assert "model.safetensors" in modes and "checkpoint.pt" in modes
     assert set(modes.values()) == {0o644}, modes
+
+
+def test_notes_come_before_the_first_progress_line_in_the_documented_order(
+    cli, bpe_model: Path, corpus: Path, tmp_path: Path
+) -> None:
+    """docs/training.md: the notes on what the data became, then the start line, then progress."""
+    result = cli("finetune", corpus, "-m", bpe_model, "-o", tmp_path / "out", *SMALL, "--steps", "2")
+    assert result.code == 0, result.err
+    lines = result.err.splitlines()
+    kinds = [line.split()[0] if not line.startswith("note:") else line.split()[1] for line in lines]
+    assert kinds[0] == "tokenized" and kinds[1].isdigit() and kinds[2] == "training", lines
+    assert lines[3].startswith("step 1/2")
+
+
+def test_one_block_is_one_block(cli, bpe_model: Path, tmp_path: Path) -> None:
+    data = tmp_path / "short.txt"
+    data.write_text(tiny.TEXT[:60], encoding="utf-8")
+    args = ["--batch-size", "1", "--block-size", "64", "--val-split", "0", "--steps", "1"]
+    result = cli("finetune", data, "-m", bpe_model, "-o", tmp_path / "out", *args)
+    assert result.code == 0, result.err
+    assert "note: 1 training block of 64 tokens" in result.err, result.err
+    assert "(1 block of 64)" in result.err and "1 blocks" not in result.err
+    assert "trained 1 step (64 tokens)" in result.err
+
+
+def test_an_interrupted_run_reports_its_last_step_and_a_resume_says_what_it_did(
+    cli, bpe_model: Path, corpus: Path, tmp_path: Path
+) -> None:
+    """Stopped after step 5 (logged every 4): the loss it reports is step 5's, and metrics.jsonl has it;
+    the resumed run's summary tells its own steps and time from the run's totals."""
+    out = tmp_path / "out"
+
+    def stop_after_step_4(event) -> None:
+        if event.kind == "log" and event.step == 4:  # as Ctrl-C during step 5 would
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    cfg = TrainConfig(data=[str(corpus)], model=str(bpe_model), out_dir=out, steps=8, batch_size=4)
+    cfg.block_size, cfg.log_every, cfg.device = 32, 4, "cpu"
+    stopped = train(cfg, stop_after_step_4)
+    assert stopped.interrupted and stopped.step == 5
+    assert [r["step"] for r in metrics(out)] == [4, 5] and stopped.loss == metrics(out)[-1]["loss"]
+    args = ["--batch-size", "4", "--block-size", "32", "--log-every", "4", "--steps", "8", "--resume"]
+    resumed = cli("finetune", corpus, "-m", bpe_model, "-o", out, *args)
+    assert resumed.code == 0, resumed.err
+    summary = resumed.err.strip().splitlines()[-1]
+    assert re.match(
+        rf"trained steps 6 to 8 in \d+:\d\d \(resumed from step 5; 8 steps, {8 * 4 * 32:,} tokens", summary
+    )
+    assert [r["step"] for r in metrics(out)] == [4, 5, 8]

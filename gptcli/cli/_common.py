@@ -308,14 +308,27 @@ class _Progress:
             console=stderr(),
             transient=True,
         )
-        self.task = self.bar.add_task(what, total=total)
+        self.task = self.bar.add_task(what, total=total or None)
+        self.started = False
 
     def __enter__(self) -> Callable[..., None]:
+        if self.bar.tasks[0].total:
+            self._start()
+        return self.update
+
+    def update(self, done: int, total: int | None = None) -> None:
+        # A bar whose total is not known yet would show an empty `0/0 -:--:--`: it waits for the total.
+        self.bar.update(self.task, completed=done, total=total)
+        if not self.started and self.bar.tasks[0].total:
+            self._start()
+
+    def _start(self) -> None:
         self.bar.start()
-        return lambda done, total=None: self.bar.update(self.task, completed=done, total=total)
+        self.started = True
 
     def __exit__(self, *exc: object) -> None:
-        self.bar.stop()
+        if self.started:
+            self.bar.stop()
 
 
 def progress(total: int, what: str) -> Any:

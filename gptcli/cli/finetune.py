@@ -137,10 +137,11 @@ class ProgressView:
             self.spinner.stop()
             self.spinner = None
         if event.kind == "start":
+            blocks = m["train_tokens"] // m["block_size"]
             text = (
                 f"training {m['parameters'] / 1e6:.2f}M parameters on {m['device']} ({m['precision']}, "
                 f"{m['processes']} process{'es' if m['processes'] > 1 else ''}): {m['train_tokens']:,} "
-                f"training tokens ({m['train_tokens'] // m['block_size']:,} blocks of {m['block_size']}), "
+                f"training tokens ({_count(blocks, 'block')} of {m['block_size']}), "
                 f"global batch {m['global_batch']}"
             )
             self.console.print(text)
@@ -192,7 +193,17 @@ def summary(result: TrainResult) -> str:
             f"interrupted at step {result.step}/{result.total_steps}{losses}; checkpoint and model saved in "
             f"{result.out_dir}: add --resume to the same command to continue"
         )
+    if result.start_step:  # resumed: this run's steps and time, and the run's totals
+        return (
+            f"trained steps {result.start_step + 1} to {result.step} in {_duration(result.seconds)} "
+            f"(resumed from step {result.start_step}; {_count(result.step, 'step')}, {result.tokens:,} "
+            f"tokens in all){losses}: model in {result.out_dir}"
+        )
     return (
-        f"trained {result.step} steps ({result.tokens:,} tokens) in {_duration(result.seconds)}{losses}: "
-        f"model in {result.out_dir}"
+        f"trained {_count(result.step, 'step')} ({result.tokens:,} tokens) in {_duration(result.seconds)}"
+        f"{losses}: model in {result.out_dir}"
     )
+
+
+def _count(n: int, thing: str) -> str:
+    return f"{n:,} {thing}{'' if n == 1 else 's'}"

@@ -74,7 +74,7 @@ def topk(
     check_topk_options(k=k, temperature=temperature, batch_size=batch_size)
     prompts = read_lines(prompt, file) if each_line else [check_text(read_text(prompt, file))]
     lm = load(model, device, dtype, allow_pickle, trust_remote_code)
-    with progress(len(prompts), "prompts") if each_line else progress(0, "") as update:
+    with progress(len(prompts) if each_line else 0, "prompts") as update:
         results = next_token_distribution(
             lm, prompts, k=k, temperature=temperature, batch_size=batch_size, on_progress=update
         )
