@@ -26,6 +26,7 @@ from gptcli.cli._common import (
     stdout,
 )
 from gptcli.cli._grids import (
+    DpiOpt,
     SaveOpt,
     print_grid,
     save_grids,
@@ -71,6 +72,7 @@ def attention(
         typer.Option("--hide-sink", help="Leave the first token (the attention sink) out of the shading."),
     ] = False,
     save: SaveOpt = None,
+    dpi: DpiOpt = 110,
     json_: JsonOpt = False,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
@@ -91,9 +93,10 @@ def attention(
         check_layer_head,
         parse_head,
     )
-    from gptcli.inspection.pictures import check_save_path
+    from gptcli.inspection.pictures import check_dpi, check_save_path
 
     check_attention_options(layer=layer, head=head, query=query, rollout=rollout)
+    check_dpi(dpi)
     if save is not None:
         check_save_path(save)
     text = check_text(read_text(prompt, file))
@@ -108,7 +111,7 @@ def attention(
         return attention_grids(result, layer=layer, head=chosen_head, rollout=rollout, hide_sink=hide_sink)
 
     if save is not None:
-        save_grids(grids(), save, title(lm.name, text))
+        save_grids(grids(), save, title(lm.name, text), dpi)
     if json_:
         for piece in result.json_pieces(lm.name):
             sys.stdout.write(piece)

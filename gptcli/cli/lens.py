@@ -28,6 +28,7 @@ from gptcli.cli._common import (
 )
 from gptcli.cli._grids import (
     PICTURE_POSITIONS,
+    DpiOpt,
     SaveOpt,
     cell_style,
     fitting_columns,
@@ -78,6 +79,7 @@ def lens(
         ),
     ] = None,
     save: SaveOpt = None,
+    dpi: DpiOpt = 110,
     json_: JsonOpt = False,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
@@ -93,9 +95,10 @@ def lens(
     logprob` lines (with --token: that token's line per cell).
     """
     from gptcli.inspection.lens import check_lens_options, logit_lens
-    from gptcli.inspection.pictures import check_save_path
+    from gptcli.inspection.pictures import check_dpi, check_save_path
 
     check_lens_options(k=k, positions=positions, at=at)
+    check_dpi(dpi)
     if save is not None:
         check_save_path(save)
     text = check_text(read_text(prompt, file))
@@ -127,7 +130,7 @@ def lens(
         drawn = result.positions[-PICTURE_POSITIONS:] if positions is None else result.positions
         if len(drawn) < len(result.positions):
             note(f"the picture shows the last {len(drawn)} positions; --positions chooses others")
-        save_grids([_lens_grid(result, drawn)], save, title(lm.name, text))
+        save_grids([_lens_grid(result, drawn)], save, title(lm.name, text), dpi)
     if json_:
         emit_json(result.to_json(lm.name))
     elif table:
