@@ -606,3 +606,41 @@ def test_an_interrupted_run_reports_its_last_step_and_a_resume_says_what_it_did(
         rf"trained steps 6 to 8 in \d+:\d\d \(resumed from step 5; 8 steps, {8 * 4 * 32:,} tokens", summary
     )
     assert [r["step"] for r in metrics(out)] == [4, 5, 8]
+
+
+def test_the_first_rate_after_a_resume_counts_only_the_steps_it_timed(
+    bpe_model: Path, corpus: Path, tmp_path: Path
+) -> None:
+    """A run killed after its step-6 checkpoint (logged every 4: steps 5 and 6 pending) resumes; its
+    first logged rate is over steps 7 and 8, the ones it timed, not over 5 to 8 (twice the real rate)."""
+    out = tmp_path / "out"
+    cfg = TrainConfig(data=[str(corpus)], model=str(bpe_model), out_dir=out, steps=8, batch_size=8)
+    cfg.block_size, cfg.grad_accum, cfg.log_every, cfg.save_every, cfg.device = 32, 4, 4, 2, "cpu"
+
+    def killed_after_the_step_6_checkpoint(event) -> None:
+        if event.kind == "save" and event.step == 6:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    pid = os.fork()
+    if pid == 0:  # the run that gets killed; never returns into pytest
+        try:
+            train(cfg, killed_after_the_step_6_checkpoint)
+        finally:
+            os._exit(1)
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFSIGNALED(status) and checkpoint_step(out) == 6
+
+    times: dict[str, float] = {}
+    rates: dict[int, float] = {}
+
+    def watch(event) -> None:
+        times.setdefault(event.kind, time.perf_counter())
+        if event.kind == "log":
+            rates[event.step] = event.metrics["tokens_per_second"]
+
+    cfg.resume = True
+    train(cfg, watch)
+    # The loop's steps 7 and 8 ran between the start event and the log event, and took most of it.
+    tokens = 2 * 8 * 4 * 32
+    seconds = times["log"] - times["start"]
+    assert tokens / seconds <= rates[8] < 1.5 * tokens / seconds
