@@ -118,6 +118,7 @@ class Job:
     sink: Callable[[Event], None]
     prompt_logprobs: int | None = None
     generate: bool = True
+    logit_bias: dict[int, float] | None = None  # added to the logits before a token is drawn (OpenAI's)
     cancelled: bool = False
     paused: bool = False  # its reader is behind: its rows wait outside the batch (see `pause`)
     submitted: float = field(default_factory=time.perf_counter)
@@ -604,14 +605,19 @@ class Engine:
 
         assert self._logits is not None
         tokens = [self._pad] * len(self._slots)
-        groups: dict[Settings, list[int]] = {}
+        groups: dict[tuple[Settings, Any], list[int]] = {}
         for i, slot in enumerate(self._slots):
             if not slot.done:
-                groups.setdefault(_how_drawn(slot.job.settings), []).append(i)
-        for settings, rows in groups.items():
+                bias = tuple(sorted(slot.job.logit_bias.items())) if slot.job.logit_bias else None
+                groups.setdefault((_how_drawn(slot.job.settings), bias), []).append(i)
+        for (settings, bias), rows in groups.items():
             whole = len(rows) == len(self._slots)
             index = torch.tensor(rows, device=self._logits.device)
             logits = self._logits if whole else self._logits[index]
+            if bias is not None:  # OpenAI's: added before drawing, so the logprobs are of the biased logits
+                ids, values = zip(*bias, strict=True)
+                logits = logits.clone()
+                logits[:, list(ids)] += torch.tensor(values, dtype=logits.dtype, device=logits.device)
             seen = None
             if settings.repetition_penalty != 1.0:
                 seen = torch.stack([self._slots[i].seen for i in rows])  # type: ignore[misc]
