@@ -626,12 +626,18 @@ def describe_tokenizer(lm: LoadedModel) -> dict[str, Any]:
     from gptcli.serving.chat import chat_template
 
     tokenizer = lm.tokenizer
+
+    def special(role: str) -> str | None:
+        token = getattr(tokenizer, f"{role}_token_id", None)
+        return None if token is None else str(tokenizer.convert_ids_to_tokens(token))
+
     return {
-        "tokenizer_class": type(tokenizer).__name__,
-        "eos_token": getattr(tokenizer, "eos_token", None),
-        "bos_token": getattr(tokenizer, "bos_token", None),
-        "pad_token": getattr(tokenizer, "pad_token", None),
-        "unk_token": getattr(tokenizer, "unk_token", None),
+        # gptcli's stand-in names the class transformers would build
+        "tokenizer_class": getattr(tokenizer, "class_name", type(tokenizer).__name__),
+        "eos_token": special("eos"),
+        "bos_token": special("bos"),
+        "pad_token": special("pad"),
+        "unk_token": special("unk"),
         "model_max_length": lm.context_length,
         "vocab_size": min(len(tokenizer), lm.config.vocab_size),
         "chat_template": chat_template(tokenizer),
