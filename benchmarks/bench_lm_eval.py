@@ -27,11 +27,16 @@ from common import generated_text, machine, print_table
 def requests(count: int) -> list[tuple[str, str]]:
     rng = random.Random(22)
     text = generated_text(60_000, seed=9)
-    out = []
-    for _ in range(count):
+    out: list[tuple[str, str]] = []
+    while len(out) < count:
         start = rng.randrange(len(text) - 400)
         cut = rng.randint(20, 300)
-        out.append((text[start : start + cut], text[start + cut : start + cut + rng.randint(3, 60)]))
+        context, continuation = (
+            text[start : start + cut],
+            text[start + cut : start + cut + rng.randint(3, 60)],
+        )
+        if context.strip() and continuation.strip():  # (lm-eval's hf backend refuses empty ones)
+            out.append((context, continuation))
     return out
 
 

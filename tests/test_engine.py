@@ -229,7 +229,7 @@ def test_a_paused_job_leaves_the_batch_and_resumes_with_the_same_numbers(lms) ->
             events: list = []
             arrived = threading.Event()
 
-            def sink(event, events=events) -> None:
+            def sink(event, events=events, arrived=arrived) -> None:
                 events.append(event)
                 arrived.set()
 

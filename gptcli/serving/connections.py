@@ -3,11 +3,15 @@ the process's file limit, and log lines that a flood cannot multiply.
 
 uvicorn reads requests with h11 and has neither a header deadline nor a connection limit (its
 `limit_concurrency` answers 503 only once the headers are in, so connections that never finish their
-headers still hold a file each). `protocol(...)` is its h11 protocol with both: a connection past
-`max_connections` is answered 503 and closed at once, and one that has not sent a whole request head
-within `timeout` seconds is closed. Reading the body and writing the answer have their own deadlines
-in the app (gptcli.serving.app), which finds the connection's `abort` in the request's scope
-(`extensions["gptcli.abort"]`) to cut off a client that stopped reading.
+headers still hold a file each). `protocol(...)` is its h11 protocol with both: a connection that has
+not sent a whole request head within `timeout` seconds is closed, and past `max_connections` a new
+connection takes the place of the oldest one still sending its request head, so a flood of stalled
+connections (slowloris) cannot lock out clients that send their requests at once. Only when every
+connection is in a request is a new one answered 503 and closed.
+
+Reading the body and writing the answer have their own deadlines in the app (gptcli.serving.app),
+which finds the connection's `abort` in the request's scope (`extensions["gptcli.abort"]`) to cut
+off a client that stopped reading.
 """
 
 from __future__ import annotations
@@ -84,17 +88,26 @@ def _refusal(status: int, reason: str, message: str) -> bytes:
 def protocol(max_connections: int, timeout: float, tally: Tally) -> type[H11Protocol]:
     """uvicorn's h11 protocol with a connection limit and a deadline for each request's head."""
 
+    heads: dict[Guarded, None] = {}  # connections sending a request head, oldest first
+
     class Guarded(H11Protocol):
         _deadline: asyncio.TimerHandle | None = None
 
         def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
             super().connection_made(transport)
             if len(self.connections) > max_connections:
-                tally.note(f"refused connections: {max_connections} are open (--max-connections)")
-                message = f"the server has {max_connections} connections open: try again shortly"
-                transport.write(_refusal(503, "Service Unavailable", message))
-                transport.close()
-                return
+                oldest = next(iter(heads), None)
+                if oldest is None:
+                    tally.note(f"refused connections: {max_connections} are open (--max-connections)")
+                    message = f"the server has {max_connections} connections open: try again shortly"
+                    transport.write(_refusal(503, "Service Unavailable", message))
+                    transport.close()
+                    return
+                tally.note(
+                    f"{max_connections} connections open: closed the oldest still sending its request head"
+                )
+                oldest._disarm()
+                oldest.transport.abort()
             self._arm()
 
         def data_received(self, data: bytes) -> None:
@@ -117,14 +130,17 @@ def protocol(max_connections: int, timeout: float, tally: Tally) -> type[H11Prot
         def _arm(self) -> None:
             self._disarm()
             self._deadline = self.loop.call_later(timeout, self._too_slow)
+            heads[self] = None
 
         def _disarm(self) -> None:
+            heads.pop(self, None)
             if self._deadline is not None:
                 self._deadline.cancel()
                 self._deadline = None
 
         def _too_slow(self) -> None:
             self._deadline = None
+            heads.pop(self, None)
             if self.transport.is_closing() or (self.cycle is not None and not self.cycle.response_complete):
                 return
             tally.note(f"closed connections that sent no whole request in {timeout:g} s (--timeout)")
