@@ -17,6 +17,7 @@ off a client that stopped reading.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import resource
 import time
@@ -43,23 +44,33 @@ def raise_file_limit() -> int:
 
 class Tally:
     """One log line per kind of event per `interval` seconds, however many happen: a flood of refused
-    connections writes a line a second that says how many, not one line (or a traceback) each."""
+    connections writes a line a second that says how many, not one line (or a traceback) each. Used
+    on the event loop's thread."""
 
     def __init__(self, log: Log, interval: float = 1.0) -> None:
         self.log = log
         self.interval = interval
-        self.counts: dict[str, int] = {}
+        self.counts: dict[str, int] = {}  # events not logged yet
         self.last: dict[str, float] = {}
 
     def note(self, what: str) -> None:
-        """Count one `what` ("refused a connection: ..."); log it now or with the next line."""
+        """Count one `what` ("refused a connection: ..."); log it now, or the count within `interval`."""
         now = time.monotonic()
         self.counts[what] = self.counts.get(what, 0) + 1
-        if now - self.last.get(what, -self.interval) >= self.interval:
-            count = self.counts.pop(what)
-            self.last[what] = now
-            times = f" (x{count} in the last {self.interval:g} s)" if count > 1 else ""
-            self.log(f"server: {what}{times}")
+        wait = self.last.get(what, -self.interval) + self.interval - now
+        if wait <= 0:
+            self._flush(what)
+        elif self.counts[what] == 1:  # the first held back: make sure its count is logged
+            with contextlib.suppress(RuntimeError):  # no loop (outside the server): with the next line
+                asyncio.get_running_loop().call_later(wait, self._flush, what)
+
+    def _flush(self, what: str) -> None:
+        count = self.counts.pop(what, 0)
+        if not count:
+            return
+        self.last[what] = time.monotonic()
+        times = f" (x{count} in the last {self.interval:g} s)" if count > 1 else ""
+        self.log(f"server: {what}{times}")
 
 
 def loop_errors(tally: Tally) -> Callable[[asyncio.AbstractEventLoop, dict[str, Any]], None]:
