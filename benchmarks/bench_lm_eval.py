@@ -30,11 +30,8 @@ def requests(count: int) -> list[tuple[str, str]]:
     out: list[tuple[str, str]] = []
     while len(out) < count:
         start = rng.randrange(len(text) - 400)
-        cut = rng.randint(20, 300)
-        context, continuation = (
-            text[start : start + cut],
-            text[start + cut : start + cut + rng.randint(3, 60)],
-        )
+        cut = text.find(" ", start + rng.randint(20, 300))  # at a word's start, as tasks cut them
+        context, continuation = text[start:cut], text[cut : cut + rng.randint(3, 60)]
         if context.strip() and continuation.strip():  # (lm-eval's hf backend refuses empty ones)
             out.append((context, continuation))
     return out

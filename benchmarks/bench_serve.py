@@ -26,7 +26,8 @@ and long ones (about 400 tokens), whole and streamed; 10% leave after the first 
 chunk every 50 ms (slow readers). Every answer that comes back whole must equal gptcli's own greedy
 completion of its prompt (`complete`, in this process); the shed ones must be OpenAI's 429 with
 Retry-After. It prints the counts, time to first token p50/p99 (streams, from sending the request to
-the first chunk with text), /health's slowest answer during the flood, and the server's peak RSS.
+the first chunk with text; short prompts apart from the long ones that arrive while others decode),
+/health's slowest answer during the flood, and the server's peak RSS.
 
     python benchmarks/bench_serve.py --flood --quick    # the small model (about a minute)
 """
@@ -283,7 +284,10 @@ def flood(folder: Path, seconds: float) -> None:
     shed = [r for r in results if r["status"] == 429]
     shed_ok = [r for r in shed if r["error"]["code"] == "rate_limit_exceeded" and r["retry_after"] == "1"]
     other = [r for r in results if r["status"] not in (200, 429)]
-    ttft = sorted(r["ttft"] for r in served if "ttft" in r)
+    ttft = {
+        size: sorted(r["ttft"] for r in served if "ttft" in r and (r["prompt"] in long) == (size == "long"))
+        for size in ("short", "long")
+    }
     clients = f"{FLOOD_CLIENTS} clients at once, {NEW_TOKENS} greedy tokens"
     print(f"gptcli serve --max-waiting {FLOOD_WAITING}: {clients}")
     print(machine())
@@ -294,11 +298,14 @@ def flood(folder: Path, seconds: float) -> None:
         ["left mid-stream (by design)", sum(r["kind"] == "leave" for r in served), ""],
         ["shed (429)", len(shed), f"{len(shed_ok)} OpenAI-shaped with Retry-After"],
         ["other statuses / client errors", len(other) + len(failed), "; ".join(failed[:2])],
-        [
-            "time to first token p50 / p99 (streams)",
-            f"{_quantile(ttft, 0.5):.2f} / {_quantile(ttft, 0.99):.2f} s",
-            "",
-        ],
+        *(
+            [
+                f"time to first token p50 / p99, {size} prompts (streams)",
+                f"{_quantile(ttft[size], 0.5):.2f} / {_quantile(ttft[size], 0.99):.2f} s",
+                f"{len(ttft[size])} streams",
+            ]
+            for size in ("short", "long")
+        ),
         ["slowest /health during the flood", f"{max(health, default=0):.2f} s", f"{len(health)} probes"],
         ["server peak RSS", f"{int(peak.group(1)) / 1024:.0f} MiB" if peak else "?", f"wall {wall:.1f} s"],
     ]
