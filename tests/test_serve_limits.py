@@ -131,6 +131,27 @@ def test_a_flood_of_stalled_connections_is_bounded_and_logged_once_a_second(fold
         flooded.stop()
 
 
+def test_running_out_of_files_is_a_line_a_second_not_a_traceback_each(folder: Path) -> None:
+    """With 100 files and 300 connections, accepting fails (asyncio's `socket.accept() out of system
+    resource`): counted in one line a second, never a traceback; the server answers once they go."""
+
+    def few_files() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (100, 100))
+
+    starved = Server("-m", str(folder), preexec_fn=few_files).ready()
+    try:
+        stalled = [raw(starved, b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nX-") for _ in range(300)]
+        time.sleep(3)
+        for sock in stalled:
+            sock.close()
+        assert wait_for(lambda: _health_ok(starved), timeout=15)
+        lines = [line for line in starved.lines if line.startswith("server:")]
+        assert any("out of system resource" in line for line in lines), lines
+        assert len(lines) < 30 and not any("Traceback" in line for line in starved.lines), lines
+    finally:
+        starved.stop()
+
+
 def _open_connections(server: Server) -> list[str]:
     """The server's established TCP connections (from /proc: its sockets' inodes in /proc/net/tcp)."""
     import os

@@ -30,6 +30,7 @@ GRACE_SECONDS = 5
 MAX_CONNECTIONS = 1000  # open at once; past it, a new connection gets a 503 and is closed
 TIMEOUT_SECONDS = 30  # to send a request (head, body), or to take the next piece of a stream
 MAX_WAITING = 256  # requests waiting for room in the batch; past it, 429
+BACKLOG = 128  # connections the kernel holds for accept
 
 
 def create_app(lm: LoadedModel, **options: Any) -> FastAPI:
@@ -72,7 +73,7 @@ def listen(host: str, port: int) -> socket.socket:
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind(address)
-        sock.listen(128)
+        sock.listen(BACKLOG)
     except OSError as exc:
         sock.close()
         raise GptcliError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
@@ -163,6 +164,9 @@ def serve(
         timeout_graceful_shutdown=math.ceil(grace) + 5,
         lifespan="on",
         server_header=False,
+        # asyncio's accept loop tries up to `backlog` times per wake-up, and out of files it reports
+        # (and schedules a retry for) every try: uvicorn's 2,048 made thousands a second.
+        backlog=BACKLOG,
     )
 
     class Server(uvicorn.Server):
