@@ -1,21 +1,20 @@
-"""The HTTP side of `gptcli serve`: routes, the guard around them, request bodies, event streams.
+"""The HTTP side of `gptcli serve`: routes, request bodies, event streams.
 
-`create_app(lm)` returns a FastAPI app whose lifespan starts and stops one gptcli.serving.engine.Engine. Every
-route reads its body itself (size-limited, strict UTF-8 and JSON), validates it (gptcli.serving.schemas),
-tokenizes it in a worker thread (gptcli.serving.plans), submits one engine Job and turns its events into
-OpenAI's objects (gptcli.serving.responses). The guard, outermost, checks the API key, turns any failure into
-OpenAI's error object (never a traceback to the client), and logs one line per request.
+`create_app(lm)` returns a FastAPI app whose lifespan starts and stops one gptcli.serving.engine.Engine.
+Every route reads its body itself (size-limited, within the timeout), parses and validates it in a
+worker thread (strict UTF-8 and JSON, gptcli.serving.schemas), tokenizes it there too
+(gptcli.serving.plans), submits one engine Job and turns its events into OpenAI's objects
+(gptcli.serving.responses). gptcli.serving.guard, outermost, checks the Host, the key and the content
+type, logs one line per request, and turns any failure into OpenAI's error object.
 """
 
 from __future__ import annotations
 
 import asyncio
-import hmac
 import json
-import os
 import time
 from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager, suppress
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,12 +23,12 @@ import anyio
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.requests import ClientDisconnect
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import Message, Receive, Scope, Send
 
 from gptcli.errors import GptcliError, UsageError, first_line
 from gptcli.loading.models import LoadedModel
 from gptcli.serving.engine import SHUTTING_DOWN, Busy, Done, Engine, Event, Failed, Job, Token
+from gptcli.serving.guard import RETRY_AFTER, Gone, Guard, api_error, http_error, note, stopping_error
 from gptcli.serving.metrics import CONTENT_TYPE, Metrics
 from gptcli.serving.plans import Plan, check_ids, plan_chat, plan_completion, tokenize_text
 from gptcli.serving.responses import Reply
@@ -46,7 +45,6 @@ from gptcli.textio import decode_utf8
 MAX_BODY = 4 * 2**20  # bytes of a request body: 4 MiB is thousands of contexts of text
 _THREADS = 4  # worker threads for tokenizing and parsing (each thread's malloc arena stays: keep them few)
 STREAM_BUFFER = 16  # events per completion a stream may hold unsent before its rows pause
-RETRY_AFTER = 1  # seconds a refused client is told to wait (429, 503)
 
 Log = Callable[[str], None]
 
@@ -115,8 +113,8 @@ def create_app(lm: LoadedModel, *, log: Log | None = None, **options: Any) -> Fa
     app = FastAPI(title="gptcli", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.gptcli = state
     app.add_middleware(Guard, state=state)
-    app.add_exception_handler(ApiError, _api_error)  # type: ignore[arg-type]
-    app.add_exception_handler(StarletteHTTPException, _http_error)  # type: ignore[arg-type]
+    app.add_exception_handler(ApiError, api_error)  # type: ignore[arg-type]
+    app.add_exception_handler(StarletteHTTPException, http_error)  # type: ignore[arg-type]
     created = int(time.time())
     model_object = {"id": state.model_id, "object": "model", "created": created, "owned_by": "gptcli"}
 
@@ -251,7 +249,7 @@ def _no_constant(name: str) -> Any:
 def shed(state: State) -> None:
     """429 when --max-waiting requests already wait for room; 503 once the server is stopping."""
     if state.stopping:
-        raise _stopping()
+        raise stopping_error()
     limit = state.options.max_waiting
     if limit is not None and state.engine.waiting() >= limit:
         raise _busy(limit)
@@ -265,20 +263,6 @@ def _busy(limit: int) -> ApiError:
         code="rate_limit_exceeded",
         headers={"retry-after": str(RETRY_AFTER)},
     )
-
-
-def _stopping() -> ApiError:
-    return ApiError(
-        503,
-        "the server is shutting down",
-        kind="server_error",
-        code="server_shutting_down",
-        headers={"retry-after": str(RETRY_AFTER)},
-    )
-
-
-class Gone(Exception):
-    """The client disconnected before its answer was sent (logged as such, nothing sent)."""
 
 
 class Events:
@@ -342,7 +326,7 @@ async def watch_disconnect(receive: Receive, job: Job, events: Events) -> None:
 
 def _failure(event: Failed) -> ApiError:
     if event.message == SHUTTING_DOWN:
-        return _stopping()
+        return stopping_error()
     return ApiError(500, event.message, kind="server_error", code="generation_failed")
 
 
@@ -372,13 +356,13 @@ async def run(request: Request, state: State, plan: Plan) -> Response:
     )
     events.job = job
     if state.stopping:
-        raise _stopping()
+        raise stopping_error()
     try:
         state.engine.submit(job, state.options.max_waiting)
     except Busy:
         raise _busy(state.options.max_waiting or 0) from None
     except GptcliError:
-        raise _stopping() from None
+        raise stopping_error() from None
     if plan.stream:
         return EventStream(reply, job, events, request.scope, state)
     watcher = asyncio.ensure_future(watch_disconnect(request.receive, job, events))
@@ -394,20 +378,15 @@ async def run(request: Request, state: State, plan: Plan) -> Response:
         job.cancel()
     if not finished:
         made = reply.usage()["completion_tokens"]
-        _note(request.scope, f"client went away after {made} tokens" if made else "client went away")
+        note(request.scope, f"client went away after {made} tokens" if made else "client went away")
         raise Gone()
     body = reply.body()
     _note_usage(request.scope, body["usage"], state)
     return JSONResponse(body)
 
 
-def _note(scope: Scope, note: str) -> None:
-    """What the request's log line adds."""
-    scope.setdefault("state", {})["note"] = note
-
-
 def _note_usage(scope: Scope, usage: dict[str, int], state: State) -> None:
-    _note(scope, f"{usage['prompt_tokens']}+{usage['completion_tokens']} tokens")
+    note(scope, f"{usage['prompt_tokens']}+{usage['completion_tokens']} tokens")
     state.metrics.prompt_tokens.inc(usage["prompt_tokens"])
     state.metrics.generation_tokens.inc(usage["completion_tokens"])
 
@@ -444,7 +423,7 @@ class EventStream(Response):
                 if isinstance(event, Done):
                     _note_usage(self.scope, self.reply.usage(), self.state)
                 elif isinstance(event, Failed):
-                    _note(self.scope, f"error: {event.message}")
+                    note(self.scope, f"error: {event.message}")
             await self._send({"type": "http.response.body", "body": b"", "more_body": False})
         except TimeoutError:  # it stopped reading: close the connection, whatever it holds unsent
             why = f"client took no data for {self.state.options.timeout:g} s"
@@ -459,7 +438,7 @@ class EventStream(Response):
             if "note" not in self.scope.get("state", {}):
                 made = self.reply.usage()["completion_tokens"]
                 left = sum(len(c.text) for c in self.reply.choices.values())
-                _note(self.scope, f"stream cut short after {max(made, left)} tokens ({why})")
+                note(self.scope, f"stream cut short after {max(made, left)} tokens ({why})")
 
     async def _send(self, message: Message) -> None:
         """Send, or TimeoutError when the client has taken nothing for the timeout (uvicorn waits for
@@ -470,155 +449,6 @@ class EventStream(Response):
     async def _data(self, chunk: dict[str, Any]) -> None:
         data = b"data: " + json.dumps(chunk, ensure_ascii=False, separators=(",", ":")).encode() + b"\n\n"
         await self._send({"type": "http.response.body", "body": data, "more_body": True})
-
-
-# --- Errors and the guard --------------------------------------------------------------------------------
-
-
-async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
-    return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
-
-
-async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-    if exc.status_code == 404:
-        message, code = f"Invalid URL ({request.method} {request.url.path})", "unknown_url"
-    elif exc.status_code == 405:
-        message, code = f"Method not allowed ({request.method} {request.url.path})", "method_not_allowed"
-    else:
-        message, code = str(exc.detail), None
-    return JSONResponse(ApiError(exc.status_code, message, code=code).body(), status_code=exc.status_code)
-
-
-_NO_KEY = (
-    "You didn't provide an API key. You need to provide your API key in an Authorization header using "
-    "Bearer auth (i.e. Authorization: Bearer YOUR_KEY)."
-)
-
-
-class Guard:
-    """Outermost, before any route: the Host (against DNS rebinding), the API key, JSON bodies only
-    (a web page's no-cors POST is text/plain), 503 once stopping; one log line per request with the
-    status the client got; no failure reaching the client raw.
-
-    Raw ASGI rather than a Starlette middleware: BaseHTTPMiddleware runs the route in another task
-    and buffers streams through a memory channel, which would hide a client's disconnect and a slow
-    reader from EventStream; this one only watches `send`.
-    """
-
-    OPEN = ("/health",)  # no key needed: a load balancer's probe
-
-    def __init__(self, app: ASGIApp, state: State) -> None:
-        self.app = app
-        self.state = state
-        self.key = state.options.api_key.encode() if state.options.api_key else None
-        self.debug = os.environ.get("GPTCLI_DEBUG", "") not in ("", "0")
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        started = time.perf_counter()
-        status = 0
-
-        async def send_and_see(message: Message) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-            await send(message)
-
-        try:
-            refusal = self._refusal(scope)
-            if refusal is not None:
-                await _send_json(send_and_see, refusal)
-            else:
-                await self.app(scope, receive, send_and_see)
-        except (Gone, ClientDisconnect):
-            scope.setdefault("state", {}).setdefault("note", "client went away")
-        except Exception as exc:  # a bug: one line in the log, OpenAI's error object to the client
-            if self.debug:
-                import traceback
-
-                traceback.print_exc()
-            _note(scope, f"error: {type(exc).__name__}: {first_line(exc)}")
-            if not status:
-                error = ApiError(500, f"internal error: {first_line(exc)}", kind="server_error")
-                with suppress(OSError):  # the client is gone too
-                    await _send_json(send_and_see, error)
-        finally:
-            self.state.metrics.request(scope.get("path", ""), str(status) if status else "disconnected")
-            self.state.log(self._line(scope, status, time.perf_counter() - started))
-
-    def _refusal(self, scope: Scope) -> ApiError | None:
-        """Why the request is refused before it reaches a route, or None."""
-        headers = dict(scope["headers"])
-        allowed = self.state.options.allowed_hosts
-        if allowed is not None:
-            host = _host_name(headers.get(b"host", b"").decode("latin-1"))
-            if host is not None and host not in allowed:
-                return ApiError(
-                    421,
-                    f"this server does not answer for the host {host!r} (--allowed-host adds names)",
-                    code="invalid_host",
-                )
-        if self.key is not None and scope["path"] not in self.OPEN:
-            given = headers.get(b"authorization")
-            scheme, _, token = (given or b"").strip().partition(b" ")
-            if not given or scheme.lower() != b"bearer":
-                return ApiError(401, _NO_KEY, code="missing_api_key", headers=_CHALLENGE)
-            if not hmac.compare_digest(token.strip(), self.key):
-                return ApiError(
-                    401,
-                    "Incorrect API key provided.",
-                    code="invalid_api_key",
-                    headers={"www-authenticate": 'Bearer realm="gptcli", error="invalid_token"'},
-                )
-        if scope["method"] == "POST":
-            kind = headers.get(b"content-type", b"").split(b";")[0].strip().lower()
-            if kind != b"application/json":
-                return ApiError(
-                    415,
-                    "the request body must be JSON, sent with Content-Type: application/json",
-                    code="unsupported_media_type",
-                )
-        if self.state.stopping and scope["path"] not in self.OPEN:
-            return _stopping()
-        return None
-
-    @staticmethod
-    def _line(scope: Scope, status: int, seconds: float) -> str:
-        client = scope.get("client") or ("-", 0)
-        path = _printable(scope.get("path", ""))[:200]
-        note = scope.get("state", {}).get("note")
-        status_text = str(status) if status else "disconnected"
-        return f'{client[0]} "{scope.get("method", "")} {path}" {status_text} {seconds:.2f}s' + (
-            f" {_printable(note)[:300]}" if note else ""
-        )
-
-
-_CHALLENGE = {"www-authenticate": 'Bearer realm="gptcli"'}
-
-
-def _host_name(header: str) -> str | None:
-    """The name in a Host header, lower case, without its port (None: no Host, as in HTTP/1.0)."""
-    header = header.strip().lower()
-    if not header:
-        return None
-    if header.startswith("["):
-        return header[1 : header.find("]")] if "]" in header else header
-    return header.rsplit(":", 1)[0] if header.count(":") == 1 else header
-
-
-def _printable(text: str) -> str:
-    """Client-chosen text (a path) as one printable line: no control characters reach the log."""
-    return "".join(ch if ch.isprintable() else ascii(ch)[1:-1] for ch in text)
-
-
-async def _send_json(send: Send, error: ApiError) -> None:
-    data = json.dumps(error.body()).encode("utf-8")
-    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode())]
-    headers += [(k.encode(), v.encode()) for k, v in error.headers.items()]
-    await send({"type": "http.response.start", "status": error.status, "headers": headers})
-    await send({"type": "http.response.body", "body": data})
 
 
 def describe_tokenizer(lm: LoadedModel) -> dict[str, Any]:
