@@ -244,6 +244,23 @@ def test_the_same_requests_within_the_budget_are_served(server) -> None:
     assert pieces["count"] == len(pieces["tokens"]) > 100
 
 
+def test_a_huge_prompt_is_refused_from_its_start(server) -> None:
+    """2 MB of words: refused from its first characters (its start alone is past the context), with
+    the same code as any prompt too long; a prompt of the same size but fewer, long tokens is not
+    refused that way (a prompt is tokenized whole unless its start already proves it too long)."""
+    for path, body in (
+        ("/v1/completions", {"prompt": "今天 天气 很好 " * 100_000, "max_tokens": 1}),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "a b " * 600_000}]}),
+    ):
+        response = httpx.post(server.url + path, json=body, timeout=60)
+        assert response.status_code == 400
+        error = response.json()["error"]
+        assert error["code"] == "context_length_exceeded" and "more than" in error["message"]
+    response = httpx.post(server.url + "/v1/completions", json={"prompt": "x" * 40_000}, timeout=60)
+    assert response.json()["error"]["code"] == "context_length_exceeded"
+    assert "more than" not in response.json()["error"]["message"]  # no space to cut at: counted whole
+
+
 # --- Slow readers, vanished ones, full queues ------------------------------------------------------------
 
 
