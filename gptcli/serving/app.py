@@ -275,13 +275,13 @@ class Events:
 
     GONE = object()  # the client went away
 
-    def __init__(self, state: State, rows: int) -> None:
+    def __init__(self, state: State, rows: int, arrived: float) -> None:
         self.loop = asyncio.get_running_loop()
         self.queue: asyncio.Queue[Any] = asyncio.Queue()
         self.limit = STREAM_BUFFER * max(1, rows)
         self.job: Job | None = None
         self.metrics = state.metrics
-        self.started = time.perf_counter()
+        self.started = arrived  # when the request arrived (perf_counter)
         self.last: dict[tuple[int, int], float] = {}  # each row's last token time
 
     def put(self, event: Event) -> None:
@@ -333,7 +333,7 @@ def _failure(event: Failed) -> ApiError:
 async def run(request: Request, state: State, plan: Plan) -> Response:
     lm = state.lm
     rows = len(plan.prompt_ids) * plan.settings.num_samples
-    events = Events(state, rows)
+    events = Events(state, rows, request.scope.get("state", {}).get("arrived", time.perf_counter()))
     reply = Reply(
         model=state.model_id,
         chat=plan.chat,

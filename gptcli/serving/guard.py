@@ -90,6 +90,7 @@ class Guard:
             await self.app(scope, receive, send)
             return
         started = time.perf_counter()
+        scope.setdefault("state", {})["arrived"] = started  # (time to first token counts from here)
         status = 0
 
         async def send_and_see(message: Message) -> None:
