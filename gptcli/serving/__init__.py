@@ -9,7 +9,6 @@ This module stays light (no FastAPI until `serve` or `create_app` runs), so `gpt
 
 from __future__ import annotations
 
-import asyncio
 import ipaddress
 import logging
 import math
@@ -136,6 +135,8 @@ def serve(
     `options`: gptcli.serving.app.Options' fields (api_key, max_rows, max_waiting, timeout, model_id).
     After a signal, uvicorn raises it again once the server has stopped (KeyboardInterrupt for Ctrl-C).
     """
+    import asyncio
+
     import uvicorn
 
     from gptcli.serving.connections import Tally, loop_errors, protocol, raise_file_limit
