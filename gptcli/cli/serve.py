@@ -13,12 +13,13 @@ from gptcli.cli._common import (
     DtypeOpt,
     ModelOpt,
     QuantizeOpt,
+    ThreadsOpt,
     TrustCodeOpt,
     command,
     load,
     note,
 )
-from gptcli.loading.models import check_quantize
+from gptcli.loading.models import check_quantize, check_threads
 
 _EXAMPLES = """\
 [bold]Examples[/bold]
@@ -54,6 +55,7 @@ def serve(
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
     quantize: QuantizeOpt = None,
+    threads: ThreadsOpt = None,
     allow_pickle: AllowPickleOpt = False,
     trust_remote_code: TrustCodeOpt = False,
 ) -> None:
@@ -68,6 +70,7 @@ def serve(
 
     check_port(port)
     check_quantize(quantize)
+    check_threads(threads)
     if max_batch < 1:
         raise UsageError(f"--max-batch must be at least 1 (got {max_batch})")
     if api_key is not None and not api_key.strip():
@@ -79,7 +82,7 @@ def serve(
         )
     sock = listen(host, port)  # before loading: a busy port fails at once
     try:
-        lm = load(model, device, dtype, allow_pickle, trust_remote_code, quantize)
+        lm = load(model, device, dtype, allow_pickle, trust_remote_code, quantize, threads)
     except BaseException:
         sock.close()
         raise
