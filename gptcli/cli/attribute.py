@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 from gptcli.cli._common import (
+    INSPECT,
     AllowPickleOpt,
     DeviceOpt,
     DtypeOpt,
@@ -17,13 +18,14 @@ from gptcli.cli._common import (
     TrustCodeOpt,
     command,
     emit_json,
+    examples,
     is_tty,
     load,
     note,
     read_text,
     stdout,
 )
-from gptcli.cli._grids import SaveOpt, is_plain, save_grids, title
+from gptcli.cli._grids import DpiOpt, SaveOpt, is_plain, save_grids, title
 from gptcli.cli._targets import FoilIdOpt, FoilOpt, TargetIdOpt, TargetOpt
 from gptcli.textio import check_text
 
@@ -36,9 +38,13 @@ TOP_SOURCES = 3
 
 
 @command(
-    epilog="Examples: gptcli attribute 'The capital of France is' · "
-    "gptcli attribute '今天天气很' --target 好 --foil 差 · gptcli attribute 'I like' --json · "
-    "gptcli attribute 'I like tea' --at 1 --save dla.png"
+    rich_help_panel=INSPECT,
+    epilog=examples(
+        "gptcli attribute 'The capital of France is'",
+        "gptcli attribute '今天天气很' --target 好 --foil 差",
+        "gptcli attribute 'I like' --json",
+        "gptcli attribute 'I like tea' --at 1 --save dla.png",
+    ),
 )
 def attribute(
     prompt: TextArg = None,
@@ -53,6 +59,7 @@ def attribute(
     foil: FoilOpt = None,
     foil_id: FoilIdOpt = None,
     save: SaveOpt = None,
+    dpi: DpiOpt = 110,
     json_: JsonOpt = False,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
@@ -75,9 +82,10 @@ def attribute(
         check_token_options,
         token_id,
     )
-    from gptcli.inspection.pictures import check_save_path
+    from gptcli.inspection.pictures import check_dpi, check_save_path
 
     check_token_options(target=target, target_id=target_id, foil=foil, foil_id=foil_id)
+    check_dpi(dpi)
     if save is not None:
         check_save_path(save)
     text = check_text(read_text(prompt, file))
@@ -92,7 +100,7 @@ def attribute(
     if result.prompt.dropped:
         note(f"the prompt has more tokens than the context ({lm.context_length}); kept the last ones")
     if save is not None:
-        save_grids([attribution_grid(result)], save, title(lm.name, text))
+        save_grids([attribution_grid(result)], save, title(lm.name, text), dpi)
     if json_:
         emit_json(result.to_json())
     elif is_tty():

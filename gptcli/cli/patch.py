@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 from gptcli.cli._common import (
+    INSPECT,
     AllowPickleOpt,
     DeviceOpt,
     DtypeOpt,
@@ -15,14 +16,16 @@ from gptcli.cli._common import (
     TrustCodeOpt,
     command,
     emit_json,
+    examples,
     is_tty,
     load,
     note,
     status,
     stdout,
 )
-from gptcli.cli._grids import SaveOpt, print_grid, save_grids, title
+from gptcli.cli._grids import DpiOpt, SaveOpt, print_grid, save_grids, title
 from gptcli.cli._targets import FoilIdOpt, FoilOpt, TargetIdOpt, TargetOpt
+from gptcli.generation.tokens import one_line
 from gptcli.textio import check_text
 
 if TYPE_CHECKING:
@@ -30,10 +33,13 @@ if TYPE_CHECKING:
 
 
 @command(
-    epilog="Examples: gptcli patch '今天天气很好，我们去' '今天天气不好，我们去' · "
-    "gptcli patch 'The Eiffel Tower is in' --noise --subject 'Eiffel Tower' · "
-    "gptcli patch 'When Mary and John went, John gave it to' 'When Mary and John went, Mary gave it to' "
-    "--heads --save patch.html"
+    rich_help_panel=INSPECT,
+    epilog=examples(
+        "gptcli patch '今天天气很好，我们去' '今天天气不好，我们去'",
+        "gptcli patch 'The Eiffel Tower is in' --noise --subject 'Eiffel Tower'",
+        "gptcli patch 'When Mary and John went, John gave it to' 'When Mary and John went, Mary gave it to' "
+        "--heads --save patch.html",
+    ),
 )
 def patch(
     clean: Annotated[
@@ -64,6 +70,7 @@ def patch(
     foil: FoilOpt = None,
     foil_id: FoilIdOpt = None,
     save: SaveOpt = None,
+    dpi: DpiOpt = 110,
     json_: JsonOpt = False,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
@@ -82,10 +89,11 @@ def patch(
     from gptcli.inspection.attribution import check_token_options, token_id
     from gptcli.inspection.patching import check_patch_options, patching_grids, same
     from gptcli.inspection.patching import patch as run
-    from gptcli.inspection.pictures import check_save_path
+    from gptcli.inspection.pictures import check_dpi, check_save_path
 
     check_token_options(target=target, target_id=target_id, foil=foil, foil_id=foil_id)
     check_patch_options(noise=noise, corrupt=corrupt, subject=subject, samples=samples)
+    check_dpi(dpi)
     if save is not None:
         check_save_path(save)
     clean = check_text(clean)
@@ -108,7 +116,7 @@ def patch(
         note("the two runs give the same logit difference: there is nothing to restore, no score")
     if save is not None:
         shown = f"{clean} → {corrupt}" if corrupt is not None else f"{clean} (noise on {subject})"
-        save_grids(patching_grids(result), save, title(lm.name, shown))
+        save_grids(patching_grids(result), save, title(lm.name, shown), dpi)
     if json_:
         emit_json(result.to_json())
     elif is_tty():
@@ -128,7 +136,7 @@ def _what(result: Patching) -> str:
 
 
 def _tsv(result: Patching) -> None:
-    tokens = [t["token"] for t in result.clean.tokens]
+    tokens = [one_line(t["token"]) for t in result.clean.tokens]
     print(f"clean_diff\t-\t-\t-\t{result.clean_diff:.6g}")
     print(f"corrupt_diff\t-\t-\t-\t{result.corrupt_diff:.6g}")
     for grid, rows in result.scores.items():
