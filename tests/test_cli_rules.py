@@ -147,7 +147,17 @@ def test_help_shows_flags_without_a_value_and_every_command_has_examples(cli) ->
 
 ORDER = {
     "Generate": ["complete", "chat", "step"],
-    "Inspect": ["tokenize", "detokenize", "topk", "score", "lens", "attention", "compare"],
+    "Inspect": [
+        "tokenize",
+        "detokenize",
+        "topk",
+        "score",
+        "lens",
+        "attention",
+        "attribute",
+        "patch",
+        "compare",
+    ],
     "Train": ["finetune"],
     "Serve": ["serve"],
     "Models": ["models", "pull", "info"],
