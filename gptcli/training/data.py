@@ -64,6 +64,8 @@ class Batch:
     labels: np.ndarray
     segments: np.ndarray | None = None
     attention: np.ndarray | None = None
+    padding: int = 0
+    """Positions that hold no token (the end of a packed row, or of a padded one)."""
 
     @property
     def targets(self) -> int:
@@ -73,7 +75,7 @@ class Batch:
     @property
     def tokens(self) -> int:
         """Input tokens that are not padding."""
-        return int(self.attention.sum()) if self.attention is not None else self.inputs.size
+        return self.inputs.size - self.padding
 
 
 @dataclass

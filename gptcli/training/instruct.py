@@ -223,9 +223,10 @@ class Examples:
                 segments[r, at : at + n] = number
                 at += n
             segments[r, at:] = len(row) + 1  # padding: a segment of its own, which no example sees
+        padding = inputs.size - sum(len(self.inputs[e]) for row in rows for e in row)
         if self.pack:
-            return Batch(inputs, labels, segments=segments)
-        return Batch(inputs, labels, attention=(segments <= 1).astype(np.int64))
+            return Batch(inputs, labels, segments=segments, padding=padding)
+        return Batch(inputs, labels, attention=(segments <= 1).astype(np.int64), padding=padding)
 
 
 def pack_rows(lengths: list[int], block_size: int) -> list[list[int]]:

@@ -198,7 +198,6 @@ class Run:
     no_sync: Callable[[], AbstractContextManager[Any]]
     metrics: MetricsLog | None
     at: Position
-    resumed: bool
     flops_per_token: float
     peak: float | None
     last_saved: int | None = None
@@ -316,7 +315,7 @@ def _prepare(cfg: TrainConfig, ddp: Dist, lock: RunLock, report: Reporter) -> Ru
     params = sum(p.numel() for p in model.parameters())
     run = Run(
         cfg, ddp, report, out, tokenizer, model, net, optimizer, scaler, schedule, train_data, val_data,
-        autocast, no_sync, metrics, at, resume_from is not None,
+        autocast, no_sync, metrics, at,
         model_flops_per_token(model.config, params, block_size), peak_flops(device),
     )  # fmt: skip
     run.last_saved = at.step if resume_from else None
