@@ -69,14 +69,17 @@ def direct_loss(model, tokenizer, eos: int) -> tuple[float, int]:
             ids.append(eos)
             answer.append(True)
         else:  # the documented plain chat format
+            newline = ""
             for m in record["messages"]:
                 if m["role"] == "assistant":
-                    add("Assistant:", False)
+                    add(newline + "Assistant:", False)
                     add(" " + m["content"], True)
                     ids.append(eos)
                     answer.append(True)
+                    newline = "\n"
                 else:
-                    add(f"{m['role'].capitalize()}: {m['content']}\n", False)
+                    add(f"{newline}{m['role'].capitalize()}: {m['content']}\n", False)
+                    newline = ""
         x = torch.tensor([ids])
         with torch.no_grad():
             logits = model(input_ids=x[:, :-1]).logits[0]

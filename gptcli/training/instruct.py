@@ -6,7 +6,11 @@ with this plain default, which is also how to prompt the trained model:
 
     System: {content}\\n        (a system message, if any)
     User: {content}\\n
-    Assistant: {content}<eos>
+    Assistant: {content}<eos>\\n
+    User: ...                   (the next turn, if any)
+
+`gptcli serve`'s chat transcript for models without a template (gptcli.serving.chat) is the same text
+without the EOS tokens.
 
 Labels: only the answer tokens (the completion, or each assistant message, and the EOS after it) are
 targets, unless `train_on_prompt`. A prompt and its completion are tokenized apart and joined, so the
@@ -126,11 +130,14 @@ def _plain(
 ) -> tuple[list[int], list[bool]]:
     ids: list[int] = []
     answer: list[bool] = []
+    newline = ""  # after an answer's EOS, the next line starts (as in `gptcli serve`'s transcript)
     for m in messages:
         if m["role"] == "assistant":
-            head, body = _ids(tokenizer, "Assistant:"), [*_ids(tokenizer, " " + m["content"]), eos]
+            head, body = _ids(tokenizer, newline + "Assistant:"), [*_ids(tokenizer, " " + m["content"]), eos]
+            newline = "\n"
         else:
-            head, body = _ids(tokenizer, f"{ROLES[m['role']]}: {m['content']}\n"), []
+            head, body = _ids(tokenizer, f"{newline}{ROLES[m['role']]}: {m['content']}\n"), []
+            newline = ""
         ids += head + body
         answer += [False] * len(head) + [True] * len(body)
     return ids, answer
