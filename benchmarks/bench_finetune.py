@@ -251,13 +251,20 @@ def lora_vs_full(args: argparse.Namespace) -> None:
             "batch_size": args.batch_size, "block_size": args.block_size, "eval_every": args.steps,
             "eval_batches": 4, "save_every": args.steps, "warmup": 0, "seed": 0,
         }  # fmt: skip
-        results = {}
-        for variant, extra in (
-            ("full", {"lr": 3e-4}),
-            ("lora", {"lr": 1e-3, "lora_rank": args.rank}),
-        ):
-            results[variant] = run_variant({**common, **extra, "out_dir": str(temp / variant)})
-            print(f"{variant}: done", flush=True)
+        variants = {"full": {"lr": 3e-4}, "lora": {"lr": 1e-3, "lora_rank": args.rank}}
+        results: dict[str, dict] = {}
+        rounds: dict[str, list[float]] = {name: [] for name in variants}
+        for round_ in range(args.rounds):  # alternating, so that the machine's drift hits both
+            for variant in list(variants) if round_ % 2 == 0 else list(variants)[::-1]:
+                result = run_variant({**common, **variants[variant], "out_dir": str(temp / variant)})
+                rounds[variant].append(result["step_seconds"])
+                previous = results.get(variant)
+                if previous is not None:
+                    result["peak_gib"] = max(result["peak_gib"], previous["peak_gib"])
+                results[variant] = result
+                print(f"round {round_ + 1} {variant}: {result['step_seconds']:.2f} s/step", flush=True)
+        for variant, result in results.items():
+            result["step_seconds"] = statistics.median(rounds[variant])
 
         subprocess.run(
             [sys.executable, str(repo / "recipes" / "instruct_from_corpus.py"), str(corpus), "--out",
@@ -297,7 +304,8 @@ def lora_vs_full(args: argparse.Namespace) -> None:
             f"{r['val'][0]:>7.3f} {r['val'][-1]:>9.3f}"
         )
     ratio = results["lora"]["step_seconds"] / results["full"]["step_seconds"]
-    print(f"lora / full step time: {ratio:.2f}")
+    per_round = "; ".join(f"{v}: " + ", ".join(f"{x:.2f}" for x in xs) for v, xs in rounds.items())
+    print(f"lora / full step time: {ratio:.2f} (s/step per round: {per_round})")
     print()
     print("2. instruction data, built-in model, LoRA r8, 800 examples, one epoch, batch 8 rows (pack b1: 1)")
     print(f"{'rows':<8} {'steps':>6} {'seconds':>8} {'tokens/s':>9} {'val loss':>9}")

@@ -129,8 +129,9 @@ def test_resume_after_sigkill_gives_the_same_losses(bpe_model: Path, corpus: Pat
     resumed = train(TrainConfig(out_dir=out, resume=True, **common))
     assert resumed.step == 30 and not resumed.interrupted
     expected, got = metrics(tmp_path / "ref"), metrics(out)
-    assert [r["step"] for r in got] == list(range(1, 31))  # the killed run's extra lines were dropped
-    for want, have in zip(expected, got, strict=True):
+    assert [r["step"] for r in got] == list(range(31))  # the killed run's extra lines were dropped
+    assert got[0] == expected[0]  # the baseline, at step 0
+    for want, have in zip(expected[1:], got[1:], strict=True):
         # Bit for bit: same ops, same order, same single thread (a tolerance would hide a lost RNG state
         # less well than this does).
         assert have["loss"] == want["loss"], have["step"]
@@ -204,12 +205,13 @@ def test_two_processes_under_torchrun_match_one_process(bpe_model: Path, corpus:
     assert proc.returncode == 0, err
     assert err.count("trained 6 steps") == 1 and "2 processes" in err  # rank 0 alone reports
     expected, got = metrics(one), metrics(two)
-    assert [r["step"] for r in got] == list(range(1, 7))  # rank 0 alone writes
-    for want, have in zip(expected, got, strict=True):
+    assert [r["step"] for r in got] == list(range(7))  # rank 0 alone writes; step 0 is the baseline
+    assert got[0]["val_loss"] == pytest.approx(expected[0]["val_loss"], abs=1e-4)
+    for want, have in zip(expected[1:], got[1:], strict=True):
         assert have["loss"] == pytest.approx(want["loss"], abs=1e-4), have["step"]
         assert have.get("val_loss") == pytest.approx(want.get("val_loss"), abs=1e-4)
         assert have["tokens"] == want["tokens"]
-    assert expected[-1]["loss"] < expected[0]["loss"]  # it trained, so the match means something
+    assert expected[-1]["loss"] < expected[1]["loss"]  # it trained, so the match means something
 
 
 def test_a_nan_loss_stops_and_keeps_the_last_good_checkpoint(cli, bpe_model, corpus, tmp_path):

@@ -98,7 +98,8 @@ def _quietly_if_gone(write: Callable[..., None], *args: Any, **kwargs: Any) -> N
     terminal closed), stderr goes to /dev/null from then on and the run goes on."""
     try:
         write(*args, **kwargs)
-    except OSError:  # EPIPE from a closed pipe, EIO from a hung-up terminal
+    # EPIPE from a closed pipe, EIO from a hung-up terminal; rich's console turns EPIPE into SystemExit(1)
+    except (OSError, SystemExit):
         try:
             devnull = os.open(os.devnull, os.O_WRONLY)
             os.dup2(devnull, sys.stderr.fileno())
