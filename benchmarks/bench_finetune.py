@@ -10,14 +10,16 @@ the first --warmup ones.
 
 LoRA against full fine-tuning (issue 24), on the shared corpus (its path is the argument):
 
-    python benchmarks/bench_finetune.py --lora-vs-full ../shared/data/corpus --steps 6
+    python benchmarks/bench_finetune.py --lora-vs-full ../shared/data/corpus --steps 6 --rounds 3
 
 1. The 124M shape (random weights, the built-in model's tokenizer, GPT-2's 50,257-row embedding),
    trained on the corpus's Tatoeba sentences (every 20th line held out for validation), full and with
-   LoRA rank --rank on c_attn, each in its own process: time per step, peak RSS, the size of what OUT
-   holds (model or adapter; the checkpoint), and the validation loss at step 0 and after --steps.
+   LoRA rank --rank on c_attn, each in its own process, alternating for --rounds rounds: time per
+   step (median of the rounds), peak RSS, the size of what OUT holds (model or adapter; the
+   checkpoint), and the validation loss at step 0 and after --steps. CPU only.
 2. Instruction data (recipes/instruct_from_corpus.py's set, 800 examples) on the built-in model with
-   LoRA, packed against padded per batch: one epoch's steps, time, real tokens/s and validation loss.
+   LoRA, packed (batch 8 and 1) against padded per batch (batch 8): one epoch's steps, time, real
+   tokens/s and validation loss.
 
 The plain loop is what a tutorial writes: model(input_ids, labels=input_ids).loss, backward, clip, AdamW
 step, zero_grad, loss.item() for the log. gptcli runs with the same batch, block size, precision policy
