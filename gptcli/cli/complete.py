@@ -12,12 +12,14 @@ import typer
 
 from gptcli.batching import check_batch_size
 from gptcli.cli._common import (
+    GENERATE,
     AllowPickleOpt,
     DeviceOpt,
     DtypeOpt,
     JsonOpt,
     ModelOpt,
     QuantizeOpt,
+    ThreadsOpt,
     TrustCodeOpt,
     command,
     emit_json,
@@ -33,7 +35,7 @@ from gptcli.generation.sampling import (  # light: no torch until decoding
     check_samples,
     resolve_settings,
 )
-from gptcli.loading.models import check_quantize
+from gptcli.loading.models import check_quantize, check_threads
 
 if TYPE_CHECKING:
     from gptcli.contracts import Tokenizer
@@ -111,7 +113,7 @@ _EXAMPLES = """\
 """
 
 
-@command(epilog=_EXAMPLES)
+@command(rich_help_panel=GENERATE, epilog=_EXAMPLES)
 def complete(
     prompt: Annotated[
         str | None, typer.Argument(help="The prompt; read from stdin when absent or '-'.", show_default=False)
@@ -157,6 +159,7 @@ def complete(
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
     quantize: QuantizeOpt = None,
+    threads: ThreadsOpt = None,
     allow_pickle: AllowPickleOpt = False,
     trust_remote_code: TrustCodeOpt = False,
 ) -> None:
@@ -185,9 +188,10 @@ def complete(
     }
     check_flags(**flags)
     check_quantize(quantize)
+    check_threads(threads)
     check_batch_size(batch_size)
     prompts = read_lines(prompt, file) if each_line else [read_text(prompt, file)]
-    lm = load(model, device, dtype, allow_pickle, trust_remote_code, quantize)
+    lm = load(model, device, dtype, allow_pickle, trust_remote_code, quantize, threads)
     settings = resolve_settings(lm.generation_config, **flags)
     check_samples(settings)
     if verbose:

@@ -433,7 +433,7 @@ def _decode(
                 seen = seen[index] if seen is not None else None
                 generators = [generators[i] for i in keep] if generators else []
                 batch = [batch[i] for i in keep]
-            with _threads(1 if len(batch) == 1 else None):
+            with _threads(lm.decode_threads() if len(batch) == 1 else None):
                 logits = decoder.step(next_ids[:, None], next_pos.clamp(max=context - 1)[:, None])
             next_pos += 1
 
@@ -503,7 +503,7 @@ def _decode_lookup(
         room = min(capacity, context) - len(ids)
         left = settings.max_new_tokens - len(row.token_ids)
         draft = seen_at.draft(ids, min(settings.lookup, room, left - 1))
-        with torch.inference_mode(), _threads(1):
+        with torch.inference_mode(), _threads(lm.decode_threads()):
             decoder.truncate(len(ids) - 1)
             feed = torch.tensor([[ids[-1], *draft]], device=device)
             where = torch.arange(len(ids) - 1, len(ids) + len(draft), device=device)[None]
@@ -585,11 +585,10 @@ def _prefill_in_groups(
 def _threads(count: int | None) -> Iterator[None]:
     """Run torch on `count` threads inside the block (None: as it is).
 
-    One sequence's decoding step is ~50 small matrix-vector products, each bound by memory bandwidth,
-    which one core nearly saturates on the CPUs measured; a second thread then adds a wake-up and a
-    join at each product instead of speed: on 2 cores one thread decodes faster, in fp32 and int8,
-    quiet or loaded (docs/performance.md has the figures). Prompts and batches, which are
-    matrix-matrix products, keep every thread.
+    One sequence's decoding step is ~50 small matrix-vector products, each bound by memory bandwidth;
+    whether a second thread adds bandwidth or only a wake-up and a join at each product depends on the
+    machine, so the count for them is measured (LoadedModel.decode_threads, gptcli.loading.cpu).
+    Prompts and batches, which are matrix-matrix products, keep every thread.
     """
     import torch
 

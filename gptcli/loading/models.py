@@ -75,7 +75,19 @@ class LoadedModel:
     quantize: str | None = None  # "int8": `net`'s matmul weights are int8 (gptcli.loading.quantize)
     allow_pickle: bool = False
     trust_remote_code: bool = False
+    threads: int | None = None  # --threads: torch's threads, and one sequence's decoding steps'
     _model: PreTrainedModel | None = field(default=None, repr=False)
+    _decode_threads: int | None = field(default=None, repr=False)
+
+    def decode_threads(self) -> int:
+        """Threads for the steps of one sequence's decoding: `threads` when given, else measured for
+        gptcli's GPT-2 (GPT2.decode_threads, cached per machine), else 1."""
+        if self._decode_threads is None:
+            if self.net is not None:
+                self._decode_threads = self.net.decode_threads(self.threads)
+            else:
+                self._decode_threads = self.threads or 1
+        return self._decode_threads
 
     @property
     def model(self) -> PreTrainedModel:
@@ -370,6 +382,12 @@ def check_quantize(quantize: str | None) -> None:
         raise UsageError(f"--quantize must be {' or '.join(METHODS)} (got {quantize!r})")
 
 
+def check_threads(threads: int | None) -> None:
+    """Refuse a --threads count below 1 (before a model loads, too)."""
+    if threads is not None and threads < 1:
+        raise UsageError(f"--threads must be at least 1 (got {threads})")
+
+
 def load_model(
     name: str | None = None,
     *,
@@ -378,13 +396,18 @@ def load_model(
     allow_pickle: bool = False,
     trust_remote_code: bool = False,
     quantize: str | None = None,
+    threads: int | None = None,
 ) -> LoadedModel:
     """Load tokenizer and causal LM `name` (hub id, folder or "builtin"; see `resolve`) for inference.
+
+    `threads`: torch's thread count for everything, one sequence's decoding included (default: torch's
+    own, and for decoding one sequence the count measured fastest on this machine).
 
     `quantize="int8"` stores a plain GPT-2's matmul weights as int8 (gptcli.loading.quantize); other models
     cannot be quantized.
     """
     check_quantize(quantize)
+    check_threads(threads)
     check_device_spec(device)
     check_dtype_spec(dtype)
     # Which model, before torch loads: a hub id that is neither cached nor reachable fails at once.
@@ -418,7 +441,12 @@ def load_model(
         quantize=quantize,
         allow_pickle=allow_pickle,
         trust_remote_code=trust_remote_code,
+        threads=threads,
     )
+    if threads is not None:
+        import torch
+
+        torch.set_num_threads(threads)
     lm.net = _load_gpt2(files, torch_device, torch_dtype, quantize, adapter) if safetensors else None
     if lm.net is None:
         if quantize:

@@ -18,6 +18,13 @@ from gptcli.generation.sampling import Settings, resolve_settings
 MAX_CHOICES = 128  # prompts × n of one request
 MAX_LOGPROBS = 100  # alternatives per token (OpenAI: 5 for completions, 20 for chat)
 MAX_STOPS = 16
+MAX_BIAS = 300  # logit_bias entries (OpenAI's limit)
+# Most token entries one answer may hold: tokens generated or echoed, each with its alternatives
+# (n × max_tokens × (1 + logprobs), over the prompts). 262,144 entries are about 8 MB of completions
+# JSON (chat's are about 2.5 times bigger); lm-eval's loglikelihood batches of 64 full 1,024-token
+# contexts with logprobs 1 take half of it.
+MAX_OUTPUT = 2**18
+MAX_PIECES = 2**16  # tokens /tokenize describes one by one (with_pieces): about 6 MB of JSON
 
 
 class ApiError(Exception):
@@ -31,13 +38,16 @@ class ApiError(Exception):
         param: str | None = None,
         code: str | None = None,
         kind: str = "invalid_request_error",
+        headers: dict[str, str] | None = None,
     ) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
         self.param = param
-        self.code = code
+        # Every refusal names its reason for programs, as OpenAI's validation errors do.
+        self.code = code if code is not None or status != 400 else "invalid_value"
         self.kind = kind
+        self.headers = headers or {}
 
     def body(self) -> dict[str, Any]:
         return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
@@ -116,13 +126,21 @@ class ChatRequest(_Decoding):
 
 
 class TokenizeRequest(_Strict):
-    content: str
-    add_special: bool = False
+    """llama.cpp's fields (`content`, `add_special`, `with_pieces`) or vLLM's (`prompt`,
+    `add_special_tokens`, `return_token_strs`): either text field, either flag."""
+
+    content: str | None = None
+    prompt: str | None = None
+    add_special: bool | None = None
+    add_special_tokens: bool | None = None
     with_pieces: bool = False
+    return_token_strs: bool = False
+    model: str | None = None
 
 
 class DetokenizeRequest(_Strict):
     tokens: list[int]
+    model: str | None = None
 
 
 # Union fields: one message for all the ways a value failed to be one of the types.
@@ -146,7 +164,8 @@ def parse(model: type[_Strict], body: dict[str, Any]) -> Any:
             message = f"Unrecognized request argument supplied: {param}"
             raise ApiError(400, message, param=param, code="unknown_parameter") from None
         if error["type"] == "missing":
-            raise ApiError(400, f"Missing required parameter: '{param}'.", param=param) from None
+            message = f"Missing required parameter: '{param}'."
+            raise ApiError(400, message, param=param, code="missing_required_parameter") from None
         name = str(path[-1]) if path and not isinstance(path[-1], int) else str(path[0]) if path else ""
         if len(error["loc"]) > len(path) and name in _EXPECTED:  # a union: say what it may be
             message = f"Invalid value for '{param}': expected {_EXPECTED[name]}."
@@ -172,24 +191,51 @@ def unsupported(request: _Decoding) -> None:
     for name in ("presence_penalty", "frequency_penalty"):
         if getattr(request, name):
             raise ApiError(
-                400, f"{name} is not supported: use repeat_penalty (transformers' definition)", param=name
+                400,
+                f"{name} is not supported: use repeat_penalty (transformers' definition)",
+                param=name,
+                code="unsupported_parameter",
             )
-    if request.logit_bias:
-        raise ApiError(400, "logit_bias is not supported", param="logit_bias")
     if isinstance(request, CompletionRequest):
         if request.best_of not in (None, 1, request.n):
-            raise ApiError(400, "best_of is not supported (only best_of = n)", param="best_of")
+            raise ApiError(
+                400, "best_of is not supported (only best_of = n)", param="best_of", code="unsupported_value"
+            )
         if request.suffix:
             raise ApiError(
-                400, "suffix is not supported: GPT-2 models do not fill in the middle", param="suffix"
+                400,
+                "suffix is not supported: GPT-2 models do not fill in the middle",
+                param="suffix",
+                code="unsupported_parameter",
             )
     if isinstance(request, ChatRequest) and request.tools:
         raise ApiError(
-            400, "tools are not supported: gptcli serves language models without tool use", param="tools"
+            400,
+            "tools are not supported: gptcli serves language models without tool use",
+            param="tools",
+            code="unsupported_parameter",
         )
     both = (request.repeat_penalty, request.repetition_penalty)
     if None not in both and both[0] != both[1]:
         raise ApiError(400, "repeat_penalty and repetition_penalty differ: give one", param="repeat_penalty")
+
+
+def logit_bias(request: _Decoding, vocab: int) -> dict[int, float] | None:
+    """OpenAI's logit_bias: token ids (as strings, JSON's keys) to a bias from -100 to 100."""
+    if not request.logit_bias:
+        return None
+    if len(request.logit_bias) > MAX_BIAS:
+        raise ApiError(400, f"logit_bias takes at most {MAX_BIAS} tokens", param="logit_bias")
+    bias: dict[int, float] = {}
+    for key, value in request.logit_bias.items():
+        if not (key.isascii() and key.isdigit()) or not 0 <= int(key) < vocab:
+            message = f"Invalid key in 'logit_bias': {_shown(key)} is not a token id (0 to {vocab - 1})."
+            raise ApiError(400, message, param="logit_bias")
+        if not -100 <= value <= 100:
+            message = f"Invalid value in 'logit_bias': {value} for token {key} is not between -100 and 100."
+            raise ApiError(400, message, param="logit_bias")
+        bias[int(key)] = float(value)
+    return bias
 
 
 def stops(request: _Decoding) -> tuple[str, ...]:

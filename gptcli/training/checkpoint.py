@@ -28,7 +28,14 @@ from typing import IO, TYPE_CHECKING, Any
 import torch
 
 from gptcli.errors import GptcliError, UsageError, first_line
-from gptcli.training.atomic import atomic_write, atomic_write_json, free_space, fsync_dir, is_temp
+from gptcli.training.atomic import (
+    atomic_write,
+    atomic_write_json,
+    file_mode,
+    free_space,
+    fsync_dir,
+    is_temp,
+)
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -272,9 +279,12 @@ def export_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, out
             tokenizer.save_pretrained(temp)
             # PEFT adds a model card of blanks ("More Information Needed"); gptcli-run.json says more.
             (Path(temp) / "README.md").unlink(missing_ok=True)
+            mode = file_mode()
             for file in sorted(Path(temp).iterdir()):
                 with open(file, "rb") as f:
                     os.fsync(f.fileno())
+                # safetensors writes through a 0600 temporary file; the folder is for others to load too
+                os.chmod(file, mode)
                 os.replace(file, out_dir / file.name)
     except Exception as exc:  # a full disk, as safetensors or the tokenizer report it
         reason = getattr(exc, "strerror", None) or first_line(exc)

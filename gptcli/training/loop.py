@@ -88,6 +88,8 @@ class TrainResult:
     interrupted: bool
     main: bool = True
     """Whether this process is rank 0, the one that reports (False on the other torchrun ranks)."""
+    start_step: int = 0
+    """The step this run started from (a resumed run's checkpoint step): `seconds` are this run's."""
     stopped_early: bool = False
     """--patience evaluations in a row found no better validation loss."""
     best_val: float | None = None
@@ -213,6 +215,7 @@ def _train(cfg: TrainConfig, ddp: Dist, lock: RunLock, report: Reporter) -> Trai
     started = time.perf_counter()
     run = _prepare(cfg, ddp, lock, report)
     at, total_steps = run.at, run.schedule.total_steps
+    first_step = at.step
     if run.val is not None and at.step == 0 and at.best_val is None:
         val_loss = evaluate(run)  # the baseline: what training has to beat
         if run.metrics is not None:
@@ -221,18 +224,20 @@ def _train(cfg: TrainConfig, ddp: Dist, lock: RunLock, report: Reporter) -> Trai
 
     # The loop. Tensors stay on the device between log steps: no .item() (a GPU sync) until then.
     loss_sum = torch.tensor(at.pending_loss, device=ddp.device)
-    interval = Interval(at.pending_steps, time.perf_counter())
+    interval = Interval(at.pending_steps, 0, time.perf_counter())
     with StopRequest(under_torchrun=ddp.enabled) as stop:
         while at.step < total_steps and not out_of_patience(run):
             lr = run.schedule.lr_at(at.step)
             loss_sum += train_step(run, lr)
             interval.steps += 1
+            interval.timed += 1
 
             done = at.step == total_steps
             evaluate_now = run.val is not None and (at.step % cfg.eval_every == 0 or done)
             save = at.step % cfg.save_every == 0 or done
-            log = at.step % cfg.log_every == 0 or evaluate_now or done
             stopping = ddp.any(stop.requested)
+            # A stopped run logs its last step, so the loss it reports is that step's.
+            log = at.step % cfg.log_every == 0 or evaluate_now or done or stopping
             if not (log or save or stopping):
                 continue
             mean_loss = ddp.mean(loss_sum).item() / interval.steps
@@ -251,14 +256,17 @@ def _train(cfg: TrainConfig, ddp: Dist, lock: RunLock, report: Reporter) -> Trai
             if stopping:
                 break
             interval.start = time.perf_counter()  # evaluation and saving are not training speed
-    return _finish(run, started)
+            interval.timed = 0
+    return _finish(run, started, first_step)
 
 
 @dataclass
 class Interval:
-    """The steps since the last logged one, and when they began."""
+    """The steps since the last logged one (`timed`: those this run timed since `start`; a resumed
+    run's pending steps were timed by the run before)."""
 
     steps: int
+    timed: int
     start: float
 
 
@@ -287,7 +295,7 @@ def _prepare(cfg: TrainConfig, ddp: Dist, lock: RunLock, report: Reporter) -> Ru
         raise UsageError(
             "--save-best and --patience need a validation loss: pass --val FILE, or more data for --val-split"
         )
-    notes = [n for n in (notice, precision_note(precision, device)) if n] + notes
+    notes += [n for n in (notice, precision_note(precision, device)) if n]
     global_batch = cfg.batch_size * cfg.grad_accum * ddp.world
     schedule = Schedule.for_run(cfg, len(train_data.blocks), global_batch)
     block_size = train_data.blocks.block_size
@@ -332,9 +340,9 @@ def _prepare(cfg: TrainConfig, ddp: Dist, lock: RunLock, report: Reporter) -> Ru
         "precision": str(precision).removeprefix("torch."),
         "start_step": at.step,
     }  # fmt: skip
-    report("start", at.step, schedule.total_steps, start_metrics)
-    for note in notes:
+    for note in notes:  # what the data became, then the start line (docs/training.md)
         report("note", at.step, schedule.total_steps, message=note)
+    report("start", at.step, schedule.total_steps, start_metrics)
     return run
 
 
@@ -382,7 +390,7 @@ def train_step(run: Run, lr: float) -> torch.Tensor:
 def log_step(run: Run, mean_loss: float, lr: float, interval: Interval, evaluate_now: bool) -> None:
     """A metrics line (with the validation loss when it is due) and a "log" event."""
     at, total_steps = run.at, run.schedule.total_steps
-    seconds_per_step = (time.perf_counter() - interval.start) / interval.steps
+    seconds_per_step = (time.perf_counter() - interval.start) / max(interval.timed, 1)
     tokens_per_step = at.tokens_seen / at.step if at.step else 0  # a padded row's padding is not a token
     record: dict[str, Any] = {
         "step": at.step,
@@ -435,7 +443,7 @@ def save_state(run: Run) -> None:
     run.last_saved = at.step
 
 
-def _finish(run: Run, started: float) -> TrainResult:
+def _finish(run: Run, started: float, first_step: int) -> TrainResult:
     """The model folder (unless --save-best already holds the best one), the loss plot, the result."""
     at, total_steps, out = run.at, run.schedule.total_steps, run.out
     if run.ddp.is_main:
@@ -449,8 +457,8 @@ def _finish(run: Run, started: float) -> TrainResult:
     interrupted = at.step < total_steps and not stopped_early
     result = TrainResult(
         out, at.step, total_steps, at.tokens_seen, run.last_loss, run.last_val, seconds, interrupted,
-        run.ddp.is_main, stopped_early=stopped_early, best_val=at.best_val, best_step=at.best_step,
-        save_best=run.cfg.save_best, patience=run.cfg.patience,
+        run.ddp.is_main, first_step, stopped_early=stopped_early, best_val=at.best_val,
+        best_step=at.best_step, save_best=run.cfg.save_best, patience=run.cfg.patience,
     )  # fmt: skip
     end = {"loss": run.last_loss, "val_loss": run.last_val, "tokens": at.tokens_seen, "seconds": seconds}
     run.report("end", at.step, total_steps, end)
