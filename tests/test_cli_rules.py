@@ -148,7 +148,7 @@ def test_help_shows_flags_without_a_value_and_every_command_has_examples(cli) ->
 ORDER = {
     "Generate": ["complete", "chat", "step"],
     "Inspect": ["tokenize", "detokenize", "topk", "score", "lens", "attention", "compare"],
-    "Train": ["finetune"],
+    "Train": ["finetune", "merge"],
     "Serve": ["serve"],
     "Models": ["models", "pull", "info"],
 }
