@@ -16,7 +16,7 @@ from gptcli.cli._common import TRAIN, command, examples, note, status
         "gptcli finetune chats.jsonl -m gpt2 -o my-lora --lora-rank 8",
         "gptcli merge my-lora -o my-model",
         "gptcli complete -m my-model 'User: Hello\\nAssistant:'",
-    )
+    ),
 )
 def merge(
     adapter: Annotated[Path, typer.Argument(help="A LoRA adapter folder (finetune --lora-rank's output).")],
