@@ -8,6 +8,19 @@ the first --warmup ones.
     python benchmarks/bench_finetune.py       # 124M, block 128, batch 4, 6 steps x 2 rounds
     python benchmarks/bench_finetune.py --n-layer 4 --n-embd 256 --vocab 8000 --steps 20   # small, quick
 
+LoRA against full fine-tuning (issue 24), on the shared corpus (its path is the argument):
+
+    python benchmarks/bench_finetune.py --lora-vs-full ../shared/data/corpus --steps 6 --rounds 3
+
+1. The 124M shape (random weights, the built-in model's tokenizer, GPT-2's 50,257-row embedding),
+   trained on the corpus's Tatoeba sentences (every 20th line held out for validation), full and with
+   LoRA rank --rank on c_attn, each in its own process, alternating for --rounds rounds: time per
+   step (median of the rounds), peak RSS, the size of what OUT holds (model or adapter; the
+   checkpoint), and the validation loss at step 0 and after --steps. CPU only.
+2. Instruction data (recipes/instruct_from_corpus.py's set, 800 examples) on the built-in model with
+   LoRA, packed (batch 8 and 1) against padded per batch (batch 8): one epoch's steps, time, real
+   tokens/s and validation loss.
+
 The plain loop is what a tutorial writes: model(input_ids, labels=input_ids).loss, backward, clip, AdamW
 step, zero_grad, loss.item() for the log. gptcli runs with the same batch, block size, precision policy
 (fp32 on CPU, bf16 autocast on CUDA), clip and optimizer, logging every step (its most expensive setting).
@@ -160,6 +173,151 @@ def worker(args: argparse.Namespace) -> None:
     print("RESULT " + json.dumps(result), flush=True)
 
 
+def lora_worker(args: argparse.Namespace) -> None:
+    """One variant of --lora-vs-full in this process: train, then report its figures as a RESULT line."""
+    from gptcli.training.config import TrainConfig
+    from gptcli.training.loop import train
+
+    spec = json.loads(args.spec)
+    seconds: list[float] = []
+    vals: list[float] = []
+    peak = [0.0]
+    tokens = [0]
+
+    def on_event(event) -> None:
+        if event.kind == "note" and "before training" in event.message:
+            vals.append(float(event.message.rsplit(" ", 1)[1]))
+        if event.kind == "log":
+            m = event.metrics  # the loop's own timing of the step, evaluation and saving left out
+            seconds.append((m["tokens"] - tokens[0]) / m["tokens_per_second"])
+            tokens[0] = m["tokens"]
+            if "val_loss" in m:
+                vals.append(m["val_loss"])
+            peak[0] = max(peak[0], peak_memory("cpu"))
+
+    out = Path(spec.pop("out_dir"))
+    started = time.perf_counter()
+    result = train(TrainConfig(out_dir=out, device="cpu", overwrite=True, log_every=1, **spec), on_event)
+    total = time.perf_counter() - started
+    files = {p.name: p.stat().st_size for p in out.iterdir() if p.is_file()}
+    weights = sum(v for k, v in files.items() if k.endswith(".safetensors"))
+    report = {
+        "step_seconds": statistics.median(seconds[1:] or seconds),
+        "peak_gib": peak[0],
+        "weights_bytes": weights,
+        "checkpoint_bytes": files.get("checkpoint.pt", 0),
+        "val": vals,
+        "seconds": total,
+        "steps": result.step,
+        "tokens": result.tokens,
+    }
+    print("RESULT " + json.dumps(report), flush=True)
+
+
+def run_variant(spec: dict) -> dict:
+    cmd = [sys.executable, __file__, "--lora-worker", json.dumps(spec)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "GPTCLI_DEBUG": "1"})
+    line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
+    if proc.returncode != 0 or line is None:
+        sys.exit(f"{spec['out_dir']} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(line.removeprefix("RESULT "))
+
+
+def lora_vs_full(args: argparse.Namespace) -> None:
+    import torch
+    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
+
+    corpus = Path(args.lora_vs_full)
+    repo = Path(__file__).resolve().parents[1]
+    with tempfile.TemporaryDirectory(prefix="bench-lora-") as name:
+        temp = Path(name)
+        train_txt, val_txt = temp / "train.txt", temp / "val.txt"
+        lines = {"train": [], "val": []}
+        for file in ("en/tatoeba_eng_sentences.txt", "zh/tatoeba_cmn_sentences.txt"):
+            for i, line in enumerate((corpus / file).read_text(encoding="utf-8").splitlines()):
+                lines["val" if i % 20 == 19 else "train"].append(line)
+        train_txt.write_text("\n".join(lines["train"]) + "\n", encoding="utf-8")
+        val_txt.write_text("\n".join(lines["val"]) + "\n", encoding="utf-8")
+
+        folder = temp / "gpt2-124m"
+        tokenizer = AutoTokenizer.from_pretrained(repo / "gptcli" / "builtin")
+        config = GPT2Config(
+            vocab_size=50257, bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id
+        )
+        torch.manual_seed(0)
+        GPT2LMHeadModel(config).save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+
+        common = {
+            "data": [str(train_txt)], "val": [str(val_txt)], "model": str(folder), "steps": args.steps,
+            "batch_size": args.batch_size, "block_size": args.block_size, "eval_every": args.steps,
+            "eval_batches": 4, "save_every": args.steps, "warmup": 0, "seed": 0,
+        }  # fmt: skip
+        variants = {"full": {"lr": 3e-4}, "lora": {"lr": 1e-3, "lora_rank": args.rank}}
+        results: dict[str, dict] = {}
+        rounds: dict[str, list[float]] = {name: [] for name in variants}
+        for round_ in range(args.rounds):  # alternating, so that the machine's drift hits both
+            for variant in list(variants) if round_ % 2 == 0 else list(variants)[::-1]:
+                result = run_variant({**common, **variants[variant], "out_dir": str(temp / variant)})
+                rounds[variant].append(result["step_seconds"])
+                previous = results.get(variant)
+                if previous is not None:
+                    result["peak_gib"] = max(result["peak_gib"], previous["peak_gib"])
+                results[variant] = result
+                print(f"round {round_ + 1} {variant}: {result['step_seconds']:.2f} s/step", flush=True)
+        for variant, result in results.items():
+            result["step_seconds"] = statistics.median(rounds[variant])
+
+        subprocess.run(
+            [sys.executable, str(repo / "recipes" / "instruct_from_corpus.py"), str(corpus), "--out",
+             str(temp / "instruct"), "--train", "800", "--val", "100"],
+            check=True, capture_output=True,
+        )  # fmt: skip
+        instruct = {
+            "data": [str(temp / "instruct" / "train.jsonl")], "val": [str(temp / "instruct" / "val.jsonl")],
+            "model": "builtin", "epochs": 1.0, "batch_size": 8, "block_size": 256, "lr": 1e-2,
+            "lora_rank": 8, "eval_every": 10**6, "save_every": 10**6, "seed": 0,
+        }  # fmt: skip
+        packing = {}
+        for mode, extra in (
+            ("pack", {"pack": True}),
+            ("pack b1", {"pack": True, "batch_size": 1}),  # about as many examples a step as pad's 8
+            ("pad", {"pack": False}),
+        ):
+            spec = {**instruct, **extra, "out_dir": str(temp / mode.replace(" ", "-"))}
+            packing[mode] = run_variant(spec)
+            print(f"{mode}: done", flush=True)
+
+    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
+    print()
+    print(
+        f"1. GPT-2 124M shape (random weights), batch {args.batch_size} x block {args.block_size}, "
+        f"{args.steps} steps on CPU ({os.cpu_count()} cores), torch {torch.__version__}; load average {load}"
+    )
+    print(
+        f"{'variant':<14} {'s/step':>7} {'peak RSS':>9} {'weights':>10} {'checkpoint':>11} "
+        f"{'val @0':>7} {'val @end':>9}"
+    )
+    for variant, r in results.items():
+        label = f"{variant} r{args.rank}" if variant == "lora" else variant
+        print(
+            f"{label:<14} {r['step_seconds']:>7.2f} {r['peak_gib']:>5.2f} GiB "
+            f"{r['weights_bytes'] / 1e6:>7.1f} MB {r['checkpoint_bytes'] / 1e6:>8.1f} MB "
+            f"{r['val'][0]:>7.3f} {r['val'][-1]:>9.3f}"
+        )
+    ratio = results["lora"]["step_seconds"] / results["full"]["step_seconds"]
+    per_round = "; ".join(f"{v}: " + ", ".join(f"{x:.2f}" for x in xs) for v, xs in rounds.items())
+    print(f"lora / full step time: {ratio:.2f} (s/step per round: {per_round})")
+    print()
+    print("2. instruction data, built-in model, LoRA r8, 800 examples, one epoch, batch 8 rows (pack b1: 1)")
+    print(f"{'rows':<8} {'steps':>6} {'seconds':>8} {'tokens/s':>9} {'val loss':>9}")
+    for mode, r in packing.items():
+        print(
+            f"{mode:<8} {r['steps']:>6} {r['seconds']:>8.1f} {r['tokens'] / r['seconds']:>9,.0f} "
+            f"{r['val'][-1]:>9.3f}"
+        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -176,10 +334,19 @@ def main() -> None:
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     parser.add_argument("--precision", default="auto")
     parser.add_argument("--compile", action="store_true")
+    parser.add_argument("--lora-vs-full", metavar="CORPUS", help="LoRA against full fine-tuning (see above)")
+    parser.add_argument("--rank", type=int, default=8, help="LoRA rank for --lora-vs-full")
+    parser.add_argument("--lora-worker", help=argparse.SUPPRESS)
     parser.add_argument("--worker", choices=["gptcli", "plain"], help=argparse.SUPPRESS)
     parser.add_argument("--folder", help=argparse.SUPPRESS)
     parser.add_argument("--text", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.lora_worker:
+        lora_worker(argparse.Namespace(spec=args.lora_worker))
+        return
+    if args.lora_vs_full:
+        lora_vs_full(args)
+        return
     if args.device is None:
         import torch
 

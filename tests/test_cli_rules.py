@@ -158,7 +158,7 @@ ORDER = {
         "patch",
         "compare",
     ],
-    "Train": ["finetune"],
+    "Train": ["finetune", "merge"],
     "Serve": ["serve"],
     "Models": ["models", "pull", "info"],
 }

@@ -141,9 +141,11 @@ def assert_same_run(out: Path, reference: Path) -> None:
     for name, tensor in theirs.items():
         assert torch.equal(mine[name], tensor), name
     got, want = metrics(out), metrics(reference)
-    assert [r["step"] for r in got] == list(range(1, STEPS + 1))
+    assert [r["step"] for r in got] == list(range(STEPS + 1))  # step 0: the baseline validation loss
     for have, expected in zip(got, want, strict=True):
-        assert (have["loss"], have.get("val_loss")) == (expected["loss"], expected.get("val_loss")), have
+        assert (have.get("loss"), have.get("val_loss")) == (expected.get("loss"), expected.get("val_loss")), (
+            have
+        )
 
 
 @pytest.fixture(scope="module")

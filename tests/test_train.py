@@ -65,14 +65,15 @@ def test_loss_falls_and_the_output_is_a_model_folder(cli, bpe_model: Path, corpu
     assert result.out == ""  # stdout is for data; all talk goes to stderr
     assert "trained 40 steps" in result.err and f"model in {out}" in result.err
 
-    records = metrics(out)
+    baseline, *records = metrics(out)
+    assert baseline["step"] == 0 and baseline["tokens"] == 0 and "loss" not in baseline  # before training
     assert [r["step"] for r in records] == list(range(1, 41))
     assert {"step", "loss", "lr", "tokens", "tokens_per_second"} <= set(records[0])
     assert records[-1]["tokens"] == 40 * 8 * 32
     first, last = sum(r["loss"] for r in records[:5]) / 5, sum(r["loss"] for r in records[-5:]) / 5
     assert last < 0.85 * first, (first, last)  # (the fixture has seen this text before: it starts low)
-    vals = [r["val_loss"] for r in records if "val_loss" in r]
-    assert len(vals) == 2 and vals[1] < vals[0]
+    vals = [r["val_loss"] for r in [baseline, *records] if "val_loss" in r]
+    assert len(vals) == 3 and vals[2] < vals[1] < vals[0]
     assert (out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     # The folder loads with plain transformers and with gptcli's loader, and holds the trained weights.
@@ -129,8 +130,9 @@ def test_resume_after_sigkill_gives_the_same_losses(bpe_model: Path, corpus: Pat
     resumed = train(TrainConfig(out_dir=out, resume=True, **common))
     assert resumed.step == 30 and not resumed.interrupted
     expected, got = metrics(tmp_path / "ref"), metrics(out)
-    assert [r["step"] for r in got] == list(range(1, 31))  # the killed run's extra lines were dropped
-    for want, have in zip(expected, got, strict=True):
+    assert [r["step"] for r in got] == list(range(31))  # the killed run's extra lines were dropped
+    assert got[0] == expected[0]  # the baseline, at step 0
+    for want, have in zip(expected[1:], got[1:], strict=True):
         # Bit for bit: same ops, same order, same single thread (a tolerance would hide a lost RNG state
         # less well than this does).
         assert have["loss"] == want["loss"], have["step"]
@@ -204,12 +206,13 @@ def test_two_processes_under_torchrun_match_one_process(bpe_model: Path, corpus:
     assert proc.returncode == 0, err
     assert err.count("trained 6 steps") == 1 and "2 processes" in err  # rank 0 alone reports
     expected, got = metrics(one), metrics(two)
-    assert [r["step"] for r in got] == list(range(1, 7))  # rank 0 alone writes
-    for want, have in zip(expected, got, strict=True):
+    assert [r["step"] for r in got] == list(range(7))  # rank 0 alone writes; step 0 is the baseline
+    assert got[0]["val_loss"] == pytest.approx(expected[0]["val_loss"], abs=1e-4)
+    for want, have in zip(expected[1:], got[1:], strict=True):
         assert have["loss"] == pytest.approx(want["loss"], abs=1e-4), have["step"]
         assert have.get("val_loss") == pytest.approx(want.get("val_loss"), abs=1e-4)
         assert have["tokens"] == want["tokens"]
-    assert expected[-1]["loss"] < expected[0]["loss"]  # it trained, so the match means something
+    assert expected[-1]["loss"] < expected[1]["loss"]  # it trained, so the match means something
 
 
 def test_a_nan_loss_stops_and_keeps_the_last_good_checkpoint(cli, bpe_model, corpus, tmp_path):
@@ -385,7 +388,7 @@ def test_every_finetune_option_defaults_to_trainconfig() -> None:
             assert given == expected, (f.name, given, expected)
         assert param.help == f.metadata["cli"]["help"], f.name
         checked += 1
-    assert checked == len(params) == 36
+    assert checked == len(params) == 44
 
 
 def test_the_numbers_of_tokens_agree(cli, bpe_model: Path, corpus: Path, tmp_path: Path) -> None:
@@ -398,10 +401,11 @@ def test_the_numbers_of_tokens_agree(cli, bpe_model: Path, corpus: Path, tmp_pat
     train, val, block = map(
         int, re.search(r"(\d+) training \+ (\d+) validation blocks of (\d+)", result.err).groups()
     )
-    left = re.search(r"the last ([\d,]+) tokens fill no block", result.err)
+    left = re.search(r"the last ([\d,]+) tokens make a short final block", result.err)
     left_over = int(left[1].replace(",", "")) if left else 0
-    assert (train + val) * block + 1 + left_over == tokenized
-    assert f"{train * block:,} training tokens ({train:,} blocks of {block})" in result.err
+    assert left_over  # this corpus does not fill its last block: the short final one trains on the rest
+    assert (train - 1 + val) * block + left_over + 1 == tokenized  # every token once, none dropped
+    assert f"{(train - 1) * block + left_over:,} training tokens ({train:,} blocks of {block})" in result.err
 
 
 def test_a_fine_tuned_model_keeps_only_the_token_ids_of_the_generation_config(
@@ -562,24 +566,26 @@ def test_the_model_folder_follows_the_umask(cli, bpe_model: Path, corpus: Path, 
 def test_notes_come_before_the_first_progress_line_in_the_documented_order(
     cli, bpe_model: Path, corpus: Path, tmp_path: Path
 ) -> None:
-    """docs/training.md: the notes on what the data became, then the start line, then progress."""
+    """docs/training.md: the notes on what the data became, then the start line, the baseline, progress."""
     result = cli("finetune", corpus, "-m", bpe_model, "-o", tmp_path / "out", *SMALL, "--steps", "2")
     assert result.code == 0, result.err
     lines = result.err.splitlines()
     kinds = [line.split()[0] if not line.startswith("note:") else line.split()[1] for line in lines]
     assert kinds[0] == "tokenized" and kinds[1].isdigit() and kinds[2] == "training", lines
-    assert lines[3].startswith("step 1/2")
+    assert lines[3].startswith("note: validation loss before training: ")
+    assert lines[4].startswith("step 1/2")
 
 
 def test_one_block_is_one_block(cli, bpe_model: Path, tmp_path: Path) -> None:
     data = tmp_path / "short.txt"
-    data.write_text(tiny.TEXT[:60], encoding="utf-8")
-    args = ["--batch-size", "1", "--block-size", "64", "--val-split", "0", "--steps", "1"]
+    data.write_text(tiny.TEXT[:60], encoding="utf-8")  # 95 tokens: 94 targets, one block of 94
+    args = ["--batch-size", "1", "--block-size", "94", "--val-split", "0", "--steps", "1"]
     result = cli("finetune", data, "-m", bpe_model, "-o", tmp_path / "out", *args)
     assert result.code == 0, result.err
-    assert "note: 1 training block of 64 tokens" in result.err, result.err
-    assert "(1 block of 64)" in result.err and "1 blocks" not in result.err
-    assert "trained 1 step (64 tokens)" in result.err
+    assert "note: tokenized 1 document: 95 tokens" in result.err, result.err
+    assert "note: 1 training block of 94 tokens" in result.err, result.err
+    assert "(1 block of 94)" in result.err and "1 blocks" not in result.err
+    assert "trained 1 step (94 tokens)" in result.err
 
 
 def test_an_interrupted_run_reports_its_last_step_and_a_resume_says_what_it_did(
@@ -597,7 +603,7 @@ def test_an_interrupted_run_reports_its_last_step_and_a_resume_says_what_it_did(
     cfg.block_size, cfg.log_every, cfg.device = 32, 4, "cpu"
     stopped = train(cfg, stop_after_step_4)
     assert stopped.interrupted and stopped.step == 5
-    assert [r["step"] for r in metrics(out)] == [4, 5] and stopped.loss == metrics(out)[-1]["loss"]
+    assert [r["step"] for r in metrics(out)] == [0, 4, 5] and stopped.loss == metrics(out)[-1]["loss"]
     args = ["--batch-size", "4", "--block-size", "32", "--log-every", "4", "--steps", "8", "--resume"]
     resumed = cli("finetune", corpus, "-m", bpe_model, "-o", out, *args)
     assert resumed.code == 0, resumed.err
@@ -605,7 +611,7 @@ def test_an_interrupted_run_reports_its_last_step_and_a_resume_says_what_it_did(
     assert re.match(
         rf"trained steps 6 to 8 in \d+:\d\d \(resumed from step 5; 8 steps, {8 * 4 * 32:,} tokens", summary
     )
-    assert [r["step"] for r in metrics(out)] == [4, 5, 8]
+    assert [r["step"] for r in metrics(out)] == [0, 4, 5, 8]  # step 0: the baseline validation loss
 
 
 def test_the_first_rate_after_a_resume_counts_only_the_steps_it_timed(

@@ -19,6 +19,7 @@ from gptcli.cli import complete as _complete  # noqa: F401
 from gptcli.cli import finetune as _finetune  # noqa: F401
 from gptcli.cli import info as _info  # noqa: F401
 from gptcli.cli import lens as _lens  # noqa: F401
+from gptcli.cli import merge as _merge  # noqa: F401
 from gptcli.cli import models as _models  # noqa: F401
 from gptcli.cli import patch as _patch  # noqa: F401
 from gptcli.cli import score as _score  # noqa: F401

@@ -32,6 +32,8 @@ EPILOG = """\
   torchrun --nproc_per_node 4 -m gptcli finetune corpus.txt -m gpt2 -o out --steps 2000
 
   gptcli finetune corpus.txt -m gpt2 -o out --steps 2000 --resume    [dim]# after Ctrl-C or a crash[/dim]
+
+  gptcli finetune qa.jsonl -m gpt2 -o adapter --lora-rank 8 --save-best --patience 3
 """
 
 
@@ -137,9 +139,13 @@ class ProgressView:
             self.spinner.stop()
             self.spinner = None
         if event.kind == "start":
-            blocks = m["train_tokens"] // m["block_size"]
+            trainable = m.get("trainable_parameters", m["parameters"])
+            size = f"{m['parameters'] / 1e6:.2f}M"
+            if trainable < m["parameters"]:  # LoRA: the adapters alone train
+                size = f"{trainable:,} of {m['parameters']:,}"
+            blocks = m.get("train_rows", m["train_tokens"] // m["block_size"])
             text = (
-                f"training {m['parameters'] / 1e6:.2f}M parameters on {m['device']} ({m['precision']}, "
+                f"training {size} parameters on {m['device']} ({m['precision']}, "
                 f"{m['processes']} process{'es' if m['processes'] > 1 else ''}): {m['train_tokens']:,} "
                 f"training tokens ({_count(blocks, 'block')} of {m['block_size']}), "
                 f"global batch {m['global_batch']}"
@@ -193,15 +199,24 @@ def summary(result: TrainResult) -> str:
             f"interrupted at step {result.step}/{result.total_steps}{losses}; checkpoint and model saved in "
             f"{result.out_dir}: add --resume to the same command to continue"
         )
+    best = ""
+    if result.best_step is not None and (result.save_best or result.stopped_early):
+        kept = ", the model kept in OUT (--save-best)" if result.save_best else ""
+        best = f"; best val loss {result.best_val:.4f} at step {result.best_step}{kept}"
+    if result.stopped_early:
+        return (
+            f"stopped early at step {result.step}/{result.total_steps}: {result.patience} validation losses "
+            f"in a row without a new best (--patience){losses}{best}: model in {result.out_dir}"
+        )
     if result.start_step:  # resumed: this run's steps and time, and the run's totals
         return (
             f"trained steps {result.start_step + 1} to {result.step} in {_duration(result.seconds)} "
             f"(resumed from step {result.start_step}; {_count(result.step, 'step')}, {result.tokens:,} "
-            f"tokens in all){losses}: model in {result.out_dir}"
+            f"tokens in all){losses}{best}: model in {result.out_dir}"
         )
     return (
         f"trained {_count(result.step, 'step')} ({result.tokens:,} tokens) in {_duration(result.seconds)}"
-        f"{losses}: model in {result.out_dir}"
+        f"{losses}{best}: model in {result.out_dir}"
     )
 
 

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 from gptcli.errors import GptcliError, UsageError, first_line
 from gptcli.loading import gpt2_folder
+from gptcli.loading.adapters import Adapter, find_adapter, is_adapter_folder, load_merged_transformers_model
 from gptcli.loading.hub import cached_snapshot, download, hub_reachable
 
 if TYPE_CHECKING:
@@ -411,10 +412,14 @@ def load_model(
     check_dtype_spec(dtype)
     # Which model, before torch loads: a hub id that is neither cached nor reachable fails at once.
     name, path, notice = resolve(name, allow_pickle=allow_pickle)
+    # A LoRA adapter folder runs as its base with the adapter merged into the weights at load: the
+    # base's files (config, tokenizer, weights) are read, and `path` stays the adapter's folder.
+    adapter = find_adapter(path)
+    files = adapter.base if adapter is not None else path
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)
-    safetensors = check_model_folder(path, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
-    plain = gpt2_folder.load(path) if safetensors else None  # a plain GPT-2: no need to import transformers
+    safetensors = check_model_folder(files, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
+    plain = gpt2_folder.load(files) if safetensors else None  # a plain GPT-2: no need to import transformers
     config: ModelConfig
     generation_config: GenerationConfig | None
     tokenizer: Tokenizer
@@ -422,8 +427,8 @@ def load_model(
         config, generation_config, tokenizer = plain
     else:
         # The configs first: the tokenizer reads config.json too, and would take the blame for its errors.
-        config, generation_config = _load_configs(path, trust_remote_code)
-        tokenizer = as_contract(load_tokenizer(path, trust_remote_code=trust_remote_code))
+        config, generation_config = _load_configs(files, trust_remote_code)
+        tokenizer = as_contract(load_tokenizer(files, trust_remote_code=trust_remote_code))
     lm = LoadedModel(
         name,
         path,
@@ -442,7 +447,7 @@ def load_model(
         import torch
 
         torch.set_num_threads(threads)
-    lm.net = _load_gpt2(path, torch_device, torch_dtype, quantize) if safetensors else None
+    lm.net = _load_gpt2(files, torch_device, torch_dtype, quantize, adapter) if safetensors else None
     if lm.net is None:
         if quantize:
             raise UsageError(f"--quantize works with plain GPT-2 checkpoints only; {path} is not one")
@@ -471,8 +476,11 @@ def _load_configs(path: Path, trust_remote_code: bool) -> tuple[ModelConfig, Gen
     return cast("ModelConfig", config), cast("GenerationConfig | None", generation_config)
 
 
-def _load_gpt2(path: Path, device: torch.device, dtype: torch.dtype, quantize: str | None) -> GPT2 | None:
-    """gptcli's GPT-2 over the folder's model.safetensors, or None when the checkpoint is not one it runs."""
+def _load_gpt2(
+    path: Path, device: torch.device, dtype: torch.dtype, quantize: str | None, adapter: Adapter | None = None
+) -> GPT2 | None:
+    """gptcli's GPT-2 over the folder's model.safetensors (with `adapter` merged into its weights), or
+    None when the checkpoint is not one it runs."""
     from gptcli.gpt2 import GPT2, GPT2Config, read_safetensors
 
     weights_file = path / "model.safetensors"
@@ -483,6 +491,10 @@ def _load_gpt2(path: Path, device: torch.device, dtype: torch.dtype, quantize: s
     try:
         # Memory-mapped; GPT2 copies or converts each weight once and gives its file pages back.
         tensors = read_safetensors(weights_file)
+        if adapter is not None:
+            from gptcli.loading.adapters import merge_into
+
+            merge_into(adapter, tensors)
         return GPT2(shape, tensors, dtype=dtype, device=device, quantize=quantize)
     except (GptcliError, OSError, RuntimeError, ValueError, KeyError, TypeError) as exc:
         raise GptcliError(f"could not load the model weights from {weights_file}: {first_line(exc)}") from exc
@@ -494,6 +506,9 @@ def _load_transformers_model(
     from transformers import AutoModelForCausalLM
 
     _quiet_transformers()
+    adapter = find_adapter(path)
+    if adapter is not None:  # the base with the adapter merged by PEFT
+        return load_merged_transformers_model(adapter, dtype).to(device)
     try:
         model = AutoModelForCausalLM.from_pretrained(
             path,
@@ -533,6 +548,8 @@ def folder_info(
     if not (spec == "cpu" or (spec == "auto" and not _may_have_an_accelerator())):
         return None
     name, path, notice = resolve(name, allow_pickle=allow_pickle)
+    if is_adapter_folder(path):
+        return None  # the base and the merge: the full load
     if not check_model_folder(path, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code):
         return None  # pickle weights: transformers reads them
     plain = gpt2_folder.load(path)

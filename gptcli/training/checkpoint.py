@@ -231,9 +231,37 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
         raise GptcliError(f"cannot read the checkpoint {path}: {first_line(exc)}") from exc
 
 
+def is_adapter(model: torch.nn.Module) -> bool:
+    """Whether `model` is a PEFT model (LoRA), of which only the adapter weights train and are saved."""
+    return hasattr(model, "peft_config")
+
+
+def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The weights a checkpoint must keep: all of them, or with LoRA only the adapter's (the base is
+    frozen and reloads from its folder)."""
+    if not is_adapter(model):
+        return model.state_dict()
+    return {name: p.detach() for name, p in model.named_parameters() if p.requires_grad}
+
+
+def load_trainable_state(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Put `trainable_state`'s weights back; raises RuntimeError when they do not fit the model."""
+    if not is_adapter(model):
+        model.load_state_dict(state)
+        return
+    wanted = {name for name, p in model.named_parameters() if p.requires_grad}
+    if set(state) != wanted:
+        raise RuntimeError(
+            f"the checkpoint's adapter weights are not this run's ({len(state)} vs {len(wanted)})"
+        )
+    model.load_state_dict(state, strict=False)
+
+
 def export_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, out_dir: Path) -> None:
     """Save a model folder (safetensors, config, generation config, tokenizer) into `out_dir`, atomically
-    file by file, so `from_pretrained(out_dir)` and `gptcli complete -m out_dir` load it.
+    file by file, so `from_pretrained(out_dir)` and `gptcli complete -m out_dir` load it; for a LoRA run,
+    PEFT's adapter folder (adapter_config.json naming the base, adapter_model.safetensors) and the
+    tokenizer, which `PeftModel.from_pretrained(base, out_dir)` and `gptcli complete -m out_dir` load.
 
     Its generation_config.json keeps only the base model's token ids: decoding defaults were chosen for
     the base's text (the built-in model's repetition penalty 1.3, say), and would mangle what the
@@ -241,13 +269,16 @@ def export_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, out
     """
     from transformers import GenerationConfig
 
-    ids = ("bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_token_id")
-    kept = {name: getattr(model.generation_config, name, None) for name in ids}
-    model.generation_config = GenerationConfig(**{k: v for k, v in kept.items() if v is not None})
+    if not is_adapter(model):
+        ids = ("bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_token_id")
+        kept = {name: getattr(model.generation_config, name, None) for name in ids}
+        model.generation_config = GenerationConfig(**{k: v for k, v in kept.items() if v is not None})
     try:
         with tempfile.TemporaryDirectory(dir=out_dir, prefix=".export.tmp-") as temp:
             model.save_pretrained(temp, safe_serialization=True)
             tokenizer.save_pretrained(temp)
+            # PEFT adds a model card of blanks ("More Information Needed"); gptcli-run.json says more.
+            (Path(temp) / "README.md").unlink(missing_ok=True)
             mode = file_mode()
             for file in sorted(Path(temp).iterdir()):
                 with open(file, "rb") as f:

@@ -16,9 +16,10 @@ from gptcli.errors import UsageError
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
-DATA, TRAINING, RUN, SCRATCH = (
+DATA, TRAINING, LORA, RUN, SCRATCH = (
     "Data",
     "Training",
+    "LoRA (--lora-rank)",
     "Evaluation, checkpoints, output",
     "From scratch (--from-scratch)",
 )
@@ -73,6 +74,19 @@ class TrainConfig:
     block_size: int | None = option(
         "Tokens per sequence. (default: the model's context, at most 1024)", default=None, panel=DATA
     )
+    train_on_prompt: bool = option(
+        "Instruction data: train on the prompt tokens too, not only on the answers.",
+        default=False,
+        panel=DATA,
+        flags=("--train-on-prompt",),
+    )
+    pack: bool = option(
+        "Instruction data: pack several examples into each block (attention and loss never cross from "
+        "one into the next), or --no-pack: one example a row, padded to the longest of its batch.",
+        default=True,
+        panel=DATA,
+        flags=("--pack/--no-pack",),
+    )
 
     steps: int | None = option("Optimizer steps. (default: one epoch)", default=None, panel=TRAINING)
     epochs: float | None = option(
@@ -110,6 +124,24 @@ class TrainConfig:
         panel=TRAINING,
     )
 
+    lora_rank: int = option(
+        "Train a LoRA adapter of this rank (HF PEFT) instead of every weight; 0: full fine-tuning.",
+        default=0,
+        panel=LORA,
+    )
+    lora_alpha: float | None = option(
+        "LoRA scale numerator: the update is (alpha / rank) B A. (default: 2 x rank)",
+        default=None,
+        panel=LORA,
+    )
+    lora_dropout: float = option("Dropout on the LoRA path's input.", default=0.05, panel=LORA)
+    lora_targets: str = option(
+        "Comma-separated module names that get adapters (GPT-2: c_attn, c_proj, c_fc; other models: "
+        "q_proj, v_proj, ...).",
+        default="c_attn",
+        panel=LORA,
+    )
+
     device: str = option(
         "auto|cpu|cuda|cuda:N|mps (auto: CUDA, MPS, CPU). Under torchrun each process takes cuda:LOCAL_RANK.",
         default="auto",
@@ -134,6 +166,17 @@ class TrainConfig:
     )
     save_every: int = option(
         "Steps between checkpoints (and at the last step, on Ctrl-C and SIGTERM).", default=500, panel=RUN
+    )
+    save_best: bool = option(
+        "Keep the model (or adapter) of the lowest validation loss in --out, not the last one.",
+        default=False,
+        panel=RUN,
+        flags=("--save-best",),
+    )
+    patience: int | None = option(
+        "Stop after this many validation losses in a row without a new best (step 0's counts).",
+        default=None,
+        panel=RUN,
     )
     log_every: int = option(
         "Steps between metrics lines; the loss is the mean since the last one.", default=10, panel=RUN
@@ -196,6 +239,7 @@ class TrainConfig:
             "--n-head": self.n_head,
             "--n-embd": self.n_embd,
             "--context": self.context,
+            "--patience": self.patience,
         }
         for name, given in optional.items():
             if given is not None and given < 1:
@@ -208,16 +252,14 @@ class TrainConfig:
             "--clip": self.clip,
             "--dropout": self.dropout,
             "--val-split": self.val_split,
+            "--lora-alpha": self.lora_alpha,
+            "--lora-dropout": self.lora_dropout,
         }
         for name, number in numbers.items():  # NaN passes every comparison below; inf never ends a run
             if number is not None and not math.isfinite(number):
                 raise UsageError(f"{name} must be a finite number (got {number})")
         if not 0 <= self.seed <= 2**63 - 1:
             raise UsageError(f"--seed must be between 0 and 2**63 - 1 (got {self.seed})")
-        if self.steps is not None and self.epochs is not None:
-            raise UsageError("give --steps or --epochs, not both")
-        if self.epochs is not None and not self.epochs > 0:
-            raise UsageError("--epochs must be positive")
         if not 0 <= self.val_split < 1:
             raise UsageError("--val-split must be at least 0 and below 1")
         if not self.lr > 0 or (self.min_lr is not None and not 0 <= self.min_lr <= self.lr):
@@ -228,8 +270,16 @@ class TrainConfig:
             raise UsageError("--clip and --weight-decay must be 0 or more")
         if self.dropout is not None and not 0 <= self.dropout < 1:
             raise UsageError("--dropout must be at least 0 and below 1")
+        self._check_lora()
         if self.precision not in PRECISIONS:
             raise UsageError(f"unknown --precision {self.precision!r}: use one of {', '.join(PRECISIONS)}")
+        self._check_length_and_scratch()
+
+    def _check_length_and_scratch(self) -> None:
+        if self.steps is not None and self.epochs is not None:
+            raise UsageError("give --steps or --epochs, not both")
+        if self.epochs is not None and not self.epochs > 0:
+            raise UsageError("--epochs must be positive")
         scratch_only = {
             "--n-layer": self.n_layer,
             "--n-head": self.n_head,
@@ -241,6 +291,28 @@ class TrainConfig:
         scratch_given = [name for name, value in scratch_only.items() if value is not None]
         if scratch_given and not self.from_scratch:
             raise UsageError(f"{', '.join(scratch_given)} only apply with --from-scratch")
+
+    @property
+    def targets(self) -> list[str]:
+        """--lora-targets as a list of module names."""
+        return [name.strip() for name in self.lora_targets.split(",") if name.strip()]
+
+    def _check_lora(self) -> None:
+        if self.lora_rank < 0:
+            raise UsageError("--lora-rank must be 0 (full fine-tuning) or more")
+        if not self.lora_rank:
+            given = [name for name, on in (("--lora-alpha", self.lora_alpha is not None),) if on]
+            if given:
+                raise UsageError(f"{', '.join(given)} only applies with --lora-rank")
+            return
+        if self.from_scratch:
+            raise UsageError("--lora-rank adapts a pretrained model: it does not go with --from-scratch")
+        if not 0 <= self.lora_dropout < 1:
+            raise UsageError("--lora-dropout must be at least 0 and below 1")
+        if self.lora_alpha is not None and not self.lora_alpha > 0:
+            raise UsageError("--lora-alpha must be positive")
+        if not self.targets:
+            raise UsageError("--lora-targets names no module")
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON values (paths as strings), for gptcli-run.json and the checkpoint."""

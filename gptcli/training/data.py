@@ -6,7 +6,12 @@ every document, and written as a flat array of token ids (uint16 when the vocabu
 runs open as a numpy memmap: resuming, or a second run on the same data, does not tokenize again.
 
 Packing: block i is tokens[i*B : i*B + B + 1], so consecutive blocks share one token and every token of
-the stream is predicted exactly once (inputs are the first B ids, targets the last B).
+the stream is predicted exactly once (inputs are the first B ids, targets the last B). The tokens that
+do not fill a last block make a short final one: a block that ends at the last token, whose targets
+already predicted by the block before are masked, so nothing is dropped and nothing counted twice.
+
+Instruction data (prompt/completion or chat messages) is read by gptcli.training.instruct instead; both
+hand the loop the same `Batch`.
 """
 
 from __future__ import annotations
@@ -42,21 +47,76 @@ _SAFE_CUT = re.compile(r"\S\n(?=\S)")
 _PROBE = "Hello there.\nSecond line, with 42 numbers.\n今天天气很好。\n  indented\nlast line\n"
 
 
+IGNORE = -100
+"""The label of a position that has no target (prompt, padding, already counted): PyTorch's ignore_index."""
+
+
+@dataclass
+class Batch:
+    """What one micro-step trains on, as numpy arrays of shape (rows, positions).
+
+    `labels` hold the target of each position or IGNORE. `segments` (packed examples) number the
+    example each position belongs to: attention stays inside one, and positions restart at each.
+    `attention` (padded rows) is 1 for tokens, 0 for the padding on the right.
+    """
+
+    inputs: np.ndarray
+    labels: np.ndarray
+    segments: np.ndarray | None = None
+    attention: np.ndarray | None = None
+    padding: int = 0
+    """Positions that hold no token (the end of a packed row, or of a padded one)."""
+
+    @property
+    def targets(self) -> int:
+        """Positions that count in the loss."""
+        return int(np.count_nonzero(self.labels != IGNORE))
+
+    @property
+    def tokens(self) -> int:
+        """Input tokens that are not padding."""
+        return self.inputs.size - self.padding
+
+
 @dataclass
 class Blocks:
-    """Packed blocks of `block_size + 1` tokens taken from a token stream at the given start offsets."""
+    """Packed blocks of `block_size + 1` tokens taken from a token stream at the given start offsets.
+
+    `skip[i]` targets at the start of block i are masked (the short final block's, which the block
+    before it already predicts); None: none are.
+    """
 
     tokens: np.ndarray
     starts: np.ndarray
     block_size: int
+    skip: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.starts)
+
+    @property
+    def targets(self) -> int:
+        """Targets over all blocks (each token of the stream once)."""
+        return len(self) * self.block_size - (int(self.skip.sum()) if self.skip is not None else 0)
 
     def read(self, which: np.ndarray) -> np.ndarray:
         """The blocks numbered `which`, as an int64 array of shape (len(which), block_size + 1)."""
         offsets = self.starts[which][:, None] + np.arange(self.block_size + 1)
         return self.tokens[offsets].astype(np.int64)
+
+    def batch(self, which: np.ndarray) -> Batch:
+        """Inputs and next-token labels of the blocks numbered `which`."""
+        tokens = self.read(which)
+        labels = tokens[:, 1:].copy()
+        if self.skip is not None:
+            labels[np.arange(self.block_size) < self.skip[which][:, None]] = IGNORE
+        return Batch(tokens[:, :-1], labels)
+
+    def subset(self, keep: np.ndarray) -> Blocks:
+        """The blocks where the boolean `keep` is true."""
+        return Blocks(
+            self.tokens, self.starts[keep], self.block_size, None if self.skip is None else self.skip[keep]
+        )
 
 
 @dataclass
@@ -357,14 +417,23 @@ def _read_meta(folder: Path, fingerprint: str) -> TokenCache | None:
 
 
 def make_blocks(tokens: np.ndarray, block_size: int, what: str) -> Blocks:
-    """All whole blocks of `tokens`; refuses (rather than pads) data shorter than one block."""
+    """All whole blocks of `tokens`, and a short final one for the tokens left over; refuses (rather
+    than pads) data shorter than one block."""
     count = (len(tokens) - 1) // block_size
     if count < 1:
         raise UsageError(
             f"the {what} data has {len(tokens)} tokens, fewer than one block of {block_size} + 1: "
             f"refusing to pad it; pass --block-size {max(len(tokens) - 1, 1)} or less, or more text"
         )
-    return Blocks(tokens, np.arange(count, dtype=np.int64) * block_size, block_size)
+    starts = np.arange(count, dtype=np.int64) * block_size
+    left_over = len(tokens) - 1 - count * block_size
+    if not left_over:
+        return Blocks(tokens, starts, block_size)
+    # The final block ends at the last token; its first targets are the previous block's last ones.
+    tail = len(tokens) - 1 - block_size
+    skip = np.zeros(count + 1, dtype=np.int64)
+    skip[-1] = block_size - left_over
+    return Blocks(tokens, np.append(starts, tail), block_size, skip)
 
 
 def split_validation(blocks: Blocks, fraction: float) -> tuple[Blocks, Blocks | None]:
@@ -373,15 +442,20 @@ def split_validation(blocks: Blocks, fraction: float) -> tuple[Blocks, Blocks | 
     Spreading the held-out blocks keeps them representative when files differ (a tail split would hold
     out only the last file). Returns (train, val); val is None when too little data for one block.
     """
-    index = np.arange(len(blocks))
-    is_val = np.floor((index + 1) * fraction) > np.floor(index * fraction)
+    is_val = held_out(len(blocks), fraction)
+    if blocks.skip is not None:
+        is_val &= blocks.skip == 0  # the short final block overlaps the one before: it trains
     if not is_val.any():
         return blocks, None
     if is_val.all():
         raise UsageError(f"--val-split {fraction} leaves no training data")
-    train = Blocks(blocks.tokens, blocks.starts[~is_val], blocks.block_size)
-    val = Blocks(blocks.tokens, blocks.starts[is_val], blocks.block_size)
-    return train, val
+    return blocks.subset(~is_val), blocks.subset(is_val)
+
+
+def held_out(count: int, fraction: float) -> np.ndarray:
+    """Which of `count` items a validation split of `fraction` holds out: every 1/fraction-th."""
+    index = np.arange(count)
+    return np.floor((index + 1) * fraction) > np.floor(index * fraction)
 
 
 class BatchOrder:

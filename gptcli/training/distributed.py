@@ -56,6 +56,14 @@ class Dist:
         """The mean of `value` over all processes."""
         return self.sum(value) / self.world if self.enabled else value
 
+    def total(self, counts: list[int]) -> list[int]:
+        """Integer counts summed over all processes, on the CPU (no wait on the GPU)."""
+        if not self.enabled:
+            return counts
+        value = torch.tensor(counts, dtype=torch.int64)
+        dist.all_reduce(value, op=dist.ReduceOp.SUM, group=self.control)
+        return [int(v) for v in value.tolist()]
+
     def any(self, flag: bool) -> bool:
         """Whether `flag` is true on any process; every process must call it at the same point."""
         if not self.enabled:

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
 from gptcli import __version__
-from gptcli.errors import GptcliError, first_line
+from gptcli.errors import GptcliError, UsageError, first_line
 from gptcli.training import distributed
 from gptcli.training.checkpoint import (
     MetricsLog,
@@ -33,17 +33,21 @@ from gptcli.training.checkpoint import (
     claim_out_dir,
     export_model,
     load_checkpoint,
+    load_trainable_state,
     non_finite_message,
     plot_losses,
     rng_state,
     save_checkpoint,
     set_rng_state,
+    trainable_state,
     undo_claim,
 )
 from gptcli.training.config import TrainConfig
-from gptcli.training.data import BatchOrder, Blocks, check_inputs, shard_start
+from gptcli.training.data import IGNORE, Batch, check_inputs, shard_start
 from gptcli.training.distributed import Dist, StopRequest
 from gptcli.training.setup import (
+    Rows,
+    TrainData,
     build_model,
     load_data,
     model_flops_per_token,
@@ -86,6 +90,12 @@ class TrainResult:
     """Whether this process is rank 0, the one that reports (False on the other torchrun ranks)."""
     start_step: int = 0
     """The step this run started from (a resumed run's checkpoint step): `seconds` are this run's."""
+    stopped_early: bool = False
+    """--patience evaluations in a row found no better validation loss."""
+    best_val: float | None = None
+    best_step: int | None = None
+    save_best: bool = False
+    patience: int | None = None
 
 
 EventHandler = Callable[[TrainEvent], None]
@@ -102,6 +112,11 @@ class Position:
     pending_loss: float = 0.0
     """The loss summed since the last logged step, so the first mean logged after a resume is the same."""
     pending_steps: int = 0
+    best_val: float | None = None
+    """The lowest validation loss so far (step 0's, the baseline, included), and its step."""
+    best_step: int | None = None
+    bad_evals: int = 0
+    """Evaluations since the best one: --patience stops the run when it reaches it."""
 
 
 @dataclass(frozen=True)
@@ -164,8 +179,100 @@ def train(config: TrainConfig, on_event: EventHandler | None = None) -> TrainRes
         ddp.close()
 
 
+@dataclass
+class Run:
+    """What the loop works with: the model as saved (`model`) and as it runs (`net`: compiled, wrapped
+    for DDP), the optimizer, the data, and where the run is (`at`)."""
+
+    cfg: TrainConfig
+    ddp: Dist
+    report: Reporter
+    out: Path
+    tokenizer: Any
+    model: torch.nn.Module
+    net: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    schedule: Schedule
+    data: TrainData
+    val: Rows | None
+    autocast: AbstractContextManager[Any]
+    no_sync: Callable[[], AbstractContextManager[Any]]
+    metrics: MetricsLog | None
+    at: Position
+    flops_per_token: float
+    peak: float | None
+    last_saved: int | None = None
+    last_loss: float | None = None
+    last_val: float | None = None
+
+    @property
+    def global_batch(self) -> int:
+        return self.cfg.batch_size * self.cfg.grad_accum * self.ddp.world
+
+
 def _train(cfg: TrainConfig, ddp: Dist, lock: RunLock, report: Reporter) -> TrainResult:
     started = time.perf_counter()
+    run = _prepare(cfg, ddp, lock, report)
+    at, total_steps = run.at, run.schedule.total_steps
+    first_step = at.step
+    if run.val is not None and at.step == 0 and at.best_val is None:
+        val_loss = evaluate(run)  # the baseline: what training has to beat
+        if run.metrics is not None:
+            run.metrics.write({"step": 0, "tokens": 0, "val_loss": val_loss})
+        report("note", 0, total_steps, message=f"validation loss before training: {val_loss:.4f}")
+
+    # The loop. Tensors stay on the device between log steps: no .item() (a GPU sync) until then.
+    loss_sum = torch.tensor(at.pending_loss, device=ddp.device)
+    interval = Interval(at.pending_steps, 0, time.perf_counter())
+    with StopRequest(under_torchrun=ddp.enabled) as stop:
+        while at.step < total_steps and not out_of_patience(run):
+            lr = run.schedule.lr_at(at.step)
+            loss_sum += train_step(run, lr)
+            interval.steps += 1
+            interval.timed += 1
+
+            done = at.step == total_steps
+            evaluate_now = run.val is not None and (at.step % cfg.eval_every == 0 or done)
+            save = at.step % cfg.save_every == 0 or done
+            stopping = ddp.any(stop.requested)
+            # A stopped run logs its last step, so the loss it reports is that step's.
+            log = at.step % cfg.log_every == 0 or evaluate_now or done or stopping
+            if not (log or save or stopping):
+                continue
+            mean_loss = ddp.mean(loss_sum).item() / interval.steps
+            if not math.isfinite(mean_loss):
+                what = "infinite" if math.isinf(mean_loss) else "NaN"
+                raise GptcliError(
+                    non_finite_message(f"the training loss became {what}", at.step, run.last_saved, run.out)
+                )
+            if log:
+                log_step(run, mean_loss, lr, interval, evaluate_now)
+                loss_sum.zero_()
+                interval.steps = 0
+            if save or stopping or out_of_patience(run):
+                at.pending_loss, at.pending_steps = ddp.mean(loss_sum).item(), interval.steps
+                save_state(run)
+            if stopping:
+                break
+            interval.start = time.perf_counter()  # evaluation and saving are not training speed
+            interval.timed = 0
+    return _finish(run, started, first_step)
+
+
+@dataclass
+class Interval:
+    """The steps since the last logged one (`timed`: those this run timed since `start`; a resumed
+    run's pending steps were timed by the run before)."""
+
+    steps: int
+    timed: int
+    start: float
+
+
+def _prepare(cfg: TrainConfig, ddp: Dist, lock: RunLock, report: Reporter) -> Run:
+    """The output folder claimed, the model, data, optimizer and schedule ready, a checkpoint restored:
+    everything up to the first step, reported as "status", "start" and "note" events."""
     device = ddp.device
     precision = resolve_precision(cfg.precision, device)
     if device.type == "cuda":
@@ -184,10 +291,13 @@ def _train(cfg: TrainConfig, ddp: Dist, lock: RunLock, report: Reporter) -> Trai
     )
     report("status", message="reading the data (tokenized once, then cached)")
     train_data, val_data, notes = load_data(cfg, ddp, tokenizer, model.config, out)
+    if val_data is None and (cfg.save_best or cfg.patience is not None):
+        raise UsageError(
+            "--save-best and --patience need a validation loss: pass --val FILE, or more data for --val-split"
+        )
     notes += [n for n in (notice, precision_note(precision, device)) if n]
     global_batch = cfg.batch_size * cfg.grad_accum * ddp.world
     schedule = Schedule.for_run(cfg, len(train_data.blocks), global_batch)
-    total_steps = schedule.total_steps
     block_size = train_data.blocks.block_size
 
     model.to(device)  # type: ignore[arg-type]  # transformers' decorator hides nn.Module.to's signature
@@ -199,7 +309,6 @@ def _train(cfg: TrainConfig, ddp: Dist, lock: RunLock, report: Reporter) -> Trai
     if resume_from is not None:
         at = restore(resume_from, model, optimizer, scaler, ddp, notes)
 
-    raw_model = model  # what is saved; `net` is what runs: compiled, wrapped for DDP
     net: torch.nn.Module = model
     if cfg.compile:
         net = cast(torch.nn.Module, torch.compile(model))
@@ -211,131 +320,148 @@ def _train(cfg: TrainConfig, ddp: Dist, lock: RunLock, report: Reporter) -> Trai
     metrics = None
     if ddp.is_main:
         metrics = MetricsLog(out / "metrics.jsonl", keep_until=at.step if resume_from else None)
-    params = sum(p.numel() for p in raw_model.parameters())
-    flops_per_token = model_flops_per_token(raw_model.config, params, block_size)
-    peak = peak_flops(device)
+    params = sum(p.numel() for p in model.parameters())
+    run = Run(
+        cfg, ddp, report, out, tokenizer, model, net, optimizer, scaler, schedule, train_data, val_data,
+        autocast, no_sync, metrics, at,
+        model_flops_per_token(model.config, params, block_size), peak_flops(device),
+    )  # fmt: skip
+    run.last_saved = at.step if resume_from else None
     start_metrics = {
         "parameters": params,
-        "train_tokens": len(train_data.blocks) * block_size,
-        "val_tokens": len(val_data) * block_size if val_data else 0,
+        "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
+        "train_tokens": train_data.blocks.targets,  # each token of the stream (or each answer) once
+        "train_rows": len(train_data.blocks),
+        "val_tokens": val_data.targets if val_data else 0,
         "global_batch": global_batch,
         "block_size": block_size,
         "processes": ddp.world,
         "device": str(device),
         "precision": str(precision).removeprefix("torch."),
         "start_step": at.step,
-    }
+    }  # fmt: skip
     for note in notes:  # what the data became, then the start line (docs/training.md)
-        report("note", at.step, total_steps, message=note)
-    report("start", at.step, total_steps, start_metrics)
-    first_step = at.step
+        report("note", at.step, schedule.total_steps, message=note)
+    report("start", at.step, schedule.total_steps, start_metrics)
+    return run
 
-    # The loop. Tensors stay on the device between log steps: no .item() (a GPU sync) until then.
-    loss_sum = torch.tensor(at.pending_loss, device=device)
-    interval_steps, interval_start = at.pending_steps, time.perf_counter()
-    timed_steps = 0  # steps since interval_start: a resumed run's pending steps were timed by the last run
-    last_loss = last_val = None
-    last_saved = at.step if resume_from else None
-    with StopRequest(under_torchrun=ddp.enabled) as stop:
-        while at.step < total_steps:
-            lr = schedule.lr_at(at.step)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            for micro in range(cfg.grad_accum):
-                start = shard_start(at.samples_seen, micro, ddp.rank, ddp.world, cfg.batch_size)
-                x, y = get_batch(train_data.blocks, train_data.order, start, cfg.batch_size, device)
-                last = micro == cfg.grad_accum - 1
-                with nullcontext() if last else no_sync():
-                    with autocast:
-                        logits = net(input_ids=x, use_cache=False).logits
-                    loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten()) / cfg.grad_accum
-                    scaler.scale(loss).backward()
-                loss_sum += loss.detach()
-            if cfg.clip > 0:
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.clip)
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-            at.step += 1
-            at.samples_seen += global_batch
-            at.tokens_seen += global_batch * block_size
-            interval_steps += 1
-            timed_steps += 1
 
-            done = at.step == total_steps
-            evaluate = val_data is not None and (at.step % cfg.eval_every == 0 or done)
-            save = at.step % cfg.save_every == 0 or done
-            stopping = ddp.any(stop.requested)
-            # A stopped run logs its last step, so the loss it reports is that step's.
-            log = at.step % cfg.log_every == 0 or evaluate or done or stopping
-            if not (log or save or stopping):
-                continue
+def train_step(run: Run, lr: float) -> torch.Tensor:
+    """One optimizer step over grad_accum micro-batches; returns the step's mean loss (a device tensor,
+    this process's share of it under DDP).
 
-            mean_loss = ddp.mean(loss_sum).item() / interval_steps
-            if not math.isfinite(mean_loss):
-                what = "infinite" if math.isinf(mean_loss) else "NaN"
-                raise GptcliError(
-                    non_finite_message(f"the training loss became {what}", at.step, last_saved, out)
-                )
-            if log:
-                seconds_per_step = (time.perf_counter() - interval_start) / max(timed_steps, 1)
-                record: dict[str, Any] = {
-                    "step": at.step,
-                    "loss": mean_loss,
-                    "lr": lr,
-                    "tokens": at.tokens_seen,
-                    "tokens_per_second": global_batch * block_size / seconds_per_step,
-                }
-                if peak:
-                    record["mfu"] = flops_per_token * record["tokens_per_second"] / ddp.world / peak
-                if evaluate and val_data is not None:
-                    last_val = record["val_loss"] = estimate_val_loss(raw_model, val_data, cfg, ddp, autocast)
-                last_loss = mean_loss
-                if metrics is not None:
-                    metrics.write(record)
-                eta = seconds_per_step * (total_steps - at.step)
-                report("log", at.step, total_steps, {**record, "eta_seconds": eta})
-                loss_sum.zero_()
-                interval_steps = 0
-            if save or stopping:
-                if not all_finite(raw_model):  # never let a checkpoint replace a good one with NaN weights
-                    raise GptcliError(
-                        non_finite_message("the weights became NaN or infinite", at.step, last_saved, out)
-                    )
-                at.pending_loss, at.pending_steps = ddp.mean(loss_sum).item(), interval_steps
-                state = checkpoint_state(at, raw_model, optimizer, scaler, schedule, cfg, ddp)
-                if ddp.is_main:
-                    save_checkpoint(state, out, previous=last_saved)
-                    report("save", at.step, total_steps, {"step": at.step})
-                last_saved = at.step
-                del state
-            if stopping:
-                break
-            interval_start = time.perf_counter()  # evaluation and saving are not training speed
-            timed_steps = 0
+    The loss is the mean over every target token of the whole global batch, not a mean of micro-batch
+    means: each micro-batch's summed loss is divided by the global batch's target count, so micro-batches
+    (and processes) holding more answer tokens weigh more, as in one big batch (transformers #35438).
+    """
+    cfg, ddp, at = run.cfg, run.ddp, run.at
+    for group in run.optimizer.param_groups:
+        group["lr"] = lr
+    batches = [
+        run.data.blocks.batch(
+            run.data.order.take(
+                shard_start(at.samples_seen, micro, ddp.rank, ddp.world, cfg.batch_size), cfg.batch_size
+            )
+        )
+        for micro in range(cfg.grad_accum)
+    ]
+    targets, tokens = ddp.total([sum(b.targets for b in batches), sum(b.tokens for b in batches)])
+    # DDP averages the gradients over processes: the world factor turns that mean back into the sum.
+    scale = ddp.world / max(targets, 1)
+    step_loss = torch.zeros((), device=ddp.device)
+    for micro, batch in enumerate(batches):
+        last = micro == cfg.grad_accum - 1
+        with nullcontext() if last else run.no_sync():
+            loss = batch_loss(run.net, batch, ddp.device, run.autocast) * scale
+            run.scaler.scale(loss).backward()
+        step_loss += loss.detach()
+    if cfg.clip > 0:
+        run.scaler.unscale_(run.optimizer)
+        torch.nn.utils.clip_grad_norm_(run.model.parameters(), cfg.clip)
+    run.scaler.step(run.optimizer)
+    run.scaler.update()
+    run.optimizer.zero_grad(set_to_none=True)
+    at.step += 1
+    at.samples_seen += run.global_batch
+    at.tokens_seen += tokens
+    return step_loss
 
-    if ddp.is_main:
-        export_model(raw_model, tokenizer, out)
+
+def log_step(run: Run, mean_loss: float, lr: float, interval: Interval, evaluate_now: bool) -> None:
+    """A metrics line (with the validation loss when it is due) and a "log" event."""
+    at, total_steps = run.at, run.schedule.total_steps
+    seconds_per_step = (time.perf_counter() - interval.start) / max(interval.timed, 1)
+    tokens_per_step = at.tokens_seen / at.step if at.step else 0  # a padded row's padding is not a token
+    record: dict[str, Any] = {
+        "step": at.step,
+        "loss": mean_loss,
+        "lr": lr,
+        "tokens": at.tokens_seen,
+        "tokens_per_second": tokens_per_step / seconds_per_step,
+    }
+    if run.peak:
+        record["mfu"] = run.flops_per_token * record["tokens_per_second"] / run.ddp.world / run.peak
+    if evaluate_now:
+        record["val_loss"] = evaluate(run)
+    run.last_loss = mean_loss
+    if run.metrics is not None:
+        run.metrics.write(record)
+    eta = seconds_per_step * (total_steps - at.step)
+    run.report("log", at.step, total_steps, {**record, "eta_seconds": eta})
+
+
+def evaluate(run: Run) -> float:
+    """The validation loss now; keeps track of the best, writing its model into OUT with --save-best."""
+    assert run.val is not None
+    at = run.at
+    val_loss = run.last_val = estimate_val_loss(run.model, run.val, run.cfg, run.ddp, run.autocast)
+    if at.best_val is not None and not val_loss < at.best_val:
+        at.bad_evals += 1
+        return val_loss
+    at.best_val, at.best_step, at.bad_evals = val_loss, at.step, 0
+    if run.cfg.save_best and run.ddp.is_main:
+        export_model(cast(Any, run.model), run.tokenizer, run.out)
+    return val_loss
+
+
+def out_of_patience(run: Run) -> bool:
+    """Whether --patience evaluations in a row have not beaten the best validation loss."""
+    return run.cfg.patience is not None and run.at.bad_evals >= run.cfg.patience
+
+
+def save_state(run: Run) -> None:
+    """Write the checkpoint (every process takes part: it gathers their RNG states)."""
+    at = run.at
+    if not all_finite(run.model):  # never let a checkpoint replace a good one with NaN weights
+        raise GptcliError(
+            non_finite_message("the weights became NaN or infinite", at.step, run.last_saved, run.out)
+        )
+    state = checkpoint_state(at, run.model, run.optimizer, run.scaler, run.schedule, run.cfg, run.ddp)
+    if run.ddp.is_main:
+        save_checkpoint(state, run.out, previous=run.last_saved)
+        run.report("save", at.step, run.schedule.total_steps, {"step": at.step})
+    run.last_saved = at.step
+
+
+def _finish(run: Run, started: float, first_step: int) -> TrainResult:
+    """The model folder (unless --save-best already holds the best one), the loss plot, the result."""
+    at, total_steps, out = run.at, run.schedule.total_steps, run.out
+    if run.ddp.is_main:
+        if not (run.cfg.save_best and at.best_step is not None):
+            export_model(cast(Any, run.model), run.tokenizer, out)
         plot_losses(out / "metrics.jsonl", out / "loss.png")
-    if metrics is not None:
-        metrics.close()
+    if run.metrics is not None:
+        run.metrics.close()
     seconds = time.perf_counter() - started
-    interrupted = at.step < total_steps
+    stopped_early = out_of_patience(run) and at.step < total_steps
+    interrupted = at.step < total_steps and not stopped_early
     result = TrainResult(
-        out,
-        at.step,
-        total_steps,
-        at.tokens_seen,
-        last_loss,
-        last_val,
-        seconds,
-        interrupted,
-        ddp.is_main,
-        first_step,
-    )
-    end = {"loss": last_loss, "val_loss": last_val, "tokens": at.tokens_seen, "seconds": seconds}
-    report("end", at.step, total_steps, end)
+        out, at.step, total_steps, at.tokens_seen, run.last_loss, run.last_val, seconds, interrupted,
+        run.ddp.is_main, first_step, stopped_early=stopped_early, best_val=at.best_val,
+        best_step=at.best_step, save_best=run.cfg.save_best, patience=run.cfg.patience,
+    )  # fmt: skip
+    end = {"loss": run.last_loss, "val_loss": run.last_val, "tokens": at.tokens_seen, "seconds": seconds}
+    run.report("end", at.step, total_steps, end)
     return result
 
 
@@ -354,7 +480,7 @@ def checkpoint_state(
         "format": 1,
         **asdict(at),
         "rng": ddp.gather(rng_state(ddp.device)),  # every rank's dropout stream
-        "model": model.state_dict(),
+        "model": trainable_state(model),
         "optimizer": optimizer.state_dict(),
         "scaler": scaler.state_dict(),
         "schedule": {
@@ -379,7 +505,7 @@ def restore(
     where the run was; what the user should know goes into `notes`."""
     state = load_checkpoint(path)
     try:
-        model.load_state_dict(state["model"])
+        load_trainable_state(model, state["model"])
         optimizer.load_state_dict(state["optimizer"])
     except (RuntimeError, ValueError, KeyError) as exc:
         raise GptcliError(
@@ -398,6 +524,9 @@ def restore(
         state["tokens_seen"],
         state["pending_loss"],
         state["pending_steps"],
+        state.get("best_val"),
+        state.get("best_step"),
+        state.get("bad_evals", 0),
     )
 
 
@@ -421,23 +550,61 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.devic
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, fused=device.type == "cuda" or None)
 
 
-def get_batch(
-    blocks: Blocks, order: BatchOrder, start: int, batch_size: int, device: torch.device
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Inputs and next-token targets for samples start .. start+batch_size-1 of the training order."""
-    tokens = torch.from_numpy(blocks.read(order.take(start, batch_size)))
+def to_device(array: np.ndarray, device: torch.device) -> torch.Tensor:
+    tensor = torch.from_numpy(array)
     if device.type == "cuda":  # pinned memory lets the copy overlap with compute
-        tokens = tokens.pin_memory()
-    tokens = tokens.to(device, non_blocking=True)
-    return tokens[:, :-1], tokens[:, 1:]
+        tensor = tensor.pin_memory()
+    return tensor.to(device, non_blocking=True)
+
+
+def model_inputs(batch: Batch, device: torch.device, bool_mask: bool = True) -> dict[str, torch.Tensor]:
+    """The keyword arguments of the model's forward for `batch`.
+
+    Packed examples get positions that restart at each example and a block-diagonal causal mask
+    (batch, 1, positions, positions), so each sees only itself, as if alone in its row. The mask is
+    boolean for SDPA, additive (0 / most negative) for eager attention, which adds it to the scores.
+    """
+    inputs = {"input_ids": to_device(batch.inputs, device)}
+    if batch.attention is not None:
+        inputs["attention_mask"] = to_device(batch.attention, device)
+    if batch.segments is not None:
+        segments = batch.segments
+        index = np.broadcast_to(np.arange(segments.shape[1]), segments.shape)
+        new = np.ones(segments.shape, dtype=bool)
+        new[:, 1:] = segments[:, 1:] != segments[:, :-1]
+        inputs["position_ids"] = to_device(
+            index - np.maximum.accumulate(np.where(new, index, 0), axis=1), device
+        )
+        seg = to_device(segments, device)
+        causal = torch.ones(seg.shape[1], seg.shape[1], dtype=torch.bool, device=device).tril()
+        mask = ((seg[:, :, None] == seg[:, None, :]) & causal)[:, None]
+        if not bool_mask:
+            mask = torch.zeros(mask.shape, device=device).masked_fill(~mask, torch.finfo(torch.float32).min)
+        inputs["attention_mask"] = mask
+    return inputs
+
+
+def batch_loss(
+    net: torch.nn.Module, batch: Batch, device: torch.device, autocast: AbstractContextManager[Any]
+) -> torch.Tensor:
+    """The summed cross-entropy over `batch`'s targets (positions labelled IGNORE do not count)."""
+    config = getattr(net, "config", None) or getattr(getattr(net, "module", None), "config", None)
+    bool_mask = getattr(config, "_attn_implementation", "sdpa") != "eager"
+    inputs = model_inputs(batch, device, bool_mask)
+    with autocast:
+        logits = net(**inputs, use_cache=False).logits
+    labels = to_device(batch.labels, device)
+    return F.cross_entropy(
+        logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE, reduction="sum"
+    )
 
 
 def estimate_val_loss(
-    model: torch.nn.Module, val: Blocks, cfg: TrainConfig, ddp: Dist, autocast: AbstractContextManager[Any]
+    model: torch.nn.Module, val: Rows, cfg: TrainConfig, ddp: Dist, autocast: AbstractContextManager[Any]
 ) -> float:
-    """Mean loss per token over the first eval_batches x batch_size x processes validation blocks.
+    """Mean loss per target token over the first eval_batches x batch_size x processes validation rows.
 
-    Always the same blocks, split among the processes, so successive values (and runs with different
+    Always the same rows, split among the processes, so successive values (and runs with different
     numbers of processes) compare.
     """
     count = min(len(val), cfg.eval_batches * cfg.batch_size * ddp.world)
@@ -446,12 +613,9 @@ def estimate_val_loss(
     model.eval()
     with torch.no_grad():
         for i in range(0, len(mine), cfg.batch_size):
-            tokens = torch.from_numpy(val.read(mine[i : i + cfg.batch_size])).to(ddp.device)
-            x, y = tokens[:, :-1], tokens[:, 1:]
-            with autocast:
-                logits = model(input_ids=x, use_cache=False).logits
-            total[0] += F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="sum")
-            total[1] += y.numel()
+            batch = val.batch(mine[i : i + cfg.batch_size])
+            total[0] += batch_loss(model, batch, ddp.device, autocast)
+            total[1] += batch.targets
     model.train()
-    loss_sum, tokens = ddp.sum(total).tolist()
-    return loss_sum / tokens
+    loss_sum, targets = ddp.sum(total).tolist()
+    return loss_sum / max(targets, 1)

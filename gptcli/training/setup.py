@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -21,8 +22,10 @@ from transformers import (
 from gptcli.errors import GptcliError, UsageError, first_line
 from gptcli.loading.cpu import cpu_has_bf16
 from gptcli.loading.models import (
+    BUILTIN,
     check_model_folder,
     context_length,
+    is_hub_id,
     load_tokenizer,
     refuse_remote_code,
     resolve,
@@ -32,6 +35,16 @@ from gptcli.loading.models import (
 from gptcli.training.config import TrainConfig
 from gptcli.training.data import BatchOrder, Blocks, make_blocks, prepare_tokens, split_validation
 from gptcli.training.distributed import Dist
+from gptcli.training.instruct import (
+    Examples,
+    is_instruction_file,
+    make_examples,
+    read_examples,
+    split_examples,
+)
+
+Rows = Blocks | Examples
+"""Training or validation rows: packed text blocks, or instruction examples."""
 
 # Config attributes that hold dropout probabilities, across the causal LMs transformers ships.
 _DROPOUT_FIELDS = (
@@ -66,9 +79,9 @@ _PEAK_BF16 = (
 
 @dataclass
 class TrainData:
-    """The training blocks and the order in which samples are drawn from them."""
+    """The training rows and the order in which samples are drawn from them."""
 
-    blocks: Blocks
+    blocks: Rows
     order: BatchOrder
 
 
@@ -132,7 +145,49 @@ def build_model(cfg: TrainConfig) -> tuple[PreTrainedTokenizerBase, PreTrainedMo
     except Exception as exc:
         weights = next(iter(sorted(path.glob("*.safetensors"))), path / "pytorch_model.bin")
         raise GptcliError(f"could not load the model weights from {weights}: {first_line(exc)}") from exc
+    if cfg.lora_rank:
+        name = cfg.model or "builtin"
+        base = name if is_hub_id(name) and name != BUILTIN else str(path)
+        return tokenizer, add_lora(model, cfg, base), notice
     return tokenizer, model, notice
+
+
+def add_lora(model: PreTrainedModel, cfg: TrainConfig, base: str) -> PreTrainedModel:
+    """`model` wrapped by PEFT with LoRA adapters on --lora-targets; only the adapters train.
+
+    `base` (a hub id or an absolute folder) is recorded in adapter_config.json as the base model, so
+    `-m OUT` and PEFT's AutoPeftModel find it offline. GPT-2's Conv1D layers store their weight
+    transposed (in, out), hence fan_in_fan_out for them.
+    """
+    from peft import LoraConfig, get_peft_model
+    from transformers.pytorch_utils import Conv1D
+
+    leaves = {name.rsplit(".", 1)[-1]: module for name, module in model.named_modules()}
+    missing = [t for t in cfg.targets if t not in leaves]
+    if missing:
+        layers = sorted(n for n, m in leaves.items() if isinstance(m, torch.nn.Linear | Conv1D))
+        raise UsageError(
+            f"--lora-targets {', '.join(missing)}: no such module in this model "
+            f"(its layers: {', '.join(layers)})"
+        )
+    fan_in_fan_out = {isinstance(leaves[t], Conv1D) for t in cfg.targets}
+    if len(fan_in_fan_out) > 1:
+        raise UsageError("--lora-targets mixes Conv1D and Linear layers: adapt one kind per run")
+    config = LoraConfig(
+        r=cfg.lora_rank,
+        lora_alpha=cast(
+            int, cfg.lora_alpha if cfg.lora_alpha is not None else 2 * cfg.lora_rank
+        ),  # a float works
+        lora_dropout=cfg.lora_dropout,
+        target_modules=cfg.targets,
+        fan_in_fan_out=fan_in_fan_out.pop(),
+        task_type="CAUSAL_LM",
+    )
+    with warnings.catch_warnings():  # PEFT asks transformers about a deprecated name (FutureWarning)
+        warnings.simplefilter("ignore", FutureWarning)
+        peft_model = get_peft_model(model, config)
+    peft_model.peft_config["default"].base_model_name_or_path = base  # PEFT fills in the config's path
+    return cast(PreTrainedModel, peft_model)
 
 
 def memory_bytes(device: torch.device | str) -> int | None:
@@ -259,7 +314,7 @@ def eos_id(tokenizer: PreTrainedTokenizerBase, config: PretrainedConfig) -> int:
 
 def load_data(
     cfg: TrainConfig, ddp: Dist, tokenizer: PreTrainedTokenizerBase, config: PretrainedConfig, out: Path
-) -> tuple[TrainData, Blocks | None, list[str]]:
+) -> tuple[TrainData, Rows | None, list[str]]:
     """Tokenize (rank 0, once; cached in OUTDIR/data) and pack the data; return train, val and notes."""
     context = context_length(config)
     block_size = cfg.block_size or min(context, 1024)
@@ -269,6 +324,13 @@ def load_data(
         )
     check_batch_fits(cfg.batch_size, block_size, config.vocab_size, ddp.device)
     eos = eos_id(tokenizer, config)
+    kinds = {is_instruction_file(path, cfg.text_field) for path in cfg.data + cfg.val}
+    if len(kinds) > 1:
+        raise UsageError(
+            "the data mixes instruction JSONL (prompt/completion or messages) with plain text: give one kind"
+        )
+    if kinds == {True}:
+        return load_examples(cfg, tokenizer, eos, block_size)
     cache = ddp.on_main(
         lambda: prepare_tokens(cfg.data, cfg.val, tokenizer, eos, out / "data", text_field=cfg.text_field)
     )
@@ -280,9 +342,9 @@ def load_data(
         documents = f"{cache.documents:,} document{'s' if cache.documents != 1 else ''}"
         notes.append(f"tokenized {documents}: {len(tokens):,} tokens")
     blocks = make_blocks(tokens, block_size, "training")
-    # Block i holds tokens i*B .. i*B+B (B+1 of them, one shared with the next): what is left at the end
-    # predicts nothing.
-    left_over = len(tokens) - 1 - len(blocks) * block_size
+    # Block i holds tokens i*B .. i*B+B (B+1 of them, one shared with the next); what is left at the end
+    # is the short final block's (data.make_blocks).
+    left_over = (len(tokens) - 1) % block_size
     val: Blocks | None = None
     if cfg.val:
         val = make_blocks(cache.open("val"), block_size, "validation")
@@ -297,7 +359,7 @@ def load_data(
     plural = "s" if len(blocks) + (len(val) if val is not None else 0) != 1 else ""
     notes.append(
         f"{len(blocks)} training{held} block{plural} of {block_size} tokens"
-        + (f"; the last {left_over:,} tokens fill no block" if left_over else "")
+        + (f"; the last {left_over:,} tokens make a short final block" if left_over else "")
     )
     unknown = unknown_share(tokens, tokenizer)
     if unknown >= 0.01:
@@ -308,6 +370,45 @@ def load_data(
             "avoids that"
         )
     return TrainData(blocks, BatchOrder(len(blocks), cfg.seed)), val, notes
+
+
+def load_examples(
+    cfg: TrainConfig, tokenizer: PreTrainedTokenizerBase, eos: int, block_size: int
+) -> tuple[TrainData, Examples | None, list[str]]:
+    """Instruction data, tokenized in memory on every process (instruction sets are small; the same
+    input gives every process the same rows)."""
+    train = make_examples(
+        read_examples(cfg.data),
+        tokenizer,
+        eos,
+        block_size,
+        pack=cfg.pack,
+        train_on_prompt=cfg.train_on_prompt,
+    )
+    val: Examples | None = None
+    if cfg.val:
+        val = make_examples(
+            read_examples(cfg.val),
+            tokenizer,
+            eos,
+            block_size,
+            pack=cfg.pack,
+            train_on_prompt=cfg.train_on_prompt,
+        )
+    elif cfg.val_split > 0:
+        train, val = split_examples(train, cfg.val_split)
+    layout = f"packed into {len(train)} rows of {block_size}" if cfg.pack else f"{len(train)} padded rows"
+    held = f" (+ {len(val)} validation rows)" if val is not None else ""
+    trained = "all trained on (--train-on-prompt)" if cfg.train_on_prompt else "the answers' trained on"
+    notes = [
+        f"{len(train.examples):,} instruction examples: {train.tokens:,} tokens, {train.targets:,} of them "
+        f"{trained}; {layout}{held}"
+    ]
+    if train.truncated:
+        notes.append(
+            f"{train.truncated} examples are longer than --block-size {block_size}: their ends are cut"
+        )
+    return TrainData(train, BatchOrder(len(train), cfg.seed)), val, notes
 
 
 def unknown_share(tokens: np.ndarray, tokenizer: PreTrainedTokenizerBase) -> float:
