@@ -18,6 +18,8 @@ from gptcli.gpt2 import CachedDecoder, KVCache
 from gptcli.loading.models import load_model
 from gptcli.serving.engine import Done, Engine, Failed, Job, PromptLogprobs, Token
 
+import tiny
+
 PROMPTS = ["今天天气", "The weather is", "", "我喜欢在早上喝一杯热茶", "Hello world! 12345", "龙"]
 
 
@@ -156,7 +158,7 @@ def test_prompt_logprobs_are_the_model_distribution(lms) -> None:
         (scored,) = [e for e in events if isinstance(e, PromptLogprobs)]
         assert not [e for e in events if isinstance(e, (Token, Completion))]
         ids = encode_prompt(lm.tokenizer, prompt)
-        reference = torch.log_softmax(lm.model(torch.tensor([ids])).logits[0].float(), dim=-1)
+        reference = torch.log_softmax(tiny.reference_model(lm)(torch.tensor([ids])).logits[0].float(), dim=-1)
         assert scored.entries[0] is None and len(scored.entries) == len(ids)
         for j, entry in enumerate(scored.entries[1:], 1):
             assert entry["id"] == ids[j]

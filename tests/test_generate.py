@@ -31,6 +31,8 @@ from gptcli.generation.sampling import (
 from gptcli.generation.tokens import TokenText, decode
 from gptcli.loading.models import load_model
 
+import tiny
+
 PROMPTS = ["今天天气", "The weather is", "", "我喜欢在早上喝一杯热茶", "Hello world! 12345", "龙"]
 
 
@@ -171,7 +173,7 @@ def test_greedy_equals_transformers_generate(lms, fixture: str, penalty: float) 
     ours = complete(lm, PROMPTS, greedy(max_new_tokens=24, repetition_penalty=penalty), batch_size=1)
     for prompt, done in zip(PROMPTS, ours, strict=True):
         ids = torch.tensor([done.prompt_ids])
-        reference = lm.model.generate(
+        reference = tiny.reference_model(lm).generate(
             ids,
             attention_mask=torch.ones_like(ids),
             do_sample=False,
@@ -206,6 +208,7 @@ def test_batched_greedy_equals_one_at_a_time(lms, fixture: str) -> None:
 
 
 def test_batches_take_fewer_rows_when_their_kv_cache_would_not_fit(lms, monkeypatch) -> None:
+    import gptcli.generation.decoding as decoding
     import gptcli.generation.generate as generate
 
     lm = lms["bpe"]
@@ -213,8 +216,8 @@ def test_batches_take_fewer_rows_when_their_kv_cache_would_not_fit(lms, monkeypa
     # Room for the KV cache of exactly two rows of the longest prompt (4 bytes, keys and values).
     longest = max(len(lm.tokenizer.encode(p)) for p in PROMPTS) + 6
     per_row = 2 * lm.config.n_layer * lm.config.n_embd * longest * 4
-    monkeypatch.setattr(generate, "_KV_BUDGET", 2 * per_row)
-    assert generate._rows_that_fit(lm, longest - 6, 6, 16) == 2
+    monkeypatch.setattr(decoding, "KV_BUDGET", 2 * per_row)
+    assert decoding.rows_that_fit(lm, longest - 6, 6, 16) == 2
     sizes = []
     real_decode = generate._decode
     monkeypatch.setattr(
@@ -399,7 +402,7 @@ def test_logprobs_are_the_model_distribution(lms) -> None:
     (done,) = complete(lm, "今天", settings)
     ids = done.prompt_ids + done.token_ids
     with torch.no_grad():
-        full = torch.log_softmax(lm.model(torch.tensor([ids])).logits[0].float(), dim=-1)
+        full = torch.log_softmax(tiny.reference_model(lm)(torch.tensor([ids])).logits[0].float(), dim=-1)
     assert done.logprobs is not None and len(done.logprobs) == 5
     for step, (token, entry) in enumerate(zip(done.token_ids, done.logprobs, strict=True)):
         row = full[len(done.prompt_ids) - 1 + step]

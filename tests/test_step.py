@@ -4,7 +4,6 @@ and the interactive loop driven through a real pseudo-terminal."""
 
 from __future__ import annotations
 
-import dataclasses
 import fcntl
 import json
 import os
@@ -23,6 +22,8 @@ from forked import fork_main
 from gptcli.generation.sampling import resolve_settings
 from gptcli.inspection.step import StepSession, parse_choices
 from gptcli.loading.models import load_model
+
+import tiny
 
 
 @pytest.fixture(scope="module")
@@ -87,7 +88,7 @@ def test_records_show_the_top_k_and_the_choice(cli, bpe_model) -> None:
 
 @pytest.mark.parametrize("path", ["gptcli", "transformers"])
 def test_cached_steps_and_undo_equal_a_recompute(lms, path: str) -> None:
-    lm = lms["bpe"] if path == "gptcli" else dataclasses.replace(lms["bpe"], net=None)
+    lm = lms["bpe"] if path == "gptcli" else tiny.on_transformers(lms["bpe"])
     session = StepSession(lm, "今天天气", resolve_settings(lm.generation_config, seed=3))
 
     def recomputed() -> torch.Tensor:

@@ -24,6 +24,7 @@ from gptcli.inspection.tracing import Prompt, check_mid_points, encode, final_lo
 if TYPE_CHECKING:
     import torch
 
+    from gptcli.contracts import TokenInfo
     from gptcli.inspection.pictures import Grid
     from gptcli.loading.models import LoadedModel
 
@@ -107,7 +108,7 @@ class Lens:
     prompt: Prompt
     positions: list[int]  # indices into prompt.tokens; position P is the prediction after token P
     rows: list[Row] = field(default_factory=list)
-    target: dict[str, Any] | None = None  # the --token: {"id", "token", "bytes"}
+    target: TokenInfo | None = None  # the --token
     target_pieces: int = 1  # how many tokens --token's text encodes to (only the first is followed)
 
     def next_id(self, position: int) -> int | None:

@@ -25,6 +25,7 @@ from gptcli.generation.tokens import TokenText, encode_prompt
 if TYPE_CHECKING:
     import torch
 
+    from gptcli.contracts import TokenInfo
     from gptcli.loading.models import LoadedModel
 
 # Where the parts of a decoder live in transformers' causal LMs, by the names their classes use.
@@ -43,7 +44,7 @@ class Prompt:
 
     text: str
     ids: list[int]
-    tokens: list[dict[str, Any]]  # {"id", "token", "bytes"}
+    tokens: list[TokenInfo]
     dropped: int  # tokens cut from the left to fit the context
 
 
