@@ -70,6 +70,8 @@ def test_concurrent_jobs_equal_one_at_a_time(lms, fixture: str) -> None:
         for settings in (
             greedy(max_new_tokens=24, ignore_eos=True),
             hot(5, max_new_tokens=24, num_samples=2, logprobs=3, repetition_penalty=1.3),
+            greedy(max_new_tokens=24, ignore_eos=True, presence_penalty=1.5, frequency_penalty=0.5),
+            hot(7, max_new_tokens=12, num_samples=2, presence_penalty=-1.0, frequency_penalty=2.0),
         ):
             alone = complete(lm, PROMPTS, settings, batch_size=1)
             together = completions(engine, PROMPTS, settings)

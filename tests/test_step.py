@@ -329,3 +329,21 @@ def test_ctrl_c_keeps_the_text_exits_130_and_restores_the_terminal(bpe_model) ->
     assert code == 130
     assert out.startswith("Hello") and len(out) > len("Hello\n") and out.endswith("\n")
     assert after == before
+
+
+def test_rank_zero_with_penalties_is_complete_greedy_with_them(lms) -> None:
+    from gptcli.generation.generate import complete
+
+    lm = lms["bpe"]
+    values = {"repetition_penalty": 1.2, "presence_penalty": -2.0, "frequency_penalty": 0.5}
+    session = StepSession(lm, "今天天气", resolve_settings(lm.generation_config, **values))
+    for _ in range(12):
+        session.choose(0)
+    (done,) = complete(
+        lm, "今天天气", resolve_settings(None, greedy=True, max_new_tokens=12, ignore_eos=True, **values)
+    )
+    assert [c.id for c in session.chosen] == done.token_ids
+    plain = StepSession(lm, "今天天气", resolve_settings(lm.generation_config))
+    for _ in range(12):
+        plain.choose(0)
+    assert [c.id for c in plain.chosen] != done.token_ids  # the penalties change the ranking
