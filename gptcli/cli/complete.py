@@ -34,6 +34,7 @@ from gptcli.generation.sampling import (  # light: no torch until decoding
     check_samples,
     resolve_settings,
 )
+from gptcli.generation.tokens import unknown_token_id
 from gptcli.loading.models import check_quantize
 
 if TYPE_CHECKING:
@@ -155,11 +156,9 @@ class _Stderr:
 
     def finished(self, done: Completion) -> None:
         where = f"prompt {done.index + 1}" if self.each_line else "the prompt"
-        unk = self.tokenizer.unk_token_id
+        unk = unknown_token_id(self.tokenizer)
         new = done.token_ids[:-1] if done.finish_reason == "eos" else done.token_ids
-        # (GPT-2 names <|endoftext|> its unknown token too: that is an end, not text it cannot spell.)
-        real_unk = unk not in (self.tokenizer.eos_token_id, self.tokenizer.bos_token_id)
-        if real_unk and new and all(i == unk for i in new) and self._first("unk", done.index):
+        if unk is not None and new and all(i == unk for i in new) and self._first("unk", done.index):
             note(
                 f"the completion of {where} is only the unknown token [UNK]: the model learned to predict "
                 "text its tokenizer cannot spell (see `gptcli score` on your training text)"

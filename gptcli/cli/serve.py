@@ -65,11 +65,11 @@ def serve(
     """
     from gptcli.errors import UsageError
     from gptcli.serving import check_port, is_loopback, listen
+    from gptcli.serving.engine import check_max_batch
 
     check_port(port)
     check_quantize(quantize)
-    if max_batch < 1:
-        raise UsageError(f"--max-batch must be at least 1 (got {max_batch})")
+    check_max_batch(max_batch)
     if api_key is not None and not api_key.strip():
         raise UsageError("--api-key must not be empty")
     if not api_key and not is_loopback(host):

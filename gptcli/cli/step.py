@@ -87,7 +87,8 @@ def step(
     one JSON line per step {"step", "text", "top", "chosen"}, then {"text", "token_ids",
     "finish_reason"}.
     """
-    from gptcli.inspection.step import StepSession, check_k, parse_choices, replay
+    from gptcli.inspection.predict import check_k
+    from gptcli.inspection.step import StepSession, parse_choices, replay
 
     check_k(k)
     flags = decoding_flags(decoding)

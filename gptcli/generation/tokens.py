@@ -129,6 +129,14 @@ def detokenize(tokenizer: Tokenizer, ids: Iterable[int]) -> str:
     return "".join(names.bytes(i).decode() if i in names.special_ids else joiner.push(i) for i in ids)
 
 
+def unknown_token_id(tokenizer: Tokenizer) -> int | None:
+    """The tokenizer's unknown token ([UNK]: text it cannot spell), or None where it has none or where
+    that token is also end or start of text: GPT-2 names <|endoftext|> its unk_token, but encoding text
+    never produces it for want of a spelling."""
+    unk = tokenizer.unk_token_id
+    return None if unk in (tokenizer.eos_token_id, tokenizer.bos_token_id) else unk
+
+
 def describe_tokenizer(tokenizer: Tokenizer) -> str:
     """What a person would call a tokenizer: its algorithm, then the class the hub would name,
     e.g. "byte-level BPE (GPT2Tokenizer)", "WordPiece (BertTokenizer)"."""

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 from gptcli.batching import fit_context
 from gptcli.errors import GptcliError, UsageError
 from gptcli.generation.tokens import TokenText, encode_prompt
-from gptcli.inspection.predict import check_stride, score_text, text_ids, window_logprobs
+from gptcli.inspection.predict import check_k, check_stride, score_text, text_ids, window_logprobs
 
 if TYPE_CHECKING:
     import torch
@@ -92,8 +92,7 @@ def kl_divergence(logprobs_a: torch.Tensor, logprobs_b: torch.Tensor) -> torch.T
 
 def check_compare_options(*, k: int = 10, changes: int = 0) -> None:
     """Refuse a -k or --changes that cannot work (before the models load, too)."""
-    if k < 1:
-        raise UsageError("-k must be at least 1")
+    check_k(k)
     if changes < 0:
         raise UsageError("--changes must be 0 or more")
 

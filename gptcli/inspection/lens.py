@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from gptcli.errors import UsageError
 from gptcli.generation.tokens import TokenText
+from gptcli.inspection.predict import check_k
 from gptcli.inspection.tracing import Prompt, check_mid_points, encode, final_logits, run
 
 if TYPE_CHECKING:
@@ -35,8 +36,7 @@ _POSITION_ITEM = re.compile(r"^\s*(-?\d+)?\s*(:)?\s*(-?\d+)?\s*$")
 
 def check_lens_options(*, k: int = 5, positions: str | None = None, at: int | None = None) -> None:
     """Refuse a -k, --positions or --at that cannot work (before a model loads, too)."""
-    if k < 1:
-        raise UsageError("-k must be at least 1")
+    check_k(k)
     if positions is not None:
         parse_positions(positions, None)
         if at is not None:

@@ -59,7 +59,6 @@ class Grid:
     dim_columns: tuple[int, ...] = ()  # left out of the shading (the attention sink)
     caption: str = ""
     row_title: str = ""
-    column_title: str = ""
 
     @property
     def scale(self) -> float:

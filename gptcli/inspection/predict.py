@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 from gptcli.batching import check_batch_size, fit_context, left_pad, pad_id
 from gptcli.errors import UsageError
 from gptcli.generation.sampling import apply_temperature
-from gptcli.generation.tokens import TokenText, encode_prompt, start_token_id
+from gptcli.generation.tokens import TokenText, encode_prompt, start_token_id, unknown_token_id
 
 if TYPE_CHECKING:
     import torch
@@ -23,10 +23,15 @@ if TYPE_CHECKING:
     from gptcli.loading.models import LoadedModel
 
 
-def check_topk_options(*, k: int = 10, temperature: float = 1.0, batch_size: int = 16) -> None:
-    """Refuse a -k, --temperature or --batch-size that cannot work (before a model loads, too)."""
+def check_k(k: int) -> None:
+    """Refuse a -k (how many candidates to show: topk, lens, compare, step) below 1."""
     if k < 1:
         raise UsageError("-k must be at least 1")
+
+
+def check_topk_options(*, k: int = 10, temperature: float = 1.0, batch_size: int = 16) -> None:
+    """Refuse a -k, --temperature or --batch-size that cannot work (before a model loads, too)."""
+    check_k(k)
     if not temperature > 0 or math.isinf(temperature):
         raise UsageError("--temperature must be a positive number")
     check_batch_size(batch_size)
@@ -201,9 +206,6 @@ def score_text(
 
 
 def _count_unknown(tokenizer: Tokenizer, ids: list[int]) -> int:
-    """How many of `ids` are the unknown token; 0 where that token is also end-of-text (GPT-2 names
-    <|endoftext|> as its unk_token, but encoding text never produces it for want of a spelling)."""
-    unk = tokenizer.unk_token_id
-    if unk is None or unk in (tokenizer.eos_token_id, tokenizer.bos_token_id):
-        return 0
-    return sum(i == unk for i in ids)
+    """How many of `ids` are the unknown token (`unknown_token_id`: 0 where there is no real one)."""
+    unk = unknown_token_id(tokenizer)
+    return 0 if unk is None else sum(i == unk for i in ids)

@@ -42,12 +42,6 @@ def parse_choices(spec: str) -> list[int | str]:
     return choices
 
 
-def check_k(k: int) -> None:
-    """Refuse a -k below 1 (before a model loads, too)."""
-    if k < 1:
-        raise UsageError("-k must be at least 1")
-
-
 @dataclass(frozen=True)
 class Chosen:
     """One choice: the token, its rank in the ranking it was chosen from, and its probability there."""

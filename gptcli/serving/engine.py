@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from gptcli.batching import left_pad, pad_id
-from gptcli.errors import GptcliError, first_line
+from gptcli.errors import GptcliError, UsageError, first_line
 from gptcli.generation.decoding import (
     KV_BUDGET,
     Completion,
@@ -148,13 +148,18 @@ class _Slot:
     done: bool = False
 
 
+def check_max_batch(max_rows: int) -> None:
+    """Refuse a --max-batch (the engine's `max_rows`) below 1: a usage error wherever it comes from."""
+    if max_rows < 1:
+        raise UsageError(f"--max-batch must be at least 1 (got {max_rows})")
+
+
 class Engine:
     """The model's one decode loop, shared by every job: start(), submit() jobs, stop()."""
 
     def __init__(self, lm: LoadedModel, *, max_rows: int = 32) -> None:
         """`max_rows`: most rows decoded together (fewer when their KV cache would pass KV_BUDGET)."""
-        if max_rows < 1:
-            raise GptcliError(f"max_rows must be at least 1 (got {max_rows})")
+        check_max_batch(max_rows)
         self.lm = lm
         self.max_rows = max_rows
         self._inbox: queue.SimpleQueue[Job | None] = queue.SimpleQueue()

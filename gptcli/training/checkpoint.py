@@ -28,7 +28,14 @@ from typing import IO, TYPE_CHECKING, Any
 import torch
 
 from gptcli.errors import GptcliError, UsageError, first_line
-from gptcli.training.atomic import atomic_write, atomic_write_json, free_space, fsync_dir, is_temp
+from gptcli.training.atomic import (
+    atomic_write,
+    atomic_write_json,
+    free_space,
+    fsync_dir,
+    is_temp,
+    move_into_place,
+)
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -242,9 +249,7 @@ def export_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, out
             model.save_pretrained(temp, safe_serialization=True)
             tokenizer.save_pretrained(temp)
             for file in sorted(Path(temp).iterdir()):
-                with open(file, "rb") as f:
-                    os.fsync(f.fileno())
-                os.replace(file, out_dir / file.name)
+                move_into_place(file, out_dir / file.name, sync_folder=False)
     except Exception as exc:  # a full disk, as safetensors or the tokenizer report it
         reason = getattr(exc, "strerror", None) or first_line(exc)
         raise GptcliError(
