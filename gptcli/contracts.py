@@ -164,8 +164,33 @@ class LogprobEntry(TokenInfo):
 
 
 class Candidate(TokenInfo):
-    """A ranked next-token candidate (`topk`, `step`): rank 0 is the most likely."""
+    """A ranked next-token candidate: `topk` counts ranks from 1, `step` from 0 (its keys)."""
 
     rank: int
     prob: float
     logprob: float
+
+
+class ScoredToken(TokenInfo):
+    """A token of a scored text (`score`): its logprob given the text before it, and its rank there
+    (1: the most likely)."""
+
+    logprob: float
+    rank: int
+
+
+class ComparedToken(TokenInfo):
+    """A token of a text under two models (`compare`): each model's logprob, and KL(A‖B) at its place."""
+
+    logprob_a: float
+    logprob_b: float
+    kl: float
+
+
+class ComparedCandidate(TokenInfo):
+    """A next-token candidate under two models (`compare`): each model's logprob and rank (1: first)."""
+
+    logprob_a: float
+    logprob_b: float
+    rank_a: int
+    rank_b: int

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
@@ -29,7 +29,7 @@ from gptcli.cli._common import (
 from gptcli.textio import check_text
 
 if TYPE_CHECKING:
-    pass
+    from gptcli.contracts import Candidate
 
 EachLineOpt = Annotated[
     bool,
@@ -88,7 +88,7 @@ def topk(
                 print(f"{t['rank']}\t{t['id']}\t{t['token']}\t{t['prob']:.6g}\t{t['logprob']:.6g}")
 
 
-def _topk_table(tokens: list[dict[str, Any]]) -> None:
+def _topk_table(tokens: list[Candidate]) -> None:
     from rich.table import Table
 
     table = Table(box=None, header_style="bold")

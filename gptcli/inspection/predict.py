@@ -19,7 +19,7 @@ from gptcli.generation.tokens import TokenText, encode_prompt, start_token_id, u
 if TYPE_CHECKING:
     import torch
 
-    from gptcli.contracts import Tokenizer
+    from gptcli.contracts import Candidate, ScoredToken, Tokenizer
     from gptcli.loading.models import LoadedModel
 
 
@@ -43,7 +43,7 @@ class Distribution:
 
     prompt: str
     prompt_ids: list[int]
-    tokens: list[dict[str, Any]]
+    tokens: list[Candidate]
     dropped: int = 0  # prompt tokens cut from the left to fit the context
 
     def to_json(self, model: str) -> dict[str, Any]:
@@ -79,7 +79,7 @@ def next_token_distribution(
             logprobs = torch.log_softmax(apply_temperature(logits.float(), temperature), dim=-1)
             top = torch.topk(logprobs, k, dim=-1)
             for row, (prompt_ids, dropped) in enumerate(chunk):
-                tokens = []
+                tokens: list[Candidate] = []
                 for rank, (lp, tid) in enumerate(
                     zip(top.values[row].tolist(), top.indices[row].tolist(), strict=True), 1
                 ):
@@ -94,7 +94,7 @@ def next_token_distribution(
 class Score:
     """How well the model predicted each token of a text."""
 
-    tokens: list[dict[str, Any]] = field(default_factory=list)  # {"id", "token", "bytes", "logprob", "rank"}
+    tokens: list[ScoredToken] = field(default_factory=list)
     num_bytes: int = 0
     unknown: int = 0
     """How many tokens are the tokenizer's unknown token ([UNK]): text it cannot spell. Predicting one

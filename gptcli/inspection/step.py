@@ -23,6 +23,7 @@ from gptcli.generation.tokens import Detokenizer, TokenText, decode, readable
 if TYPE_CHECKING:
     import torch
 
+    from gptcli.contracts import Candidate
     from gptcli.loading.models import LoadedModel
 
 SAMPLE = "s"
@@ -168,7 +169,7 @@ class StepSession:
             return self.logits
         return penalize(self.logits[None], self.settings, seen, counts)[0]
 
-    def top(self, k: int = 10) -> list[dict[str, Any]]:
+    def top(self, k: int = 10) -> list[Candidate]:
         """The k best next tokens, rank 0 first: {"rank", "id", "token", "bytes", "prob", "logprob"}.
 
         Ties keep the lower id first, as greedy's argmax does. Empty when the session is done.
