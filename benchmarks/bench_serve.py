@@ -19,6 +19,17 @@ core).
 
     python benchmarks/bench_serve.py            # GPT-2-124M shape, 3 rounds (a few minutes)
     python benchmarks/bench_serve.py --quick    # a small model, 3 rounds (about a minute)
+
+--flood (issue 23): 200 clients at once against a server started with --max-waiting 48, on 127.0.0.1
+only, each sending one request, bounded to 200 requests and --flood-seconds (180) in all: short prompts
+and long ones (about 400 tokens), whole and streamed; 10% leave after the first chunk, 10% read one
+chunk every 50 ms (slow readers). Every answer that comes back whole must equal gptcli's own greedy
+completion of its prompt (`complete`, in this process); the shed ones must be OpenAI's 429 with
+Retry-After. It prints the counts, time to first token p50/p99 (streams, from sending the request to
+the first chunk with text; short prompts apart from the long ones that arrive while others decode),
+/health's slowest answer during the flood, and the server's peak RSS.
+
+    python benchmarks/bench_serve.py --flood --quick    # the small model (about a minute)
 """
 
 from __future__ import annotations
@@ -57,12 +68,12 @@ def prompts(count: int = CLIENTS, words: tuple[int, int] = (2, 10)) -> list[str]
     return out
 
 
-def start_server(folder: Path) -> tuple[subprocess.Popen, str, int]:
-    """`gptcli serve` on a free port; (process, host, port) once /health answers."""
+def start_server(folder: Path, *options: str) -> tuple[subprocess.Popen, str, int]:
+    """`gptcli serve` on a free port of 127.0.0.1; (process, host, port) once /health answers."""
     repo = Path(__file__).resolve().parent.parent
     env = {**os.environ, "PYTHONPATH": str(repo)}
     process = subprocess.Popen(
-        [sys.executable, "-m", "gptcli", "serve", "-m", str(folder), "--port", "0"],
+        [sys.executable, "-m", "gptcli", "serve", "-m", str(folder), "--port", "0", *options],
         stderr=subprocess.PIPE,
         text=True,
         env=env,
@@ -175,14 +186,151 @@ class Ceiling:
             return time.perf_counter() - start
 
 
+FLOOD_CLIENTS = 200
+FLOOD_WAITING = 48  # the server's --max-waiting during the flood
+
+
+def flood_request(host: str, port: int, kind: str, prompt: str) -> dict:
+    """One flood client's request; what came back: status, text, time to first chunk, Retry-After."""
+    stream = kind in ("stream", "leave", "slow")
+    body = {
+        "prompt": prompt,
+        "max_tokens": NEW_TOKENS,
+        "temperature": 0,
+        "ignore_eos": True,
+        "stream": stream,
+    }
+    connection = http.client.HTTPConnection(host, port, timeout=120)
+    sent = time.perf_counter()
+    try:
+        connection.request("POST", "/v1/completions", json.dumps(body), {"Content-Type": "application/json"})
+        response = connection.getresponse()
+        out: dict = {"kind": kind, "prompt": prompt, "status": response.status}
+        if response.status != 200:
+            out["error"] = json.loads(response.read())["error"]
+            out["retry_after"] = response.getheader("retry-after")
+            return out
+        if not stream:
+            out["text"] = json.loads(response.read())["choices"][0]["text"]
+            return out
+        texts = []
+        for line in response:
+            if not line.startswith(b"data: ") or line.startswith(b"data: [DONE]"):
+                continue
+            text = json.loads(line[6:])["choices"][0]["text"]
+            if text and "ttft" not in out:
+                out["ttft"] = time.perf_counter() - sent
+            texts.append(text)
+            if kind == "leave":
+                return out  # closes the connection mid-stream
+            if kind == "slow":
+                time.sleep(0.05)
+        out["text"] = "".join(texts)
+        return out
+    finally:
+        connection.close()
+
+
+def flood(folder: Path, seconds: float) -> None:
+    """200 clients at once, bounded in count and time (module docstring)."""
+    from concurrent.futures import ThreadPoolExecutor, wait
+
+    from gptcli.generation.generate import complete as reference_complete
+    from gptcli.generation.sampling import resolve_settings
+    from gptcli.loading.models import load_model
+
+    rng = random.Random(23)
+    short = prompts(12)
+    long = prompts(4, words=(150, 170))  # about 400 tokens each
+    kinds = ["whole"] * 8 + ["stream"] * 8 + ["leave"] * 2 + ["slow"] * 2
+    plan = [
+        (rng.choice(kinds), rng.choice(long if rng.random() < 0.2 else short)) for _ in range(FLOOD_CLIENTS)
+    ]
+    lm = load_model(str(folder))
+    settings = resolve_settings(None, greedy=True, max_new_tokens=NEW_TOKENS, ignore_eos=True)
+    expected = {c.prompt: c.text for c in reference_complete(lm, short + long, settings, batch_size=1)}
+    del lm
+    process, host, port = start_server(folder, "--max-waiting", str(FLOOD_WAITING))
+    health: list[float] = []
+    stop = threading.Event()
+
+    def watch() -> None:
+        while not stop.is_set():
+            start = time.perf_counter()
+            request(host, port, "GET", "/health")
+            health.append(time.perf_counter() - start)
+            time.sleep(0.1)
+
+    try:
+        flood_request(host, port, "whole", short[0])  # warm up
+        watcher = threading.Thread(target=watch, daemon=True)
+        watcher.start()
+        started = time.perf_counter()
+        with ThreadPoolExecutor(FLOOD_CLIENTS) as pool:
+            futures = [pool.submit(flood_request, host, port, kind, prompt) for kind, prompt in plan]
+            done, late = wait(futures, timeout=seconds)
+            wall = time.perf_counter() - started
+            stop.set()
+            watcher.join(5)
+            peak = re.search(r"VmHWM:\s+(\d+)", Path(f"/proc/{process.pid}/status").read_text())
+    finally:
+        process.terminate()
+        process.wait(30)
+    results = [f.result() for f in done if f.exception() is None]
+    failed = [repr(f.exception()) for f in done if f.exception() is not None]
+    served = [r for r in results if r["status"] == 200]
+    whole = [r for r in served if "text" in r]
+    wrong = [r for r in whole if r["text"] != expected[r["prompt"]]]
+    shed = [r for r in results if r["status"] == 429]
+    shed_ok = [r for r in shed if r["error"]["code"] == "rate_limit_exceeded" and r["retry_after"] == "1"]
+    other = [r for r in results if r["status"] not in (200, 429)]
+    ttft = {
+        size: sorted(r["ttft"] for r in served if "ttft" in r and (r["prompt"] in long) == (size == "long"))
+        for size in ("short", "long")
+    }
+    clients = f"{FLOOD_CLIENTS} clients at once, {NEW_TOKENS} greedy tokens"
+    print(f"gptcli serve --max-waiting {FLOOD_WAITING}: {clients}")
+    print(machine())
+    print()
+    rows = [
+        ["requests", FLOOD_CLIENTS, f"{len(done)} ended within {seconds:g} s, {len(late)} did not"],
+        ["answered whole (200)", len(whole), f"{len(whole) - len(wrong)} equal to `complete --greedy`"],
+        ["left mid-stream (by design)", sum(r["kind"] == "leave" for r in served), ""],
+        ["shed (429)", len(shed), f"{len(shed_ok)} OpenAI-shaped with Retry-After"],
+        ["other statuses / client errors", len(other) + len(failed), "; ".join(failed[:2])],
+        *(
+            [
+                f"time to first token p50 / p99, {size} prompts (streams)",
+                f"{_quantile(ttft[size], 0.5):.2f} / {_quantile(ttft[size], 0.99):.2f} s",
+                f"{len(ttft[size])} streams",
+            ]
+            for size in ("short", "long")
+        ),
+        ["slowest /health during the flood", f"{max(health, default=0):.2f} s", f"{len(health)} probes"],
+        ["server peak RSS", f"{int(peak.group(1)) / 1024:.0f} MiB" if peak else "?", f"wall {wall:.1f} s"],
+    ]
+    print_table(["", "count / figure", "detail"], rows)
+    if wrong or other or failed or late or len(shed_ok) != len(shed):
+        raise SystemExit("the flood found a fault (see the table)")
+
+
+def _quantile(values: list[float], q: float) -> float:
+    return values[min(len(values) - 1, int(q * len(values)))] if values else float("nan")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--quick", action="store_true", help="a 4-layer, 256-wide model instead of 124M")
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--flood", action="store_true", help="200 clients at once (issue 23)")
+    parser.add_argument("--flood-seconds", type=float, default=180.0)
     args = parser.parse_args()
     folder = model_folder(4, 4, 256) if args.quick else model_folder()
+    if args.flood:
+        flood(folder, args.flood_seconds)
+        return
     texts = prompts()
     from gptcli.loading.gpt2_folder import load
 

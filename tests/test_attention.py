@@ -198,6 +198,7 @@ def test_terminal_view(folders, cli, monkeypatch: pytest.MonkeyPatch) -> None:
         (["--rollout", "--layer", "1"], "takes no --layer or --head"),
         (["--query", "x"], "--query 'x'"),
         (["--save", "a.pdf"], "must end in .png, .svg, .html"),
+        (["--save", "no-such-folder/x.png"], "--save no-such-folder/x.png: no-such-folder does not exist"),
     ],
 )
 def test_bad_options_fail_before_loading(cli, args: list[str], message: str) -> None:

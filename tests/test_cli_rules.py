@@ -6,6 +6,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -133,12 +134,38 @@ def test_bare_gptcli_prints_the_help_and_succeeds(cli) -> None:
 
 def test_help_shows_flags_without_a_value_and_every_command_has_examples(cli) -> None:
     commands = ["info", "tokenize", "detokenize", "topk", "score", "complete", "finetune", "models", "pull"]
-    commands += ["compare", "step", "lens", "attention"]
+    commands += ["compare", "step", "lens", "attention", "chat", "serve"]
     for name in commands:
         result = cli(name, "--help")
         assert result.code == 0, name
-        assert "<bool>" not in result.out, name
+        assert "<bool>" not in result.out and "<list[" not in result.out, name
         assert "Examples" in result.out, name
+        examples = [line.strip() for line in result.out[result.out.index("Examples") :].splitlines()[1:]]
+        commands = [line for line in examples if line]
+        assert len(commands) >= 2 and " · " not in " ".join(commands), name  # one example a line
+
+
+ORDER = {
+    "Generate": ["complete", "chat", "step"],
+    "Inspect": ["tokenize", "detokenize", "topk", "score", "lens", "attention", "compare"],
+    "Train": ["finetune"],
+    "Serve": ["serve"],
+    "Models": ["models", "pull", "info"],
+}
+
+
+def test_gptcli_help_groups_the_commands_each_on_one_line(cli, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`gptcli --help`: panels Generate, Inspect, Train, Serve, Models in that order; on a wide terminal
+    each command's summary is one line, never broken mid-phrase."""
+    monkeypatch.setenv("COLUMNS", "250")
+    out = cli("--help").out
+    panels = re.findall(r"╭─ (\w+) ─", out)
+    assert panels == ["Options", *ORDER], panels
+    for panel, names in ORDER.items():
+        body = out[out.index(f"╭─ {panel} ─") :]
+        body = body[: body.index("╰")]
+        rows = [line.strip("│ ").split()[0] for line in body.splitlines()[1:]]
+        assert rows == names, (panel, rows)  # every row starts with a command: no wrapped lines
 
 
 def test_messages_fit_what_was_typed(cli, unreachable_hub: Path) -> None:
@@ -334,6 +361,16 @@ def test_models_rm_removes_every_revision_and_says_what_it_freed(
     assert cli("models", "rm", "builtin").code == 2
 
 
+def test_models_rm_of_a_path_says_it_is_a_path(cli, unreachable_hub: Path, tmp_path: Path) -> None:
+    (tmp_path / "folder").mkdir()
+    for name in (str(tmp_path / "folder"), "./folder", "~/x"):
+        result = cli("models", "rm", name)
+        assert result.code == 2 and f"Error: '{name}' is a path, not a hub id: " in result.err, result.err
+    bad = cli("models", "rm", "a--b")
+    assert bad.code == 2 and "is not a hub id: a hub id is NAME or OWNER/NAME" in bad.err
+    assert "repo_type" not in bad.err
+
+
 def test_an_uncached_hub_id_fails_before_torch_loads(unreachable_hub: Path, tmp_path: Path) -> None:
     """`complete -m gpt2` offline: the answer comes before the seconds torch takes to import."""
     code = (
@@ -345,3 +382,39 @@ def test_an_uncached_hub_id_fails_before_torch_loads(unreachable_hub: Path, tmp_
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60)
     assert out.stdout.split() == ["1", "False"], out.stderr
     assert time.monotonic() - started < 20
+
+
+def test_every_doc_is_linked_from_the_readme() -> None:
+    root = Path(__file__).parent.parent
+    readme = (root / "README.md").read_text(encoding="utf-8")
+    unlinked = [p.name for p in sorted((root / "docs").glob("*.md")) if f"(docs/{p.name})" not in readme]
+    assert unlinked == []
+
+
+@pytest.mark.parametrize("command", [["topk", "hi"], ["score", "hi there"], ["lens", "hi"]])
+def test_no_empty_progress_bar_flashes_on_a_terminal(bpe_model: Path, command: list[str]) -> None:
+    """stderr on a terminal: a progress bar appears only once its total is known, never as `0/0`."""
+    import pty
+
+    from forked import fork_main
+
+    master, slave = pty.openpty()
+    out_r, out_w = os.pipe()
+    pid = fork_main(*command, "-m", bpe_model, stdout=out_w, stderr=slave, close=[master, out_r])
+    os.close(slave)
+    os.close(out_w)
+    shown = b""
+    while True:
+        try:
+            data = os.read(master, 4096)
+        except OSError:  # EIO: the child closed the terminal
+            break
+        if not data:
+            break
+        shown += data
+    _, status = os.waitpid(pid, 0)
+    os.close(master)
+    assert os.read(out_r, 1 << 16)  # the command's data went to stdout
+    os.close(out_r)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert b" 0/0 " not in shown.replace(b"\x1b[32m", b" ").replace(b"\x1b[0m", b" "), shown

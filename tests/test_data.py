@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -52,8 +53,19 @@ def test_txt_is_one_document_and_jsonl_one_per_line(tmp_path: Path) -> None:
 def test_jsonl_without_the_field_names_file_and_line(tmp_path: Path) -> None:
     path = tmp_path / "d.jsonl"
     path.write_text('{"text": "ok"}\n{"body": "no text"}\n', encoding="utf-8")
-    with pytest.raises(UsageError, match=r"d\.jsonl line 2 has no string field 'text'.*--text-field"):
+    with pytest.raises(
+        UsageError, match=r"d\.jsonl line 2 has no field 'text' \(its fields: 'body'; use --text-field"
+    ):
         list(read_documents([str(path)]))
+    for line, why in (
+        ('{"text": 3}', "has a number in field 'text', not a string"),
+        ('{"text": ["a"]}', "has an array in field 'text', not a string"),
+        ('{"text": null}', "has null in field 'text', not a string"),
+        ('["text"]', "is an array, not an object with a 'text' field"),
+    ):
+        path.write_text('{"text": "ok"}\n' + line + "\n", encoding="utf-8")
+        with pytest.raises(UsageError, match=re.escape(f"d.jsonl line 2 {why}")):
+            list(read_documents([str(path)]))
     path.write_text('{"text": "ok"}\n{"text": \n', encoding="utf-8")
     with pytest.raises(UsageError, match=r"d\.jsonl line 2 is not valid JSON"):
         list(read_documents([str(path)]))

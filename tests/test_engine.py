@@ -217,3 +217,45 @@ def test_a_job_the_model_cannot_run_fails_and_the_engine_goes_on(lms) -> None:
         ]
     finally:
         engine.stop()
+
+
+def test_a_paused_job_leaves_the_batch_and_resumes_with_the_same_numbers(lms) -> None:
+    """A job paused mid-way (its reader is behind) stops generating while the others go on; resumed,
+    its rows rejoin and every row equals `complete` alone: greedy ids and a seeded sample."""
+    lm = lms["bpe"]
+    engine = Engine(lm, max_rows=8).start()
+    try:
+        for settings in (
+            greedy(max_new_tokens=40, ignore_eos=True),
+            hot(3, max_new_tokens=40, num_samples=2),
+        ):
+            alone = complete(lm, PROMPTS[:2], settings, batch_size=1)
+            events: list = []
+            arrived = threading.Event()
+
+            def sink(event, events=events, arrived=arrived) -> None:
+                events.append(event)
+                arrived.set()
+
+            ids = [encode_prompt(lm.tokenizer, p) for p in PROMPTS[:2]]
+            job = engine.submit(Job(PROMPTS[:2], ids, settings, sink))
+            other = engine.stream(["龙"], greedy(max_new_tokens=30, ignore_eos=True))
+            assert arrived.wait(30)
+            job.pause()
+            deadline = time.monotonic() + 10
+            while engine.stats()["paused"] < job.rows and time.monotonic() < deadline:
+                time.sleep(0.001)
+            assert engine.stats()["paused"] == job.rows
+            made = sum(isinstance(e, Token) for e in events)
+            assert sum(isinstance(e, Completion) for e in other) == 1  # the others go on
+            assert sum(isinstance(e, Token) for e in events) == made  # the paused job does not
+            job.resume()
+            deadline = time.monotonic() + 30
+            while not any(isinstance(e, Done) for e in events) and time.monotonic() < deadline:
+                time.sleep(0.01)
+            done = sorted((e for e in events if isinstance(e, Completion)), key=lambda c: (c.index, c.sample))
+            assert [c.token_ids for c in done] == [c.token_ids for c in alone]
+            assert [c.text for c in done] == [c.text for c in alone]
+            assert engine.stats()["paused"] == 0
+    finally:
+        engine.stop()

@@ -52,7 +52,22 @@ def test_tokenize_json_bytes_reassemble_the_text(bpe_model: Path, cli) -> None:
     obj = json.loads(result.out)
     assert obj["text"] == text and obj["model"] == str(bpe_model)
     assert b"".join(bytes.fromhex(t["bytes"]) for t in obj["tokens"]) == text.encode("utf-8")
-    assert {"\\n"} <= {t["token"] for t in obj["tokens"]}
+    assert {"\n"} <= {t["token"] for t in obj["tokens"]}
+
+
+def test_json_tokens_are_their_exact_text_and_only_displays_escape(bpe_model: Path, cli) -> None:
+    """One rule (docs/usage.md): in JSON `token` is the token's exact text (a newline is "\n" in JSON,
+    a real line break), byte notation only for part of a character; `\\n` is for TSV and terminals."""
+    text = "a\n\tb 龙"
+    for command in ("tokenize", "score"):
+        tokens = json.loads(cli(command, "-m", bpe_model, "--json", text).out)["tokens"]
+        pieces = {t["token"]: bytes.fromhex(t["bytes"]) for t in tokens}
+        assert "\n" in pieces and "\\n" not in pieces, (command, pieces)
+        assert {"<e9>", "<be>", "<99>"} <= set(pieces)  # 龙: three byte pieces
+        for token, data in pieces.items():
+            assert token.encode() == data or token.startswith("<")
+        plain = cli(command, "-m", bpe_model, text).out
+        assert "\\n" in plain and "\\t" in plain  # one token a line: escaped
 
 
 def test_tokenize_ids_count_and_stdin(bpe_model: Path, cli, reference) -> None:

@@ -291,6 +291,8 @@ def test_parse_positions() -> None:
         (["--positions", "a:b"], "--positions 'a:b'"),
         (["--at", "0", "--positions", "1"], "do not pass --positions too"),
         (["--save", "out.jpg"], "must end in .png, .svg, .html"),
+        (["--save", "no-such-folder/x.png"], "--save no-such-folder/x.png: no-such-folder does not exist"),
+        (["--dpi", "5"], "--dpi must be between 20 and 600 (got 5)"),
     ],
 )
 def test_bad_options_fail_before_loading(cli, args: list[str], message: str) -> None:
@@ -391,3 +393,67 @@ def test_cjk_labels_are_drawn_as_characters() -> None:
         jin, tian = _render("今"), _render("天")
     # A missing glyph is the same box for every character; two real glyphs differ.
     assert (jin != tian).any()
+
+
+def _grid(columns: int, rows: int, title: str = "logit lens"):
+    from gptcli.inspection.pictures import Grid
+
+    pieces = ["今", "天", "<e5 8e>", " the", "去去去去去去去去"]
+    texts = [[pieces[(i + j) % len(pieces)] + " 99%" for j in range(columns)] for i in range(rows)]
+    return Grid(
+        title=title,
+        rows=[f"block {i}" for i in range(rows)],
+        columns=[pieces[j % len(pieces)] for j in range(columns)],
+        values=[[0.5] * columns for _ in range(rows)],
+        texts=texts,
+        details=[[""] * columns for _ in range(rows)],
+        row_title="层",
+    )
+
+
+def _png_size(path: Path) -> tuple[int, int]:
+    import struct
+
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    return struct.unpack(">II", data[16:24])
+
+
+def test_a_picture_without_a_cjk_font_shows_bytes_everywhere_and_nothing_spills() -> None:
+    """No CJK font (fallback): every text, titles too, in byte notation; long titles wrap inside the
+    picture; a cell's text stays in its cell (the first column's never runs over the row labels)."""
+    from matplotlib.text import Text
+
+    from gptcli.inspection.pictures import drawable, figure
+
+    grid = _grid(6, 3, title="after position 3 ('去'): " + "去" * 30)
+    fig = figure([grid], title="model: '" + "去天" * 30 + "'", fallback=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # e.g. constrained layout giving up: titles took all the room
+        fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()  # type: ignore[attr-defined]
+    texts = [t for t in fig.findobj(Text) if t.get_text() and t.get_visible()]
+    lines = [line for t in texts for line in t.get_text().split("\n")]
+    assert all(drawable(line) == line for line in lines), lines
+    width = fig.bbox.x1
+    for title in (fig._suptitle, fig.axes[0].title):
+        box = title.get_window_extent(renderer)
+        assert box.x0 >= -1 and box.x1 <= width + 1, (title.get_text(), box)
+    ax = fig.axes[0]
+    axes_box = ax.get_window_extent(renderer)
+    for cell in ax.texts:
+        assert cell.get_window_extent(renderer).x0 >= axes_box.x0 - 1, cell.get_text()
+
+
+def test_a_large_picture_stays_within_4096_pixels_and_dpi_sets_the_resolution(tmp_path: Path) -> None:
+    from gptcli.inspection.pictures import save
+
+    big = tmp_path / "big.png"
+    notes = save([_grid(64, 13), _grid(64, 13)], big, title="t", dpi=110)
+    assert max(_png_size(big)) <= 4096
+    assert any("drawn at" in n and "4096 px a side" in n for n in notes), notes
+    small = tmp_path / "small.png"
+    notes = save([_grid(8, 3)], small, title="t", dpi=40)
+    width, _ = _png_size(small)
+    assert not any("drawn at" in n for n in notes)
+    assert abs(width - 40 * (2.0 + 8 * 0.75)) <= 2  # 8 cells of 0.75 inch and the labels' 2 inches

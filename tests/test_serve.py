@@ -37,8 +37,8 @@ CHAT_TEMPLATE = (
 class Server:
     """`python -m gptcli serve ARGS --port 0` in a subprocess; its URL, log lines and process."""
 
-    def __init__(self, *args: str) -> None:
-        """Start it; `ready()` waits until it answers."""
+    def __init__(self, *args: str, **popen) -> None:
+        """Start it (`popen`: more of subprocess.Popen's arguments); `ready()` waits until it answers."""
         env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
         env["OMP_NUM_THREADS"] = "1"  # tiny models: a second thread costs more than it gives
         self.process = subprocess.Popen(
@@ -47,6 +47,7 @@ class Server:
             stderr=subprocess.PIPE,
             text=True,
             env=env,
+            **popen,
         )
         self.lines: list[str] = []
         self.url = ""
@@ -335,12 +336,15 @@ def test_tokenize_and_detokenize_match_the_cli(server, cli, folders) -> None:
     assert any(isinstance(t["piece"], list) for t in answer["tokens"])  # part of a character: its bytes
     ids = httpx.post(server.url + "/tokenize", json={"content": text}).json()["tokens"]
     assert ids == [t["id"] for t in ref["tokens"]]
-    assert httpx.post(server.url + "/detokenize", json={"tokens": ids}).json() == {"content": text}
+    assert httpx.post(server.url + "/detokenize", json={"tokens": ids}).json() == {
+        "content": text,
+        "prompt": text,
+    }
 
 
 def test_models_and_health(server, client) -> None:
     (model,) = client.models.list().data
-    assert model.id.endswith("tiny-serve") and model.owned_by == "gptcli"
+    assert model.id == "tiny-serve" and model.owned_by == "gptcli"  # the folder's name, not its path
     assert server.health()["status"] == "ok"
 
 
@@ -389,6 +393,8 @@ BAD = [
     ("POST", "/v1/completions", {"prompt": [], "max_tokens": 1}, 400, None),
     ("POST", "/v1/completions", {"prompt": [10**9]}, 400, None),
     ("POST", "/v1/completions", {"prompt": "\ud800"}, 400, None),
+    ("POST", "/v1/completions", b'{"prompt": "x", "stop": "\\ud800"}', 400, "invalid_value"),
+    ("POST", "/v1/chat/completions", b'{"messages": [{"role": "user", "content": "\\udfff"}]}', 400, None),
     ("POST", "/v1/completions", {"prompt": LONG}, 400, "context_length_exceeded"),
     ("POST", "/v1/completions", {"max_tokens": 3}, 400, None),
     ("POST", "/v1/completions", {"prompt": ["a"] * 100, "n": 2}, 400, None),
@@ -439,6 +445,7 @@ def test_bad_requests_get_an_openai_error(server, method, path, body, status: in
     assert error["message"] and "Traceback" not in response.text
     if code is not None:
         assert error["code"] == code
+    assert error["code"], "every refusal names its reason for programs"
 
 
 def test_errors_reach_the_openai_client_as_its_exceptions(client) -> None:
@@ -487,7 +494,7 @@ def test_a_busy_port_fails_before_the_model_loads(cli) -> None:
         result = cli("serve", "-m", "/no/such/model", "--port", port, "--host", "0.0.0.0")
     assert result.code == 1
     lines = result.err.strip().splitlines()
-    assert "warning" in lines[0] and "--api-key" in lines[0]  # 0.0.0.0 without a key
+    assert lines[0].startswith("warning: listening on 0.0.0.0 without --api-key: ")  # one prefix
     assert lines[-1].startswith("Error: cannot listen on 0.0.0.0:") and len(lines) == 2
 
 
@@ -497,6 +504,10 @@ def test_a_busy_port_fails_before_the_model_loads(cli) -> None:
         (["--port", "70000"], "--port"),
         (["--max-batch", "0"], "--max-batch"),
         (["--api-key", " "], "--api-key"),
+        (["--max-waiting", "-1"], "--max-waiting"),
+        (["--max-connections", "0"], "--max-connections"),
+        (["--timeout", "0"], "--timeout"),
+        (["--grace", "nan"], "--grace"),
     ],
 )
 def test_bad_options_are_usage_errors(cli, args: list[str], message: str) -> None:
@@ -509,12 +520,20 @@ def test_bad_options_are_usage_errors(cli, args: list[str], message: str) -> Non
 
 def test_the_api_key_guards_every_endpoint_but_health(keyed) -> None:
     assert httpx.get(keyed.url + "/health").status_code == 200
-    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": KEY}):
+    for headers, code in (
+        ({}, "missing_api_key"),
+        ({"Authorization": KEY}, "missing_api_key"),
+        ({"Authorization": "Bearer wrong"}, "invalid_api_key"),
+        ({"Authorization": f"Bearer {KEY}x"}, "invalid_api_key"),
+    ):
         response = httpx.get(keyed.url + "/v1/models", headers=headers)
-        assert response.status_code == 401 and response.json()["error"]["code"] == "invalid_api_key"
+        assert response.status_code == 401 and response.json()["error"]["code"] == code
+        assert response.headers["www-authenticate"].startswith("Bearer")
     response = httpx.post(keyed.url + "/tokenize", json={"content": "x"})
-    assert response.status_code == 401
-    assert httpx.get(keyed.url + "/v1/models", headers={"Authorization": f"Bearer {KEY}"}).status_code == 200
+    assert response.status_code == 401 and "didn't provide an API key" in response.json()["error"]["message"]
+    for scheme in ("Bearer", "bearer", "BEARER"):  # RFC 9110: the scheme is case-insensitive
+        headers = {"Authorization": f"{scheme} {KEY}"}
+        assert httpx.get(keyed.url + "/v1/models", headers=headers).status_code == 200
     with pytest.raises(openai.AuthenticationError):
         openai.OpenAI(base_url=keyed.url + "/v1", api_key="wrong", max_retries=0).models.list()
 

@@ -6,6 +6,7 @@ import contextlib
 import itertools
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -505,3 +506,144 @@ def test_a_closed_stderr_never_stops_training(bpe_model: Path, corpus: Path, tmp
     assert proc.wait(timeout=300) == 0, head
     assert checkpoint_step(out) == 60 and (out / "model.safetensors").exists()
     assert max(r["step"] for r in metrics(out)) == 60
+
+
+class _ReaderGoneAt(__import__("io").TextIOWrapper):
+    """fd 2 of a forked child whose pipe's only reader (`read_end`, held by the child alone) goes away
+    just before the first line that starts with `cue` is written: that write meets a real EPIPE."""
+
+    def __init__(self, read_end: int, cue: str) -> None:
+        import io
+
+        super().__init__(io.FileIO(2, "w", closefd=False), encoding="utf-8", write_through=True)
+        self.read_end, self.cue = read_end, cue
+
+    def write(self, text: str) -> int:
+        if self.read_end >= 0 and text.lstrip().startswith(self.cue):
+            os.close(self.read_end)
+            self.read_end = -1
+        return super().write(text)
+
+
+@pytest.mark.parametrize("cue", ["training ", "note: ", "step ", "trained "])
+def test_stderr_gone_at_any_kind_of_line_never_stops_training(
+    bpe_model: Path, corpus: Path, tmp_path: Path, cue: str
+) -> None:
+    """`gptcli finetune ... 2>&1 | head -c 64`: the reader goes just as a start line, a note, a progress
+    line or the summary is written; the run still ends at its last step with its model saved."""
+    from forked import fork_main
+
+    out = tmp_path / "out"
+    read_end, write_end = os.pipe()
+
+    def reader_goes_at_cue() -> None:
+        sys.stderr = _ReaderGoneAt(read_end, cue)
+
+    args = ("finetune", corpus, "-m", bpe_model, "-o", out, *SMALL, "--steps", "3")
+    pid = fork_main(*args, stdout=write_end, stderr=write_end, before=reader_goes_at_cue)
+    os.close(read_end)
+    os.close(write_end)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert checkpoint_step(out) == 3 and (out / "model.safetensors").exists()
+    assert max(r["step"] for r in metrics(out)) == 3
+
+
+def test_the_model_folder_follows_the_umask(cli, bpe_model: Path, corpus: Path, tmp_path: Path) -> None:
+    """Every file of OUT, the weights too, is readable by others when the umask says so (022)."""
+    old = os.umask(0o022)
+    try:
+        result = cli("finetune", corpus, "-m", bpe_model, "-o", tmp_path / "out", *SMALL, "--steps", "1")
+    finally:
+        os.umask(old)
+    assert result.code == 0, result.err
+    modes = {p.name: p.stat().st_mode & 0o777 for p in (tmp_path / "out").iterdir() if p.is_file()}
+    assert "model.safetensors" in modes and "checkpoint.pt" in modes
+    assert set(modes.values()) == {0o644}, modes
+
+
+def test_notes_come_before_the_first_progress_line_in_the_documented_order(
+    cli, bpe_model: Path, corpus: Path, tmp_path: Path
+) -> None:
+    """docs/training.md: the notes on what the data became, then the start line, then progress."""
+    result = cli("finetune", corpus, "-m", bpe_model, "-o", tmp_path / "out", *SMALL, "--steps", "2")
+    assert result.code == 0, result.err
+    lines = result.err.splitlines()
+    kinds = [line.split()[0] if not line.startswith("note:") else line.split()[1] for line in lines]
+    assert kinds[0] == "tokenized" and kinds[1].isdigit() and kinds[2] == "training", lines
+    assert lines[3].startswith("step 1/2")
+
+
+def test_one_block_is_one_block(cli, bpe_model: Path, tmp_path: Path) -> None:
+    data = tmp_path / "short.txt"
+    data.write_text(tiny.TEXT[:60], encoding="utf-8")
+    args = ["--batch-size", "1", "--block-size", "64", "--val-split", "0", "--steps", "1"]
+    result = cli("finetune", data, "-m", bpe_model, "-o", tmp_path / "out", *args)
+    assert result.code == 0, result.err
+    assert "note: 1 training block of 64 tokens" in result.err, result.err
+    assert "(1 block of 64)" in result.err and "1 blocks" not in result.err
+    assert "trained 1 step (64 tokens)" in result.err
+
+
+def test_an_interrupted_run_reports_its_last_step_and_a_resume_says_what_it_did(
+    cli, bpe_model: Path, corpus: Path, tmp_path: Path
+) -> None:
+    """Stopped after step 5 (logged every 4): the loss it reports is step 5's, and metrics.jsonl has it;
+    the resumed run's summary tells its own steps and time from the run's totals."""
+    out = tmp_path / "out"
+
+    def stop_after_step_4(event) -> None:
+        if event.kind == "log" and event.step == 4:  # as Ctrl-C during step 5 would
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    cfg = TrainConfig(data=[str(corpus)], model=str(bpe_model), out_dir=out, steps=8, batch_size=4)
+    cfg.block_size, cfg.log_every, cfg.device = 32, 4, "cpu"
+    stopped = train(cfg, stop_after_step_4)
+    assert stopped.interrupted and stopped.step == 5
+    assert [r["step"] for r in metrics(out)] == [4, 5] and stopped.loss == metrics(out)[-1]["loss"]
+    args = ["--batch-size", "4", "--block-size", "32", "--log-every", "4", "--steps", "8", "--resume"]
+    resumed = cli("finetune", corpus, "-m", bpe_model, "-o", out, *args)
+    assert resumed.code == 0, resumed.err
+    summary = resumed.err.strip().splitlines()[-1]
+    assert re.match(
+        rf"trained steps 6 to 8 in \d+:\d\d \(resumed from step 5; 8 steps, {8 * 4 * 32:,} tokens", summary
+    )
+    assert [r["step"] for r in metrics(out)] == [4, 5, 8]
+
+
+def test_the_first_rate_after_a_resume_counts_only_the_steps_it_timed(
+    bpe_model: Path, corpus: Path, tmp_path: Path
+) -> None:
+    """A run killed after its step-6 checkpoint (logged every 4: steps 5 and 6 pending) resumes; its
+    first logged rate is over steps 7 and 8, the ones it timed, not over 5 to 8 (twice the real rate)."""
+    out = tmp_path / "out"
+    cfg = TrainConfig(data=[str(corpus)], model=str(bpe_model), out_dir=out, steps=8, batch_size=8)
+    cfg.block_size, cfg.grad_accum, cfg.log_every, cfg.save_every, cfg.device = 32, 4, 4, 2, "cpu"
+
+    def killed_after_the_step_6_checkpoint(event) -> None:
+        if event.kind == "save" and event.step == 6:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    pid = os.fork()
+    if pid == 0:  # the run that gets killed; never returns into pytest
+        try:
+            train(cfg, killed_after_the_step_6_checkpoint)
+        finally:
+            os._exit(1)
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFSIGNALED(status) and checkpoint_step(out) == 6
+
+    times: dict[str, float] = {}
+    rates: dict[int, float] = {}
+
+    def watch(event) -> None:
+        times.setdefault(event.kind, time.perf_counter())
+        if event.kind == "log":
+            rates[event.step] = event.metrics["tokens_per_second"]
+
+    cfg.resume = True
+    train(cfg, watch)
+    # The loop's steps 7 and 8 ran between the start event and the log event, and took most of it.
+    tokens = 2 * 8 * 4 * 32
+    seconds = times["log"] - times["start"]
+    assert tokens / seconds <= rates[8] < 1.5 * tokens / seconds

@@ -9,9 +9,10 @@ from typing import Annotated
 import typer
 
 from gptcli import __version__
-from gptcli.cli import attention as _attention  # noqa: F401
 
 # Importing a command module registers its commands on `app`.
+from gptcli.cli import attention as _attention  # noqa: F401
+from gptcli.cli import chat as _chat  # noqa: F401
 from gptcli.cli import compare as _compare  # noqa: F401
 from gptcli.cli import complete as _complete  # noqa: F401
 from gptcli.cli import finetune as _finetune  # noqa: F401

@@ -6,6 +6,7 @@ This package is the only place that imports typer and rich. Library modules neve
 from __future__ import annotations
 
 import functools
+import inspect
 import json
 import os
 import sys
@@ -25,13 +26,24 @@ if TYPE_CHECKING:
 
 
 class _FlagsWithoutValues:
-    """Flags show no value placeholder in --help (typer would show `<bool>`, as if `--json` took one)."""
+    """Flags show no value placeholder in --help (typer would show `<bool>`, as if `--json` took one),
+    and a repeatable option or argument shows the type of one value (typer would show `<list[str]>`)."""
 
     def get_params(self, ctx: Any) -> list[Any]:
         params = super().get_params(ctx)  # type: ignore[misc]
         for param in params:
-            if getattr(param, "is_flag", False) and param.metavar is None:
+            if param.metavar is not None:
+                continue
+            if getattr(param, "is_flag", False):
                 param.metavar = ""
+            else:
+                shown = param.display_type(ctx)  # e.g. "<list[str]>" for a repeatable value
+                if shown.startswith("<list[") and shown.endswith("]>"):
+                    one = "<" + shown[6:-2] + ">"
+                    if param.nargs == -1:  # an argument: its name stays, only its type column changes
+                        param.display_type_rich = lambda ctx, one=one: one + "..."
+                    else:
+                        param.metavar = one
         return params
 
 
@@ -39,8 +51,24 @@ class _Command(_FlagsWithoutValues, TyperCommand):
     """A command of gptcli's."""
 
 
+# `gptcli --help` groups the commands in panels, in this order (each command names its panel).
+GENERATE, INSPECT, TRAIN, SERVE, MODELS = "Generate", "Inspect", "Train", "Serve", "Models"
+COMMAND_ORDER = (
+    *("complete", "chat", "step"),
+    *("tokenize", "detokenize", "topk", "score", "lens", "attention", "compare"),
+    *("finetune", "serve", "models", "pull", "info"),
+)
+
+
 class Group(_FlagsWithoutValues, TyperGroup):
     """A command group of gptcli's (`gptcli` itself, `gptcli models`)."""
+
+    def list_commands(self, ctx: Any) -> list[str]:
+        """In COMMAND_ORDER (the order of the panels, and within one the order of common use), not in
+        the order the modules happen to be imported."""
+        names = super().list_commands(ctx)
+        known = {name: i for i, name in enumerate(COMMAND_ORDER)}
+        return sorted(names, key=lambda name: known.get(name, len(known)))
 
 
 app = typer.Typer(
@@ -65,6 +93,11 @@ def command(
     """
 
     def register(fn: Callable[..., Any]) -> Callable[..., Any]:
+        # `gptcli --help` shows the docstring's first paragraph; joined into one line, so that it wraps
+        # at the terminal's width instead of at the docstring's line breaks.
+        summary = inspect.cleandoc(fn.__doc__ or "").split("\n\n")[0]
+        kwargs.setdefault("short_help", " ".join(summary.split()))
+
         @functools.wraps(fn)
         def guarded(*args: Any, **kw: Any) -> Any:
             try:
@@ -170,15 +203,49 @@ def load(
 
 
 def stderr() -> Console:
+    """A rich console on stderr that outlives its reader: rich's own answer to a closed pipe is
+    `SystemExit(1)`, which would end a training run for the loss of its progress display."""
     from rich.console import Console
 
-    return Console(stderr=True, highlight=False, soft_wrap=True)
+    class TalkConsole(Console):
+        def on_broken_pipe(self) -> None:
+            self.quiet = True
+            stderr_gone()
+
+    return TalkConsole(stderr=True, highlight=False, soft_wrap=True)
 
 
 def stdout() -> Console:
+    """A rich console on stdout; a closed pipe raises BrokenPipeError, which `command` turns into a
+    quiet exit 141 (rich would exit 1)."""
     from rich.console import Console
 
-    return Console(highlight=False, soft_wrap=True)
+    class DataConsole(Console):
+        def on_broken_pipe(self) -> None:
+            self.quiet = True
+            raise BrokenPipeError
+
+    return DataConsole(highlight=False, soft_wrap=True)
+
+
+def stderr_gone() -> None:
+    """The reader of stderr went away (`2>&1 | head` exited, the terminal closed): send stderr to
+    /dev/null from now on, so that no later remark fails and the work goes on."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stderr.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):
+        pass
+
+
+def quietly_if_gone(write: Callable[..., None], *args: Any, **kwargs: Any) -> None:
+    """`write(*args, **kwargs)` to stderr, for talk that must never stop the work (training progress):
+    a gone reader (EPIPE from a closed pipe, EIO from a hung-up terminal) silences stderr instead."""
+    try:
+        write(*args, **kwargs)
+    except OSError:
+        stderr_gone()
 
 
 class _NoStatus:
@@ -199,6 +266,11 @@ def status(message: str) -> Any:
 def note(message: str) -> None:
     """A remark for the person at the terminal (stderr), never mixed into the data on stdout."""
     print(f"note: {message}", file=sys.stderr, flush=True)
+
+
+def warn(message: str) -> None:
+    """A warning for the person at the terminal (stderr): something works, but maybe not as they think."""
+    print(f"warning: {message}", file=sys.stderr, flush=True)
 
 
 def emit_json(obj: dict[str, Any]) -> None:
@@ -236,14 +308,27 @@ class _Progress:
             console=stderr(),
             transient=True,
         )
-        self.task = self.bar.add_task(what, total=total)
+        self.task = self.bar.add_task(what, total=total or None)
+        self.started = False
 
     def __enter__(self) -> Callable[..., None]:
+        if self.bar.tasks[0].total:
+            self._start()
+        return self.update
+
+    def update(self, done: int, total: int | None = None) -> None:
+        # A bar whose total is not known yet would show an empty `0/0 -:--:--`: it waits for the total.
+        self.bar.update(self.task, completed=done, total=total)
+        if not self.started and self.bar.tasks[0].total:
+            self._start()
+
+    def _start(self) -> None:
         self.bar.start()
-        return lambda done, total=None: self.bar.update(self.task, completed=done, total=total)
+        self.started = True
 
     def __exit__(self, *exc: object) -> None:
-        self.bar.stop()
+        if self.started:
+            self.bar.stop()
 
 
 def progress(total: int, what: str) -> Any:

@@ -18,6 +18,14 @@ SaveOpt = Annotated[
     Path | None,
     typer.Option("--save", metavar="FILE", help="Also draw the heat map into FILE: .png, .svg or .html."),
 ]
+DpiOpt = Annotated[
+    int,
+    typer.Option(
+        "--dpi",
+        help="Resolution of a --save PNG (a cell is 0.75 inch wide); a picture larger than 4096 pixels a "
+        "side is drawn at a lower one.",
+    ),
+]
 PICTURE_POSITIONS = 64  # a picture wider than this is no longer readable
 
 
@@ -26,10 +34,10 @@ def title(model: str, text: str) -> str:
     return f"{model}: {shown!r}"
 
 
-def save_grids(grids: list[Grid], path: Path, title: str) -> None:
+def save_grids(grids: list[Grid], path: Path, title: str, dpi: int) -> None:
     from gptcli.inspection.pictures import save
 
-    for message in save(grids, path, title=title):
+    for message in save(grids, path, title=title, dpi=dpi):
         note(message)
     note(f"wrote {path}")
 

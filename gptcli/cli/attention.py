@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 from gptcli.cli._common import (
+    INSPECT,
     AllowPickleOpt,
     DeviceOpt,
     DtypeOpt,
@@ -17,6 +18,7 @@ from gptcli.cli._common import (
     TextArg,
     TrustCodeOpt,
     command,
+    examples,
     is_tty,
     load,
     note,
@@ -24,11 +26,13 @@ from gptcli.cli._common import (
     stdout,
 )
 from gptcli.cli._grids import (
+    DpiOpt,
     SaveOpt,
     print_grid,
     save_grids,
     title,
 )
+from gptcli.generation.tokens import one_line
 from gptcli.textio import check_text
 
 if TYPE_CHECKING:
@@ -36,8 +40,13 @@ if TYPE_CHECKING:
 
 
 @command(
-    epilog="Examples: gptcli attention '今天天气很好，我们去' · gptcli attention 'I like' --layer 3 · "
-    "gptcli attention 'The cat sat' --head 2.1 --query all · gptcli attention 'I like tea' --rollout"
+    rich_help_panel=INSPECT,
+    epilog=examples(
+        "gptcli attention '今天天气很好，我们去'",
+        "gptcli attention 'I like' --layer 3",
+        "gptcli attention 'The cat sat' --head 2.1 --query all",
+        "gptcli attention 'I like tea' --rollout",
+    ),
 )
 def attention(
     prompt: TextArg = None,
@@ -63,6 +72,7 @@ def attention(
         typer.Option("--hide-sink", help="Leave the first token (the attention sink) out of the shading."),
     ] = False,
     save: SaveOpt = None,
+    dpi: DpiOpt = 110,
     json_: JsonOpt = False,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
@@ -83,9 +93,10 @@ def attention(
         check_layer_head,
         parse_head,
     )
-    from gptcli.inspection.pictures import check_save_path
+    from gptcli.inspection.pictures import check_dpi, check_save_path
 
     check_attention_options(layer=layer, head=head, query=query, rollout=rollout)
+    check_dpi(dpi)
     if save is not None:
         check_save_path(save)
     text = check_text(read_text(prompt, file))
@@ -100,7 +111,7 @@ def attention(
         return attention_grids(result, layer=layer, head=chosen_head, rollout=rollout, hide_sink=hide_sink)
 
     if save is not None:
-        save_grids(grids(), save, title(lm.name, text))
+        save_grids(grids(), save, title(lm.name, text), dpi)
     if json_:
         for piece in result.json_pieces(lm.name):
             sys.stdout.write(piece)
@@ -110,7 +121,7 @@ def attention(
         for grid in grids():
             print_grid(grid, console)
     else:
-        tokens = [t["token"] for t in result.prompt.tokens]
+        tokens = [one_line(t["token"]) for t in result.prompt.tokens]
         if rollout and result.rollout is not None:
             for i, q in enumerate(result.queries):
                 for j in range(q + 1):

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 
 from gptcli.cli._common import (
+    INSPECT,
     AllowPickleOpt,
     DeviceOpt,
     DtypeOpt,
@@ -25,6 +26,7 @@ from gptcli.cli._common import (
     whole_characters,
 )
 from gptcli.errors import UsageError
+from gptcli.generation.tokens import one_line
 from gptcli.textio import check_text
 
 if TYPE_CHECKING:
@@ -44,7 +46,7 @@ _EXAMPLES = """\
 """
 
 
-@command(epilog=_EXAMPLES)
+@command(rich_help_panel=INSPECT, epilog=_EXAMPLES)
 def compare(
     model_a: Annotated[str, typer.Argument(help="The first model (A), e.g. the base model.")],
     model_b: Annotated[str, typer.Argument(help="The second model (B), e.g. its fine-tune.")],
@@ -109,7 +111,7 @@ def compare(
         for t in comparison.tokens:
             change = t["logprob_b"] - t["logprob_a"]
             print(
-                f"{t['id']}\t{t['token']}\t{t['logprob_a']:.6g}\t{t['logprob_b']:.6g}\t{change:.6g}\t{t['kl']:.6g}"
+                f"{t['id']}\t{one_line(t['token'])}\t{t['logprob_a']:.6g}\t{t['logprob_b']:.6g}\t{change:.6g}\t{t['kl']:.6g}"
             )
         note(_totals(comparison))
 
@@ -163,7 +165,7 @@ def _show_comparison(c: Comparison, name_a: str, name_b: str, k: int) -> None:
         console.print(
             Text.assemble(
                 f"token {change.index + 1} ",
-                (t["token"], change_style(delta, console)),
+                (one_line(t["token"]), change_style(delta, console)),
                 " after " + ("…" if len(before) > 24 or change.index > 16 else ""),
                 before[-24:].replace("\n", "\\n"),
                 f"   logprob A {t['logprob_a']:.3f} → B {t['logprob_b']:.3f} ({delta:+.3f})",
@@ -179,7 +181,7 @@ def _side_by_side(candidates: list[ComparedCandidate], k: int, chosen: int | Non
     from rich.text import Text
 
     def piece(t: ComparedCandidate) -> Text:
-        return Text(t["token"], style="bold underline" if t["id"] == chosen else "")
+        return Text(one_line(t["token"]), style="bold underline" if t["id"] == chosen else "")
 
     def move(t: ComparedCandidate, new: bool) -> Text:
         change = math.exp(t["logprob_b"]) - math.exp(t["logprob_a"])
@@ -225,5 +227,7 @@ def _show_next(result: NextComparison, name_a: str, name_b: str, k: int, json_: 
     for t in result.tokens:
         pa, pb = math.exp(t["logprob_a"]), math.exp(t["logprob_b"])
         change = t["logprob_b"] - t["logprob_a"]
-        print(f"{t['rank_a']}\t{t['rank_b']}\t{t['id']}\t{t['token']}\t{pa:.6g}\t{pb:.6g}\t{change:.6g}")
+        print(
+            f"{t['rank_a']}\t{t['rank_b']}\t{t['id']}\t{one_line(t['token'])}\t{pa:.6g}\t{pb:.6g}\t{change:.6g}"
+        )
     note(f"KL(A‖B) {result.kl:.6g}")

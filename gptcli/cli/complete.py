@@ -12,6 +12,7 @@ import typer
 
 from gptcli.batching import check_batch_size
 from gptcli.cli._common import (
+    GENERATE,
     AllowPickleOpt,
     DeviceOpt,
     DtypeOpt,
@@ -51,7 +52,7 @@ _EXAMPLES = """\
 """
 
 
-@command(epilog=_EXAMPLES)
+@command(rich_help_panel=GENERATE, epilog=_EXAMPLES)
 @with_decoding_options("complete")
 def complete(
     prompt: Annotated[

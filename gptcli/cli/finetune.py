@@ -7,16 +7,14 @@ there), so a default or a help text exists once.
 from __future__ import annotations
 
 import inspect
-import os
 import sys
 import typing
-from collections.abc import Callable
 from dataclasses import MISSING, fields
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from gptcli.cli._common import command, is_tty, stderr
+from gptcli.cli._common import TRAIN, command, is_tty, quietly_if_gone, stderr
 from gptcli.training.config import TrainConfig
 
 if TYPE_CHECKING:
@@ -82,33 +80,19 @@ def finetune(**options: Any) -> None:
     )
     view = ProgressView(live=is_tty(sys.stderr))
     try:
-        result = train(cfg, lambda event: _quietly_if_gone(view.on_event, event))
+        result = train(cfg, lambda event: quietly_if_gone(view.on_event, event))
     finally:
-        _quietly_if_gone(view.close)
+        quietly_if_gone(view.close)
     if result.main:
-        _quietly_if_gone(print, summary(result), file=sys.stderr, flush=True)
+        quietly_if_gone(print, summary(result), file=sys.stderr, flush=True)
     if result.interrupted:
         raise typer.Exit(130)
-
-
-def _quietly_if_gone(write: Callable[..., None], *args: Any, **kwargs: Any) -> None:
-    """Progress output that must never stop training: when stderr is gone (`2>&1 | head` exited, the
-    terminal closed), stderr goes to /dev/null from then on and the run goes on."""
-    try:
-        write(*args, **kwargs)
-    except OSError:  # EPIPE from a closed pipe, EIO from a hung-up terminal
-        try:
-            devnull = os.open(os.devnull, os.O_WRONLY)
-            os.dup2(devnull, sys.stderr.fileno())
-            os.close(devnull)
-        except (OSError, ValueError):
-            pass
 
 
 _PARAMETERS = _parameters()
 finetune.__signature__ = inspect.Signature(_PARAMETERS)  # type: ignore[attr-defined]
 finetune.__annotations__ = {p.name: p.annotation for p in _PARAMETERS}
-command(epilog=EPILOG)(finetune)
+command(rich_help_panel=TRAIN, epilog=EPILOG)(finetune)
 
 
 def _duration(seconds: float) -> str:
@@ -153,10 +137,11 @@ class ProgressView:
             self.spinner.stop()
             self.spinner = None
         if event.kind == "start":
+            blocks = m["train_tokens"] // m["block_size"]
             text = (
                 f"training {m['parameters'] / 1e6:.2f}M parameters on {m['device']} ({m['precision']}, "
                 f"{m['processes']} process{'es' if m['processes'] > 1 else ''}): {m['train_tokens']:,} "
-                f"training tokens ({m['train_tokens'] // m['block_size']:,} blocks of {m['block_size']}), "
+                f"training tokens ({_count(blocks, 'block')} of {m['block_size']}), "
                 f"global batch {m['global_batch']}"
             )
             self.console.print(text)
@@ -208,7 +193,17 @@ def summary(result: TrainResult) -> str:
             f"interrupted at step {result.step}/{result.total_steps}{losses}; checkpoint and model saved in "
             f"{result.out_dir}: add --resume to the same command to continue"
         )
+    if result.start_step:  # resumed: this run's steps and time, and the run's totals
+        return (
+            f"trained steps {result.start_step + 1} to {result.step} in {_duration(result.seconds)} "
+            f"(resumed from step {result.start_step}; {_count(result.step, 'step')}, {result.tokens:,} "
+            f"tokens in all){losses}: model in {result.out_dir}"
+        )
     return (
-        f"trained {result.step} steps ({result.tokens:,} tokens) in {_duration(result.seconds)}{losses}: "
-        f"model in {result.out_dir}"
+        f"trained {_count(result.step, 'step')} ({result.tokens:,} tokens) in {_duration(result.seconds)}"
+        f"{losses}: model in {result.out_dir}"
     )
+
+
+def _count(n: int, thing: str) -> str:
+    return f"{n:,} {thing}{'' if n == 1 else 's'}"

@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 from gptcli.cli._common import (
+    MODELS,
     AllowPickleOpt,
     DeviceOpt,
     DtypeOpt,
@@ -33,7 +34,8 @@ BatchOpt = Annotated[int, typer.Option("--batch-size", help="Prompts per forward
 
 
 @command(
-    epilog=examples("gptcli info", "gptcli info -m uer/gpt2-chinese-cluecorpussmall --json | jq .parameters")
+    rich_help_panel=MODELS,
+    epilog=examples("gptcli info", "gptcli info -m uer/gpt2-chinese-cluecorpussmall --json | jq .parameters"),
 )
 def info(
     model: ModelOpt = None,

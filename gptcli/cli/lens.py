@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 
 from gptcli.cli._common import (
+    INSPECT,
     AllowPickleOpt,
     DeviceOpt,
     DtypeOpt,
@@ -17,6 +18,7 @@ from gptcli.cli._common import (
     TrustCodeOpt,
     command,
     emit_json,
+    examples,
     is_tty,
     load,
     note,
@@ -26,6 +28,7 @@ from gptcli.cli._common import (
 )
 from gptcli.cli._grids import (
     PICTURE_POSITIONS,
+    DpiOpt,
     SaveOpt,
     cell_style,
     fitting_columns,
@@ -34,6 +37,7 @@ from gptcli.cli._grids import (
     save_grids,
     title,
 )
+from gptcli.generation.tokens import one_line
 from gptcli.textio import check_text
 
 if TYPE_CHECKING:
@@ -42,8 +46,13 @@ if TYPE_CHECKING:
 
 
 @command(
-    epilog="Examples: gptcli lens 'The capital of France is' · gptcli lens 'I like' --at -1 -k 8 · "
-    "gptcli lens 'The capital of France is' --token ' Paris' · gptcli lens '今天天气' --save lens.html"
+    rich_help_panel=INSPECT,
+    epilog=examples(
+        "gptcli lens 'The capital of France is'",
+        "gptcli lens 'I like' --at -1 -k 8",
+        "gptcli lens 'The capital of France is' --token ' Paris'",
+        "gptcli lens '今天天气' --save lens.html",
+    ),
 )
 def lens(
     prompt: TextArg = None,
@@ -70,6 +79,7 @@ def lens(
         ),
     ] = None,
     save: SaveOpt = None,
+    dpi: DpiOpt = 110,
     json_: JsonOpt = False,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
@@ -85,9 +95,10 @@ def lens(
     logprob` lines (with --token: that token's line per cell).
     """
     from gptcli.inspection.lens import check_lens_options, logit_lens
-    from gptcli.inspection.pictures import check_save_path
+    from gptcli.inspection.pictures import check_dpi, check_save_path
 
     check_lens_options(k=k, positions=positions, at=at)
+    check_dpi(dpi)
     if save is not None:
         check_save_path(save)
     text = check_text(read_text(prompt, file))
@@ -119,7 +130,7 @@ def lens(
         drawn = result.positions[-PICTURE_POSITIONS:] if positions is None else result.positions
         if len(drawn) < len(result.positions):
             note(f"the picture shows the last {len(drawn)} positions; --positions chooses others")
-        save_grids([_lens_grid(result, drawn)], save, title(lm.name, text))
+        save_grids([_lens_grid(result, drawn)], save, title(lm.name, text), dpi)
     if json_:
         emit_json(result.to_json(lm.name))
     elif table:
@@ -142,12 +153,12 @@ def _lens_tsv(result: Lens) -> None:
             if row.target is not None:
                 t = row.target[i]
                 print(
-                    f"{row.label}\t{position}\t{t['rank']}\t{t['id']}\t{t['token']}\t{t['prob']:.6g}\t{t['logprob']:.6g}"
+                    f"{row.label}\t{position}\t{t['rank']}\t{t['id']}\t{one_line(t['token'])}\t{t['prob']:.6g}\t{t['logprob']:.6g}"
                 )
                 continue
             for rank, t in enumerate(row.top[i], 1):
                 print(
-                    f"{row.label}\t{position}\t{rank}\t{t['id']}\t{t['token']}\t{t['prob']:.6g}\t{t['logprob']:.6g}"
+                    f"{row.label}\t{position}\t{rank}\t{t['id']}\t{one_line(t['token'])}\t{t['prob']:.6g}\t{t['logprob']:.6g}"
                 )
 
 
@@ -174,7 +185,7 @@ def _lens_table(result: Lens) -> None:
         cells: list[Any] = [row.name]
         for t in row.top[0]:
             style = "" if is_plain(console) else cell_style(console, "blue", t["prob"])
-            cells.append(Text(f"{t['token']} {100 * t['prob']:.0f}%", style=style))
+            cells.append(Text(f"{one_line(t['token'])} {100 * t['prob']:.0f}%", style=style))
         if row.target is not None:
             t = row.target[0]
             cells.append(f"rank {t['rank']}  {100 * t['prob']:.2f}%")

@@ -7,7 +7,7 @@ from typing import Annotated, Any
 
 import typer
 
-from gptcli.cli._common import AllowPickleOpt, Group, JsonOpt, app, command, emit_json, note
+from gptcli.cli._common import MODELS, AllowPickleOpt, Group, JsonOpt, app, command, emit_json, note
 
 models_app = typer.Typer(
     name="models",
@@ -19,7 +19,7 @@ models_app = typer.Typer(
     epilog="[bold]Examples[/bold]\n\n  gptcli models\n  gptcli models --json | jq -r .id\n"
     "  gptcli models rm gpt2\n",
 )
-app.add_typer(models_app)
+app.add_typer(models_app, rich_help_panel=MODELS)
 
 
 @models_app.callback()
@@ -70,8 +70,9 @@ def rm(
 
 
 @command(
+    rich_help_panel=MODELS,
     epilog="[bold]Examples[/bold]\n\n  gptcli pull gpt2\n  gptcli pull uer/gpt2-chinese-cluecorpussmall\n"
-    "  gptcli pull gpt2 --revision 607a30d783dfa663caf39e06633721c8d4cfcd7e\n"
+    "  gptcli pull gpt2 --revision 607a30d783dfa663caf39e06633721c8d4cfcd7e\n",
 )
 def pull(
     name: Annotated[str, typer.Argument(help="Hub id, e.g. gpt2 or uer/gpt2-chinese-cluecorpussmall.")],

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 from gptcli.cli._common import (
+    INSPECT,
     AllowPickleOpt,
     DeviceOpt,
     DtypeOpt,
@@ -31,6 +32,7 @@ from gptcli.cli._common import (
     whole_characters,
 )
 from gptcli.errors import UsageError
+from gptcli.generation.tokens import one_line
 from gptcli.textio import check_text
 
 if TYPE_CHECKING:
@@ -47,11 +49,12 @@ BatchOpt = Annotated[int, typer.Option("--batch-size", help="Prompts per forward
 
 
 @command(
+    rich_help_panel=INSPECT,
     epilog=examples(
         'gptcli score "The cat sat on the mat."',
         "gptcli score -f essay.txt --json | jq .perplexity",
         "gptcli score -f notes.txt | sort -t$'\\t' -k3 -g | head   [dim]# the most surprising tokens[/dim]",
-    )
+    ),
 )
 def score(
     text: TextArg = None,
@@ -91,7 +94,7 @@ def score(
         stdout().print(totals)
     else:
         for t in result.tokens:
-            print(f"{t['id']}\t{t['token']}\t{t['logprob']:.6g}\t{t['rank']}")
+            print(f"{t['id']}\t{one_line(t['token'])}\t{t['logprob']:.6g}\t{t['rank']}")
         note(totals)
 
 

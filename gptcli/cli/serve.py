@@ -8,6 +8,7 @@ from typing import Annotated
 import typer
 
 from gptcli.cli._common import (
+    SERVE,
     AllowPickleOpt,
     DeviceOpt,
     DtypeOpt,
@@ -17,8 +18,10 @@ from gptcli.cli._common import (
     command,
     load,
     note,
+    warn,
 )
 from gptcli.loading.models import check_quantize
+from gptcli.serving import GRACE_SECONDS, MAX_CONNECTIONS, MAX_WAITING, TIMEOUT_SECONDS
 
 _EXAMPLES = """\
 [bold]Examples[/bold]
@@ -32,7 +35,7 @@ docs/serve.md: the endpoints, their parameters, and use from the openai package 
 """
 
 
-@command(epilog=_EXAMPLES)
+@command(rich_help_panel=SERVE, epilog=_EXAMPLES)
 def serve(
     model: ModelOpt = None,
     host: Annotated[
@@ -51,6 +54,42 @@ def serve(
     max_batch: Annotated[
         int, typer.Option("--max-batch", help="Most completions decoded together (fewer when long).")
     ] = 32,
+    max_waiting: Annotated[
+        int,
+        typer.Option(
+            "--max-waiting", help="Most requests waiting for room in the batch; past it, 429 (Retry-After)."
+        ),
+    ] = MAX_WAITING,
+    max_connections: Annotated[
+        int, typer.Option("--max-connections", help="Most connections open at once; past it, 503.")
+    ] = MAX_CONNECTIONS,
+    timeout: Annotated[
+        float,
+        typer.Option(
+            "--timeout",
+            help="Seconds a client has to send its request, or to take the next piece of a stream.",
+        ),
+    ] = TIMEOUT_SECONDS,
+    grace: Annotated[
+        float,
+        typer.Option("--grace", help="Seconds requests in flight get after Ctrl-C or SIGTERM; then 503."),
+    ] = GRACE_SECONDS,
+    allowed_host: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--allowed-host",
+            help="A Host name to answer for besides the listening address's own (repeatable).",
+            show_default=False,
+        ),
+    ] = None,
+    served_model_name: Annotated[
+        str | None,
+        typer.Option(
+            "--served-model-name",
+            help="The model's id in /v1/models (default: its name, or a local folder's own name).",
+            show_default=False,
+        ),
+    ] = None,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
     quantize: QuantizeOpt = None,
@@ -61,7 +100,7 @@ def serve(
 
     Loads the model once; requests that arrive together share the batched decode. Logs a line per request.
 
-    Ctrl-C or SIGTERM stops it: requests in flight get a few seconds to finish.
+    Ctrl-C or SIGTERM stops it: requests in flight get --grace seconds to finish, then a 503.
     """
     from gptcli.errors import UsageError
     from gptcli.serving import check_port, is_loopback, listen
@@ -70,13 +109,17 @@ def serve(
     check_port(port)
     check_quantize(quantize)
     check_max_batch(max_batch)
+    if max_connections < 1:
+        raise UsageError(f"--max-connections must be at least 1 (got {max_connections})")
+    if max_waiting < 0:
+        raise UsageError(f"--max-waiting must be at least 0 (got {max_waiting})")
+    for name, seconds in (("--timeout", timeout), ("--grace", grace)):
+        if not 0 < seconds < 86400:  # NaN fails both
+            raise UsageError(f"{name} must be a number of seconds above 0 and below a day (got {seconds})")
     if api_key is not None and not api_key.strip():
         raise UsageError("--api-key must not be empty")
     if not api_key and not is_loopback(host):
-        note(
-            f"warning: listening on {host} without --api-key: anyone who can reach this machine "
-            "can use the model"
-        )
+        warn(f"listening on {host} without --api-key: anyone who can reach this machine can use the model")
     sock = listen(host, port)  # before loading: a busy port fails at once
     try:
         lm = load(model, device, dtype, allow_pickle, trust_remote_code, quantize)
@@ -96,6 +139,12 @@ def serve(
             log=_log,
             on_listening=listening,
             max_rows=max_batch,
+            max_waiting=max_waiting,
+            max_connections=max_connections,
+            timeout=timeout,
+            grace=grace,
+            allowed_host=allowed_host,
+            model_id=served_model_name,
         )
     except KeyboardInterrupt:
         note("stopped")

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 
 from gptcli.cli._common import (
+    GENERATE,
     AllowPickleOpt,
     DeviceOpt,
     DtypeOpt,
@@ -27,6 +28,7 @@ from gptcli.cli._common import (
 from gptcli.cli._decoding import decoding_flags, with_decoding_options
 from gptcli.errors import GptcliError, UsageError
 from gptcli.generation.sampling import check_flags, resolve_settings
+from gptcli.generation.tokens import one_line
 from gptcli.textio import check_text
 
 if TYPE_CHECKING:
@@ -47,7 +49,7 @@ _BACKSPACE = ("\x7f", "\x08")
 _QUIT = ("q", "Q", "\x04")  # q, or Ctrl-D
 
 
-@command(epilog=_EXAMPLES)
+@command(rich_help_panel=GENERATE, epilog=_EXAMPLES)
 @with_decoding_options("step")
 def step(
     prompt: Annotated[
@@ -213,7 +215,9 @@ def _draw(console: Console, session: StepSession, k: int, message: str) -> None:
         for column, justify in (("key", "right"), ("piece", "left"), ("prob", "right"), ("", "left")):
             table.add_column(column, justify=justify)  # type: ignore[arg-type]
         for t in session.top(k):
-            table.add_row(str(t["rank"]), t["token"], f"{t['prob']:.4f}", "█" * round(t["prob"] * 30))
+            table.add_row(
+                str(t["rank"]), one_line(t["token"]), f"{t['prob']:.4f}", "█" * round(t["prob"] * 30)
+            )
         console.print(table)
     console.print()
     if message:

@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 from gptcli.cli._common import (
+    INSPECT,
     FileOpt,
     JsonOpt,
     ModelOpt,
@@ -19,6 +20,7 @@ from gptcli.cli._common import (
     read_text,
 )
 from gptcli.errors import UsageError
+from gptcli.generation.tokens import one_line
 from gptcli.textio import check_text
 
 if TYPE_CHECKING:
@@ -34,12 +36,13 @@ BatchOpt = Annotated[int, typer.Option("--batch-size", help="Prompts per forward
 
 
 @command(
+    rich_help_panel=INSPECT,
     epilog=examples(
         'gptcli tokenize "今天天气 hello"',
         'echo "今天天气" | gptcli tokenize --ids',
         "gptcli tokenize --count -f chapter.txt",
         "gptcli tokenize --json \"龙\" | jq -c '.tokens[]'",
-    )
+    ),
 )
 def tokenize(
     text: TextArg = None,
@@ -75,15 +78,16 @@ def tokenize(
         emit_json({"model": name, "text": source, "tokens": tokens})
     else:
         for t in tokens:
-            print(f"{t['id']}\t{t['token']}")
+            print(f"{t['id']}\t{one_line(t['token'])}")
 
 
 @command(
+    rich_help_panel=INSPECT,
     epilog=examples(
         "gptcli detokenize 31373 995",
         'gptcli tokenize --ids "今天天气" | gptcli detokenize',
         "gptcli detokenize --json 164 119 | jq -r '.tokens[].bytes'",
-    )
+    ),
 )
 def detokenize(
     ids: Annotated[

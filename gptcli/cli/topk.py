@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 from gptcli.cli._common import (
+    INSPECT,
     AllowPickleOpt,
     DeviceOpt,
     DtypeOpt,
@@ -26,6 +27,7 @@ from gptcli.cli._common import (
     read_text,
     stdout,
 )
+from gptcli.generation.tokens import one_line
 from gptcli.textio import check_text
 
 if TYPE_CHECKING:
@@ -41,11 +43,12 @@ BatchOpt = Annotated[int, typer.Option("--batch-size", help="Prompts per forward
 
 
 @command(
+    rich_help_panel=INSPECT,
     epilog=examples(
         'gptcli topk "The capital of France is"',
         'gptcli topk "今天天气" -k 5 | cut -f3',
         "gptcli topk --each-line -f prompts.txt | jq -c '.tokens[0]'",
-    )
+    ),
 )
 def topk(
     prompt: TextArg = None,
@@ -71,7 +74,7 @@ def topk(
     check_topk_options(k=k, temperature=temperature, batch_size=batch_size)
     prompts = read_lines(prompt, file) if each_line else [check_text(read_text(prompt, file))]
     lm = load(model, device, dtype, allow_pickle, trust_remote_code)
-    with progress(len(prompts), "prompts") if each_line else progress(0, "") as update:
+    with progress(len(prompts) if each_line else 0, "prompts") as update:
         results = next_token_distribution(
             lm, prompts, k=k, temperature=temperature, batch_size=batch_size, on_progress=update
         )
@@ -81,11 +84,17 @@ def topk(
             note(f"{where} has more tokens than the context ({lm.context_length}); kept the last ones")
         if json_ or each_line:
             emit_json(result.to_json(lm.name))
-        elif is_tty():
-            _topk_table(result.tokens)
         else:
-            for t in result.tokens:
-                print(f"{t['rank']}\t{t['id']}\t{t['token']}\t{t['prob']:.6g}\t{t['logprob']:.6g}")
+            print_tokens(result.tokens, table=is_tty())
+
+
+def print_tokens(tokens: list[Candidate], *, table: bool) -> None:
+    """A next-token distribution on stdout: a table for a person, tab-separated lines for a pipe."""
+    if table:
+        _topk_table(tokens)
+        return
+    for t in tokens:
+        print(f"{t['rank']}\t{t['id']}\t{one_line(t['token'])}\t{t['prob']:.6g}\t{t['logprob']:.6g}")
 
 
 def _topk_table(tokens: list[Candidate]) -> None:
@@ -103,7 +112,7 @@ def _topk_table(tokens: list[Candidate]) -> None:
         table.add_row(
             str(t["rank"]),
             str(t["id"]),
-            repr(t["token"])[1:-1],
+            one_line(t["token"]),
             f"{t['prob']:.4f}",
             f"{t['logprob']:.3f}",
             bar,

@@ -38,7 +38,7 @@ class Option:
 
     help: str
     flags: tuple[str, ...] = ()  # default: --field-name
-    commands: tuple[str, ...] = ("complete", "step")  # the commands that offer it
+    commands: tuple[str, ...] = ("complete", "step", "chat")  # the commands that offer it
     shown: object = None  # the default as the help shows it (None: the field's default)
     panel: str | None = DECODING_PANEL
     metavar: str | None = None
@@ -86,7 +86,7 @@ class Settings:
         64,
         "Most tokens to generate.",
         flags=("--max-new-tokens", "-n"),
-        commands=("complete",),
+        commands=("complete", "chat"),
         ge=1,
         rule="must be at least 1",
     )
@@ -145,7 +145,7 @@ class Settings:
         False,
         "Always pick the most likely token, or sample.",
         flags=("--greedy/--sample",),
-        commands=("complete",),
+        commands=("complete", "chat"),
         shown="sample",
     )
     seed: int | None = option(
@@ -157,8 +157,8 @@ class Settings:
         rule="must be between 0 and 2**63 - 1",
         api=("seed",),
     )  # None: a fresh random seed per run
-    stop: tuple[str, ...] = option((), "End before this text (repeatable).", commands=("complete",))
-    ignore_eos: bool = option(False, "Keep going past the end-of-text token.", commands=("complete",))
+    stop: tuple[str, ...] = option((), "End before this text (repeatable).", commands=("complete", "chat"))
+    ignore_eos: bool = option(False, "Keep going past the end-of-text token.", commands=("complete", "chat"))
     num_samples: int = option(
         1,
         "Completions per prompt.",

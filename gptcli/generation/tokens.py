@@ -87,9 +87,10 @@ class TokenText:
         return data
 
     def describe(self, token_id: int) -> TokenInfo:
-        """{"id", "token", "bytes"} as the --json outputs give it (bytes in hex)."""
+        """{"id", "token", "bytes"} as the --json outputs give it: `token` is the exact text
+        (`token_text`), `bytes` its bytes in hex."""
         data = self.bytes(token_id)
-        return {"id": int(token_id), "token": readable(data), "bytes": data.hex()}
+        return {"id": int(token_id), "token": token_text(data), "bytes": data.hex()}
 
 
 def tokenize(tokenizer: Tokenizer, text: str) -> list[TokenSpan]:
@@ -157,15 +158,27 @@ def describe_tokenizer(tokenizer: Tokenizer) -> str:
 _ESCAPES = {"\n": "\\n", "\t": "\\t", "\r": "\\r", "\\": "\\\\"}
 
 
-def readable(data: bytes) -> str:
-    """Bytes as one line of text: invalid UTF-8 as `<e4 bb>`, control characters escaped."""
+def token_text(data: bytes) -> str:
+    """A token's text by the one rule of every JSON output and the server: its exact text (a newline
+    token is "\\n", a real line break), or, when its bytes are not whole UTF-8 characters (a piece of a
+    CJK character), the bytes as `<e4 bb>`."""
     try:
-        text = data.decode("utf-8")
+        return data.decode("utf-8")
     except UnicodeDecodeError:
         return "<" + " ".join(f"{b:02x}" for b in data) + ">"
+
+
+def one_line(text: str) -> str:
+    """A token's text for a terminal, a TSV line or a picture: control characters escaped (`\\n`,
+    `\\t`, `\\x1b`), so a piece never breaks a line or sends an escape sequence."""
     return "".join(
         _ESCAPES.get(ch, ch if ch.isprintable() or ch == " " else f"\\x{ord(ch):02x}") for ch in text
     )
+
+
+def readable(data: bytes) -> str:
+    """Bytes as one line of text: invalid UTF-8 as `<e4 bb>`, control characters escaped."""
+    return one_line(token_text(data))
 
 
 def encode_prompt(tokenizer: Tokenizer, text: str) -> list[int]:

@@ -79,8 +79,11 @@ class Grid:
 
 
 def visible(piece: str) -> str:
-    """A piece as a label: one made only of spaces shows them as ␣ (a blank label reads as no token)."""
-    return "␣" * len(piece) if piece and not piece.strip(" ") else piece
+    """A piece as a label: on one line (`\\n` for a newline), and one made only of spaces shows them as
+    ␣ (a blank label reads as no token)."""
+    from gptcli.generation.tokens import one_line
+
+    return "␣" * len(piece) if piece and not piece.strip(" ") else one_line(piece)
 
 
 def colour(palette: str, shade: float) -> tuple[int, int, int]:
@@ -98,13 +101,33 @@ def ink(background: tuple[int, int, int]) -> str:
 
 
 def check_save_path(path: Path) -> None:
-    """Refuse a --save FILE whose kind gptcli cannot write."""
+    """Refuse a --save FILE that cannot be written (its kind, its folder), before any work is done."""
+    import os
+
     if path.suffix.lower() not in FORMATS:
         raise UsageError(f"--save {path}: the file name must end in {', '.join(FORMATS)}")
+    folder = path.expanduser().parent
+    if not folder.is_dir():
+        what = "is not a folder" if folder.exists() else "does not exist"
+        raise UsageError(f"--save {path}: {folder} {what}")
+    if path.expanduser().is_dir():
+        raise UsageError(f"--save {path}: that is a folder; give a file name")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise UsageError(f"--save {path}: the folder {folder} is not writable")
 
 
-def save(grids: list[Grid], path: Path, *, title: str) -> list[str]:
-    """Write the grids to `path` (.png, .svg or .html); returns notes for the user (a missing font)."""
+DPI = 110  # dots per inch of a PNG: a cell is 0.75 inch wide
+MAX_SIDE = 4096  # most pixels a PNG side gets: larger ones are drawn at a lower resolution
+
+
+def check_dpi(dpi: int) -> None:
+    if not 20 <= dpi <= 600:
+        raise UsageError(f"--dpi must be between 20 and 600 (got {dpi})")
+
+
+def save(grids: list[Grid], path: Path, *, title: str, dpi: int = DPI) -> list[str]:
+    """Write the grids to `path` (.png, .svg or .html); returns notes for the user (a missing font, a
+    picture drawn at a lower resolution than `dpi` to stay within MAX_SIDE pixels a side)."""
     from gptcli.training.atomic import atomic_write
 
     check_save_path(path)
@@ -121,13 +144,27 @@ def save(grids: list[Grid], path: Path, *, title: str) -> list[str]:
             "cannot draw are shown as their bytes, e.g. <e4 bb 8a>"
         )
     fig = figure(grids, title=title, fallback=font is None and kind == ".png")
+    if kind == ".png":
+        check_dpi(dpi)
+        width, height = fig.get_size_inches()
+        fitting = min(dpi, int(MAX_SIDE / max(width, height)))
+        if fitting < dpi:
+            notes.append(
+                f"the picture would be {round(width * dpi)} x {round(height * dpi)} px at --dpi {dpi}: "
+                f"drawn at {fitting} dpi to stay within {MAX_SIDE} px a side (fewer positions, blocks or "
+                "heads give larger cells)"
+            )
+        fig.set_dpi(fitting)
     from matplotlib import rc_context
 
     # SVG keeps text as text: searchable, and drawn with the viewer's fonts, which have CJK glyphs.
     with rc_context({"svg.fonttype": "none"}), warnings.catch_warnings():
         # Characters no font has: the note above says so once, instead of a warning per glyph.
         warnings.filterwarnings("ignore", message=r"Glyph \d+ .*missing from font")
-        atomic_write(path, lambda f: fig.savefig(f, format=kind[1:], metadata=_metadata(title, kind)))
+        atomic_write(
+            path,
+            lambda f: fig.savefig(f, format=kind[1:], metadata=_metadata(title, kind), dpi=fig.get_dpi()),
+        )
     return notes
 
 
@@ -206,6 +243,26 @@ def drawable(text: str) -> str:
     return "".join(out)
 
 
+_CELL = 0.75  # inches a cell is wide
+_CELL_CHARS = 12  # characters of 7-point DejaVu Sans that fit in a cell (about 0.6 em each)
+_LABEL_CHARS = 16  # of a row or column label (a piece in byte notation is 4 characters a byte)
+
+
+def fit(text: str, width: int) -> str:
+    """`text` cut to `width` characters, its end marked with …, so a cell's text stays in its cell
+    instead of running over its neighbours (and the first column's over the row labels)."""
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def _wrapped(text: str, fig: Figure, points: float, lines: int = 2) -> str:
+    """`text` in at most `lines` lines of `points`-point text as wide as the figure (matplotlib's own
+    wrap=True is not seen by the constrained layout, which then squeezes the heat map to nothing)."""
+    import textwrap
+
+    width = max(20, int((fig.get_figwidth() - 0.3) * 72 / (points * 0.62)))
+    return "\n".join(textwrap.wrap(fit(text, width * lines), width, replace_whitespace=False)[:lines])
+
+
 def figure(grids: list[Grid], *, title: str, fallback: bool = False) -> Figure:
     """A matplotlib Figure with one heat map per grid, stacked; `fallback`: no CJK font, use bytes."""
     import numpy as np
@@ -218,10 +275,14 @@ def figure(grids: list[Grid], *, title: str, fallback: bool = False) -> Figure:
     font = cjk_font()
     families = ["DejaVu Sans", *([font] if font else [])]
     columns = max(len(g.columns) for g in grids)
-    heights = [len(g.rows) * 0.32 + 1.6 for g in grids]
-    fig = Figure(figsize=(2.0 + columns * 0.75, sum(heights) + 0.6), dpi=110, layout="constrained")
+    # Under each grid's rows: its title (up to two lines) and its column labels (up to 16 characters,
+    # slanted), which take about 0.05 inch a character.
+    heights = [len(g.rows) * 0.32 + 1.0 + 0.05 * max(len(fit(label(c), _LABEL_CHARS)) for c in g.columns)
+               for g in grids]  # fmt: skip
+    fig = Figure(figsize=(2.0 + columns * _CELL, sum(heights) + 0.9), dpi=DPI, layout="constrained")
     FigureCanvasAgg(fig)
-    fig.suptitle(label(title), fontfamily=families, parse_math=False)
+    # Titles wrapped to the figure's width (a long one, in byte notation above all, was cut at both ends).
+    fig.suptitle(_wrapped(label(title), fig, 12), fontfamily=families, parse_math=False)
     axes = fig.subplots(len(grids), 1, squeeze=False, height_ratios=heights)[:, 0]
     for ax, grid in zip(axes, grids, strict=True):
         light, dark = (np.array(c) / 255 for c in PALETTES[grid.palette])
@@ -242,7 +303,8 @@ def figure(grids: list[Grid], *, title: str, fallback: bool = False) -> Figure:
                     ax.add_patch(Rectangle((j - 0.5, i - 0.5), 1, 1, facecolor="#e0e0e0", edgecolor="none"))
                 text_colour = "black" if shade is None else ink(colour(grid.palette, shade))
                 if grid.texts[i][j]:
-                    ax.text(j, i, label(grid.texts[i][j]), ha="center", va="center", fontsize=7,
+                    cell = fit(label(grid.texts[i][j]), _CELL_CHARS)
+                    ax.text(j, i, cell, ha="center", va="center", fontsize=7,
                             color=text_colour, fontfamily=families, parse_math=False)  # fmt: skip
                 if grid.marks and grid.marks[i][j]:
                     ax.add_patch(
@@ -250,14 +312,22 @@ def figure(grids: list[Grid], *, title: str, fallback: bool = False) -> Figure:
                             (j - 0.46, i - 0.46), 0.92, 0.92, fill=False, edgecolor="#d62728", linewidth=1.6
                         )
                     )
-        ax.set_title(grid.title, fontsize=9, fontfamily=families, parse_math=False, loc="left")
-        ax.set_yticks(range(len(grid.rows)), [label(r) for r in grid.rows], fontsize=8, fontfamily=families)
-        ax.set_xticks(range(len(grid.columns)), [label(c) for c in grid.columns], fontsize=8,
-                      fontfamily=families, rotation=60, ha="left", rotation_mode="anchor")  # fmt: skip
+        ax.set_title(
+            _wrapped(label(grid.title), fig, 9), fontsize=9, fontfamily=families, parse_math=False, loc="left"
+        )
+        ax.set_yticks(
+            range(len(grid.rows)),
+            [fit(label(r), _LABEL_CHARS) for r in grid.rows],
+            fontsize=8,
+            fontfamily=families,
+        )
+        heads = [fit(label(c), _LABEL_CHARS) for c in grid.columns]
+        ax.set_xticks(range(len(grid.columns)), heads, fontsize=8, fontfamily=families, rotation=60,
+                      ha="left", rotation_mode="anchor")  # fmt: skip
         for tick in [*ax.get_xticklabels(), *ax.get_yticklabels()]:
             tick.set_parse_math(False)
         ax.xaxis.tick_top()
-        ax.set_ylabel(grid.row_title, fontsize=8)
+        ax.set_ylabel(label(grid.row_title), fontsize=8)
         ax.tick_params(length=0)
         for spine in ax.spines.values():
             spine.set_visible(False)

@@ -38,7 +38,23 @@ def check_repo_id(repo_id: str) -> None:
     try:
         validate_repo_id(repo_id)
     except HFValidationError as exc:
-        raise UsageError(f"{repo_id!r} is not a hub id: {first_line(exc)}") from exc
+        if repo_id.startswith(("/", "./", "../", "~")) or _exists(repo_id):
+            raise UsageError(
+                f"{repo_id!r} is a path, not a hub id: the cache holds hub models (as `gptcli models` "
+                "lists them); a folder of your own is yours to move or delete"
+            ) from exc
+        # (huggingface_hub's own message names its `repo_type` argument, which means nothing here)
+        raise UsageError(
+            f"{repo_id!r} is not a hub id: a hub id is NAME or OWNER/NAME, of letters, digits, '-', '_' "
+            "and '.', at most 96 characters, with no '--' or '..'"
+        ) from exc
+
+
+def _exists(path: str) -> bool:
+    try:
+        return Path(path).expanduser().exists()
+    except (OSError, ValueError):  # a name too long for a path, a NUL byte
+        return False
 
 
 def hub_reachable(timeout: float = 1.5) -> bool:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import math
 import os
 import socket
 from collections.abc import Callable
@@ -23,8 +24,12 @@ if TYPE_CHECKING:
 
     from gptcli.loading.models import LoadedModel
 
-# Seconds that in-flight requests get to finish after Ctrl-C or SIGTERM before they are cancelled.
+# Seconds that in-flight requests get to finish after Ctrl-C or SIGTERM before they are failed (503).
 GRACE_SECONDS = 5
+MAX_CONNECTIONS = 1000  # open at once; past it, a new connection gets a 503 and is closed
+TIMEOUT_SECONDS = 30  # to send a request (head, body), or to take the next piece of a stream
+MAX_WAITING = 256  # requests waiting for room in the batch; past it, 429
+BACKLOG = 128  # connections the kernel holds for accept
 
 
 def create_app(lm: LoadedModel, **options: Any) -> FastAPI:
@@ -67,7 +72,7 @@ def listen(host: str, port: int) -> socket.socket:
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind(address)
-        sock.listen(128)
+        sock.listen(BACKLOG)
     except OSError as exc:
         sock.close()
         raise GptcliError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
@@ -99,40 +104,82 @@ class _LogLines(logging.Handler):
         self.log(f"server: {text}")
 
 
+def allowed_hosts(host: str, extra: list[str] | None) -> frozenset[str] | None:
+    """The Host names the server answers for: on a loopback address, its own names (a web page that
+    rebinds a DNS name to 127.0.0.1 must not reach it) plus `extra`; elsewhere `extra` if given, else
+    any (None)."""
+    names = {name.strip().strip("[]").lower() for name in extra or [] if name.strip()}
+    if is_loopback(host):
+        return frozenset({"localhost", "127.0.0.1", "::1", host.strip("[]").lower(), *names})
+    return frozenset({host.strip("[]").lower(), *names}) if names else None
+
+
 def serve(
     lm: LoadedModel,
     *,
     host: str = "127.0.0.1",
     port: int = 8000,
     sock: socket.socket | None = None,
-    api_key: str | None = None,
     log: Callable[[str], None] = print,
     on_listening: Callable[[str], None] | None = None,
-    max_rows: int = 32,
+    grace: float = GRACE_SECONDS,
+    max_connections: int = MAX_CONNECTIONS,
+    allowed_host: list[str] | None = None,
+    **options: Any,
 ) -> None:
-    """Serve `lm` on host:port (or on `sock`, from `listen`) until SIGINT or SIGTERM, then give the
-    requests in flight GRACE_SECONDS to finish, cancel the rest, and stop.
+    """Serve `lm` on host:port (or on `sock`, from `listen`) until SIGINT or SIGTERM; then stop taking
+    requests, give those in flight `grace` seconds, answer the rest with a 503 (streams: an error event
+    and [DONE]), and stop.
 
-    `log` gets one line per request; `on_listening(url)` is called once the socket listens. After a
-    signal, uvicorn raises it again once the server has stopped (KeyboardInterrupt for Ctrl-C).
+    `log` gets one line per request; `on_listening(url)` is called once the socket listens.
+    `options`: gptcli.serving.app.Options' fields (api_key, max_rows, max_waiting, timeout, model_id).
+    After a signal, uvicorn raises it again once the server has stopped (KeyboardInterrupt for Ctrl-C).
     """
+    import asyncio
+
     import uvicorn
 
+    from gptcli.serving.connections import Tally, loop_errors, protocol, raise_file_limit
+
+    files = raise_file_limit()
     sock = sock if sock is not None else listen(host, port)
-    app = create_app(lm, api_key=api_key, log=log, max_rows=max_rows)
+    bound = str(sock.getsockname()[0])
+    options.setdefault("timeout", TIMEOUT_SECONDS)
+    options.setdefault("max_waiting", MAX_WAITING)
+    app = create_app(lm, log=log, allowed_hosts=allowed_hosts(bound, allowed_host), **options)
+    state = app.state.gptcli
+    tally = Tally(log)
     for name in ("uvicorn", "uvicorn.error", "uvicorn.access"):
         logger = logging.getLogger(name)
         logger.handlers = [_LogLines(log)]
         logger.propagate = False
+    # Each connection takes a file; keep some for the model's files, the log and the worker threads.
+    connections = max(1, min(max_connections, files - 64))
     config = uvicorn.Config(
         app,
+        http=protocol(connections, options["timeout"], tally),
         log_config=None,
         access_log=False,
-        timeout_graceful_shutdown=GRACE_SECONDS,
+        # uvicorn cancels what is left after this: by then the engine has failed every job (below)
+        # and their answers are out.
+        timeout_graceful_shutdown=math.ceil(grace) + 5,
         lifespan="on",
         server_header=False,
+        # asyncio's accept loop tries up to `backlog` times per wake-up, and out of files it reports
+        # (and schedules a retry for) every try: uvicorn's 2,048 made thousands a second.
+        backlog=BACKLOG,
     )
-    server = uvicorn.Server(config)
+
+    class Server(uvicorn.Server):
+        async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+            asyncio.get_running_loop().set_exception_handler(loop_errors(tally))
+            await super().startup(sockets)
+
+        async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+            state.begin_stop(grace)
+            await super().shutdown(sockets)
+
+    server = Server(config)
     if on_listening is not None:
         on_listening(address(sock))
     try:

@@ -57,6 +57,16 @@ def has_chat_template(tokenizer: Tokenizer) -> bool:
     return isinstance(config, dict) and bool(config.get("chat_template"))
 
 
+def chat_template(tokenizer: Tokenizer) -> str | None:
+    """The tokenizer's chat template (Jinja source), or None when it has none."""
+    if not has_chat_template(tokenizer):
+        return None
+    from gptcli.loading.gpt2_folder import transformers_tokenizer
+
+    template = getattr(transformers_tokenizer(tokenizer), "chat_template", None)
+    return template if isinstance(template, str) else None
+
+
 def transcript(messages: list[dict[str, str]]) -> str:
     """The plain transcript of `messages` ({"role", "content"}), ending with the assistant's cue."""
     lines = [f"{_NAMES[m['role']]}: {m['content']}" for m in messages]

@@ -89,6 +89,13 @@ class Done:
     """The job is over: every row sent its Completion (the last event of a job that was not cancelled)."""
 
 
+SHUTTING_DOWN = "the server is shutting down"  # the Failed message of the jobs `stop` ends
+
+
+class Busy(GptcliError):
+    """The waiting line is full: the job was not taken."""
+
+
 @dataclass(frozen=True)
 class Failed:
     """The job could not go on (the engine stopped, or the model raised); its last event."""
@@ -115,7 +122,9 @@ class Job:
     sink: Callable[[Event], None]
     prompt_logprobs: int | None = None
     generate: bool = True
+    logit_bias: dict[int, float] | None = None  # added to the logits before a token is drawn (OpenAI's)
     cancelled: bool = False
+    paused: bool = False  # its reader is behind: its rows wait outside the batch (see `pause`)
     submitted: float = field(default_factory=time.perf_counter)
     seed: int | None = None  # resolved at submit: the settings' seed, or a fresh one when sampling
     _engine: Engine | None = field(default=None, repr=False)
@@ -131,6 +140,17 @@ class Job:
     def cancel(self) -> None:
         """Stop this job at the next step (from any thread); its rows leave the batch, no more events."""
         self.cancelled = True
+        if self._engine is not None:
+            self._engine._wake()
+
+    def pause(self) -> None:
+        """Take this job's rows out of the batch at the next step, their caches kept (from any thread):
+        what a server does while the client does not read, so that its events stop piling up."""
+        self.paused = True
+
+    def resume(self) -> None:
+        """Let a paused job's rows join the batch again (from any thread)."""
+        self.paused = False
         if self._engine is not None:
             self._engine._wake()
 
@@ -162,6 +182,7 @@ class Engine:
         check_max_batch(max_rows)
         self.lm = lm
         self.max_rows = max_rows
+        self.kv_budget = KV_BUDGET  # most bytes the batch's KV cache may take
         self._inbox: queue.SimpleQueue[Job | None] = queue.SimpleQueue()
         self._waiting: deque[Job] = deque()
         self._jobs: dict[Job, None] = {}  # every job taken in and not over: what a failure must tell
@@ -172,6 +193,7 @@ class Engine:
         self._pad = pad_id(lm.tokenizer)
         # The batch, touched by the engine thread only.
         self._slots: list[_Slot] = []
+        self._parked: list[tuple[_Slot, Any, torch.Tensor]] = []  # rows of paused jobs: cache, logits
         self._decoder: Any = None
         self._logits: torch.Tensor | None = None  # [rows, vocab], float32: each row's next pick
         if max_rows >= BATCHED_ROWS:
@@ -188,10 +210,15 @@ class Engine:
         self._thread.start()
         return self
 
-    def submit(self, job: Job) -> Job:
-        """Queue `job`; its rows join the batch at the next step. Returns it (to cancel it)."""
+    def submit(self, job: Job, max_waiting: int | None = None) -> Job:
+        """Queue `job`; its rows join the batch at the next step. Returns it (to cancel it).
+
+        Raises Busy when `max_waiting` jobs already wait for room in the batch.
+        """
         if self._stopping.is_set() or not self._thread.is_alive():
             raise GptcliError("the engine is not running")
+        if max_waiting is not None and self.waiting() >= max_waiting:
+            raise Busy(f"{max_waiting} requests are already waiting for room")
         job.settings.validate()
         if job.seed is None:
             job.seed = seed_for(job.settings)
@@ -227,12 +254,22 @@ class Engine:
         finally:
             submitted.cancel()
 
+    def waiting(self) -> int:
+        """Jobs submitted whose rows are not all in the batch yet (read from any thread: a snapshot)."""
+        return len(self._waiting) + self._inbox.qsize()  # (the inbox may also hold a wake-up or two)
+
     def stats(self) -> dict[str, int]:
-        """What the engine is doing now: rows decoding, jobs waiting, and tokens generated so far."""
+        """What the engine is doing now: rows decoding, rows paused (their readers are behind), jobs
+        waiting, tokens generated so far, and the bytes of the batch's KV cache."""
+        decoder = self._decoder
+        cache = getattr(decoder, "cache", None)
+        kv = 0 if cache is None else 2 * cache.keys.numel() * cache.keys.element_size()
         return {
             "rows": sum(not s.done for s in self._slots),
+            "paused": len(self._parked),
             "waiting": len(self._waiting),
             "tokens": self.tokens,
+            "kv_bytes": kv,
         }
 
     def _wake(self) -> None:
@@ -246,7 +283,7 @@ class Engine:
         with torch.inference_mode():
             while not self._stopping.is_set():
                 try:
-                    self._take(block=not self._slots and not self._waiting)
+                    self._take(block=not self._slots and not self._waiting and not self._resumable())
                     if self._stopping.is_set():
                         break
                     self._admit()
@@ -254,14 +291,14 @@ class Engine:
                         self._decode_step()
                 except Exception as exc:  # a bug or out of memory: fail what runs, keep serving the rest
                     self._fail_all(f"generation failed: {first_line(exc)}")
-        self._fail_all("the server is shutting down")
+        self._fail_all(SHUTTING_DOWN)
         while True:  # jobs submitted while stopping
             try:
                 job = self._inbox.get_nowait()
             except queue.Empty:
                 break
             if job is not None:
-                self._send(job, Failed("the server is shutting down"))
+                self._send(job, Failed(SHUTTING_DOWN))
 
     def _take(self, block: bool) -> None:
         """Move newly submitted jobs into the waiting line; wait for one when there is nothing to do."""
@@ -289,6 +326,7 @@ class Engine:
         """Tell every job not over yet that it failed, and start again with an empty batch."""
         jobs = list(self._jobs)
         self._slots, self._decoder, self._logits = [], None, None
+        self._parked.clear()
         self._waiting.clear()
         self._jobs.clear()
         for job in jobs:
@@ -304,12 +342,12 @@ class Engine:
             self._waiting.remove(job)
         for job in [j for j in self._jobs if j.cancelled]:  # their rows leave at the next step
             del self._jobs[job]
-        if not self._waiting:
+        joining = self._unpark()
+        if not self._waiting and not joining:
             return
         if self.lm.runtime == "transformers":
             self._admit_one_job()
             return
-        joining: list[tuple[_Slot, Any, torch.Tensor]] = []
         while self._waiting:
             job = self._waiting[0]
             if self._ends_before_decoding(job):
@@ -329,6 +367,52 @@ class Engine:
                 self._waiting.popleft()
         if joining:
             self._merge(joining)
+
+    def _resumable(self) -> bool:
+        return any(not slot.job.paused or slot.job.cancelled for slot, _, _ in self._parked)
+
+    def _unpark(self) -> list[tuple[_Slot, Any, torch.Tensor]]:
+        """The parked rows whose jobs go on again (and room in the batch): they join as new rows do,
+        with the cache and logits they left with. Rows of cancelled jobs are let go."""
+        joining: list[tuple[_Slot, Any, torch.Tensor]] = []
+        parked: list[tuple[_Slot, Any, torch.Tensor]] = []
+        for slot, cache, logits in self._parked:
+            if slot.job.cancelled:
+                continue
+            if slot.job.paused or len(self._slots) + len(joining) >= self.max_rows:
+                parked.append((slot, cache, logits))
+            else:
+                joining.append((slot, cache, logits))
+        self._parked = parked
+        return joining
+
+    def _park_paused(self) -> None:
+        """Rows of paused jobs leave the batch with a copy of their cache and logits (gptcli's GPT-2
+        only: transformers' caches cannot be split by row, so there a paused job's rows go on)."""
+        import torch
+
+        from gptcli.gpt2 import KVCache
+
+        if self.lm.runtime != "gptcli" or self._decoder is None or self._logits is None:
+            return
+        net = self.lm.net
+        assert net is not None
+        leaving = [i for i, s in enumerate(self._slots) if s.job.paused and not (s.done or s.job.cancelled)]
+        if not leaving:
+            return
+        for i in leaving:
+            slot = self._slots[i]
+            row = [(self._decoder.cache, i, slot.position)]
+            cache = KVCache.gather(net.config, row, slot.position)
+            self._parked.append((slot, cache, self._logits[i : i + 1].clone()))
+        keep = [i for i in range(len(self._slots)) if i not in set(leaving)]
+        self._slots = [self._slots[i] for i in keep]
+        if not keep:
+            self._decoder = self._logits = None
+            return
+        index = torch.tensor(keep, device=self.lm.device)
+        self._decoder.keep(index)
+        self._logits = self._logits[index]
 
     def _new_row(self, job: Job) -> tuple[_Slot, Any, torch.Tensor]:
         """The job's next row, with its prompt prefilled alone (once for all samples of the prompt)."""
@@ -392,7 +476,7 @@ class Engine:
 
         net = self.lm.net
         assert net is not None
-        kept = [i for i, s in enumerate(self._slots) if not s.done]
+        kept = [i for i, s in enumerate(self._slots) if not s.done] if self._decoder is not None else []
         parts = [(self._decoder.cache, i, self._slots[i].position) for i in kept]
         parts += [(cache, 0, slot.position) for slot, cache, _ in joining]
         slots = [self._slots[i] for i in kept] + [slot for slot, _, _ in joining]
@@ -473,6 +557,9 @@ class Engine:
         for slot in self._slots:
             if slot.job.cancelled and not slot.done:
                 slot.done = True
+        self._park_paused()
+        if not self._slots:
+            return
         tokens = self._pick_all()
         now = time.perf_counter()
         context = self.lm.context_length
@@ -519,14 +606,19 @@ class Engine:
 
         assert self._logits is not None
         tokens = [self._pad] * len(self._slots)
-        groups: dict[Settings, list[int]] = {}
+        groups: dict[tuple[Settings, Any], list[int]] = {}
         for i, slot in enumerate(self._slots):
             if not slot.done:
-                groups.setdefault(_how_drawn(slot.job.settings), []).append(i)
-        for settings, rows in groups.items():
+                bias = tuple(sorted(slot.job.logit_bias.items())) if slot.job.logit_bias else None
+                groups.setdefault((_how_drawn(slot.job.settings), bias), []).append(i)
+        for (settings, bias), rows in groups.items():
             whole = len(rows) == len(self._slots)
             index = torch.tensor(rows, device=self._logits.device)
             logits = self._logits if whole else self._logits[index]
+            if bias is not None:  # OpenAI's: added before drawing, so the logprobs are of the biased logits
+                ids, values = zip(*bias, strict=True)
+                logits = logits.clone()
+                logits[:, list(ids)] += torch.tensor(values, dtype=logits.dtype, device=logits.device)
             seen = counts = None
             if settings.repetition_penalty != 1.0:
                 seen = torch.stack([self._slots[i].seen for i in rows])  # type: ignore[misc]

@@ -1,9 +1,8 @@
 """The requests the server accepts: OpenAI's fields (and llama.cpp's extras), checked strictly.
 
 Unknown fields are refused, as OpenAI refuses them; a wrong type is refused rather than converted
-("5" is not 5); numbers must be finite. Fields OpenAI has and gptcli does not do are accepted only at
-their no-op value (an empty `logit_bias`), so no request silently gets something other than what it
-asked for.
+("5" is not 5); numbers must be finite. Fields OpenAI has and gptcli does not do (`best_of` other than
+n, `suffix`, `tools`) are refused, so no request silently gets something other than what it asked for.
 
 The decoding settings a request may set under their own name (top_k, presence_penalty...) are
 generated from gptcli.generation.sampling.Settings, where each declares its server names and range.
@@ -25,6 +24,13 @@ if TYPE_CHECKING:
 MAX_CHOICES = 128  # prompts × n of one request
 MAX_LOGPROBS = 100  # alternatives per token (OpenAI: 5 for completions, 20 for chat)
 MAX_STOPS = 16
+MAX_BIAS = 300  # logit_bias entries (OpenAI's limit)
+# Most token entries one answer may hold: tokens generated or echoed, each with its alternatives
+# (n × max_tokens × (1 + logprobs), over the prompts). 262,144 entries are about 8 MB of completions
+# JSON (chat's are about 2.5 times bigger); lm-eval's loglikelihood batches of 64 full 1,024-token
+# contexts with logprobs 1 take half of it.
+MAX_OUTPUT = 2**18
+MAX_PIECES = 2**16  # tokens /tokenize describes one by one (with_pieces): about 6 MB of JSON
 
 
 class ApiError(Exception):
@@ -38,13 +44,16 @@ class ApiError(Exception):
         param: str | None = None,
         code: str | None = None,
         kind: str = "invalid_request_error",
+        headers: dict[str, str] | None = None,
     ) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
         self.param = param
-        self.code = code
+        # Every refusal names its reason for programs, as OpenAI's validation errors do.
+        self.code = code if code is not None or status != 400 else "invalid_value"
         self.kind = kind
+        self.headers = headers or {}
 
     def body(self) -> dict[str, Any]:
         return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
@@ -70,8 +79,7 @@ class _Shared(_Strict):
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
-    # OpenAI's, which gptcli does not do: only its no-op value
-    logit_bias: dict[str, float] | None = None
+    logit_bias: dict[str, float] | None = None  # token ids (JSON keys) -> bias; checked by `logit_bias`
     ignore_eos: bool = False
 
 
@@ -132,13 +140,21 @@ class ChatRequest(_Decoding):  # type: ignore[misc,valid-type]
 
 
 class TokenizeRequest(_Strict):
-    content: str
-    add_special: bool = False
+    """llama.cpp's fields (`content`, `add_special`, `with_pieces`) or vLLM's (`prompt`,
+    `add_special_tokens`, `return_token_strs`): either text field, either flag."""
+
+    content: str | None = None
+    prompt: str | None = None
+    add_special: bool | None = None
+    add_special_tokens: bool | None = None
     with_pieces: bool = False
+    return_token_strs: bool = False
+    model: str | None = None
 
 
 class DetokenizeRequest(_Strict):
     tokens: list[int]
+    model: str | None = None
 
 
 # Union fields: one message for all the ways a value failed to be one of the types.
@@ -162,7 +178,8 @@ def parse(model: type[_Strict], body: dict[str, Any]) -> Any:
             message = f"Unrecognized request argument supplied: {param}"
             raise ApiError(400, message, param=param, code="unknown_parameter") from None
         if error["type"] == "missing":
-            raise ApiError(400, f"Missing required parameter: '{param}'.", param=param) from None
+            message = f"Missing required parameter: '{param}'."
+            raise ApiError(400, message, param=param, code="missing_required_parameter") from None
         name = str(path[-1]) if path and not isinstance(path[-1], int) else str(path[0]) if path else ""
         if len(error["loc"]) > len(path) and name in _EXPECTED:  # a union: say what it may be
             message = f"Invalid value for '{param}': expected {_EXPECTED[name]}."
@@ -185,24 +202,48 @@ def _shown(value: object) -> str:
 
 def unsupported(request: CompletionRequest | ChatRequest) -> None:
     """Refuse OpenAI fields that would ask for something gptcli does not do."""
-    if request.logit_bias:
-        raise ApiError(400, "logit_bias is not supported", param="logit_bias")
     if isinstance(request, CompletionRequest):
         if request.best_of not in (None, 1, request.n):
-            raise ApiError(400, "best_of is not supported (only best_of = n)", param="best_of")
+            raise ApiError(
+                400, "best_of is not supported (only best_of = n)", param="best_of", code="unsupported_value"
+            )
         if request.suffix:
             raise ApiError(
-                400, "suffix is not supported: GPT-2 models do not fill in the middle", param="suffix"
+                400,
+                "suffix is not supported: GPT-2 models do not fill in the middle",
+                param="suffix",
+                code="unsupported_parameter",
             )
     if isinstance(request, ChatRequest) and request.tools:
         raise ApiError(
-            400, "tools are not supported: gptcli serves language models without tool use", param="tools"
+            400,
+            "tools are not supported: gptcli serves language models without tool use",
+            param="tools",
+            code="unsupported_parameter",
         )
     for how, _ in options().values():  # a setting given under two names
         given = {api: value for api in how.api if (value := getattr(request, api)) is not None}
         if len(set(given.values())) > 1:
             first, second = list(given)[:2]
             raise ApiError(400, f"{first} and {second} differ: give one", param=first)
+
+
+def logit_bias(request: CompletionRequest | ChatRequest, vocab: int) -> dict[int, float] | None:
+    """OpenAI's logit_bias: token ids (as strings, JSON's keys) to a bias from -100 to 100."""
+    if not request.logit_bias:
+        return None
+    if len(request.logit_bias) > MAX_BIAS:
+        raise ApiError(400, f"logit_bias takes at most {MAX_BIAS} tokens", param="logit_bias")
+    bias: dict[int, float] = {}
+    for key, value in request.logit_bias.items():
+        if not (key.isascii() and key.isdigit()) or not 0 <= int(key) < vocab:
+            message = f"Invalid key in 'logit_bias': {_shown(key)} is not a token id (0 to {vocab - 1})."
+            raise ApiError(400, message, param="logit_bias")
+        if not -100 <= value <= 100:
+            message = f"Invalid value in 'logit_bias': {value} for token {key} is not between -100 and 100."
+            raise ApiError(400, message, param="logit_bias")
+        bias[int(key)] = float(value)
+    return bias
 
 
 def stops(request: CompletionRequest | ChatRequest) -> tuple[str, ...]:

@@ -52,6 +52,13 @@ def free_space(folder: Path) -> str:
         return ""
 
 
+def file_mode() -> int:
+    """The mode a new file gets from open() under this process's umask (0644 under the usual 022)."""
+    mask = os.umask(0o022)  # the only way to read the umask is to set it: put it straight back
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 def atomic_write(path: Path, write: Callable[[IO[bytes]], object]) -> None:
     """Write `path` through `write(file)` under a temporary name, fsync it, then rename it into place.
 

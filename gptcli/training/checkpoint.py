@@ -31,6 +31,7 @@ from gptcli.errors import GptcliError, UsageError, first_line
 from gptcli.training.atomic import (
     atomic_write,
     atomic_write_json,
+    file_mode,
     free_space,
     fsync_dir,
     is_temp,
@@ -248,7 +249,10 @@ def export_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, out
         with tempfile.TemporaryDirectory(dir=out_dir, prefix=".export.tmp-") as temp:
             model.save_pretrained(temp, safe_serialization=True)
             tokenizer.save_pretrained(temp)
+            mode = file_mode()
             for file in sorted(Path(temp).iterdir()):
+                # safetensors writes through a 0600 temporary file; the folder is for others to load too
+                os.chmod(file, mode)
                 move_into_place(file, out_dir / file.name, sync_folder=False)
     except Exception as exc:  # a full disk, as safetensors or the tokenizer report it
         reason = getattr(exc, "strerror", None) or first_line(exc)

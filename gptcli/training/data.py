@@ -142,10 +142,25 @@ def read_documents(
                 raise UsageError(f"{where} line {number} is not valid JSON: {exc.msg}") from exc
             value = record.get(text_field) if isinstance(record, dict) else None
             if not isinstance(value, str):
-                raise UsageError(
-                    f"{where} line {number} has no string field {text_field!r} (use --text-field NAME)"
-                )
+                raise UsageError(f"{where} line {number} {_not_text(record, text_field)}")
             yield value
+
+
+def _json_type(value: object) -> str:
+    if isinstance(value, bool) or value is None:
+        return json.dumps(value)
+    names = {dict: "an object", list: "an array", str: "a string", int: "a number", float: "a number"}
+    return names.get(type(value), type(value).__name__)
+
+
+def _not_text(record: object, field: str) -> str:
+    """Why a JSONL line gives no text: not an object, no such field, or a field that is not a string."""
+    if not isinstance(record, dict):
+        return f"is {_json_type(record)}, not an object with a {field!r} field"
+    if field not in record:
+        fields = ", ".join(map(repr, list(record)[:8])) or "none"
+        return f"has no field {field!r} (its fields: {fields}; use --text-field NAME)"
+    return f"has {_json_type(record[field])} in field {field!r}, not a string"
 
 
 def split_document(text: str, piece_chars: int = PIECE_CHARS) -> list[str]:

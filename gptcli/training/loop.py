@@ -84,6 +84,8 @@ class TrainResult:
     interrupted: bool
     main: bool = True
     """Whether this process is rank 0, the one that reports (False on the other torchrun ranks)."""
+    start_step: int = 0
+    """The step this run started from (a resumed run's checkpoint step): `seconds` are this run's."""
 
 
 EventHandler = Callable[[TrainEvent], None]
@@ -182,7 +184,7 @@ def _train(cfg: TrainConfig, ddp: Dist, lock: RunLock, report: Reporter) -> Trai
     )
     report("status", message="reading the data (tokenized once, then cached)")
     train_data, val_data, notes = load_data(cfg, ddp, tokenizer, model.config, out)
-    notes = [n for n in (notice, precision_note(precision, device)) if n] + notes
+    notes += [n for n in (notice, precision_note(precision, device)) if n]
     global_batch = cfg.batch_size * cfg.grad_accum * ddp.world
     schedule = Schedule.for_run(cfg, len(train_data.blocks), global_batch)
     total_steps = schedule.total_steps
@@ -223,13 +225,15 @@ def _train(cfg: TrainConfig, ddp: Dist, lock: RunLock, report: Reporter) -> Trai
         "precision": str(precision).removeprefix("torch."),
         "start_step": at.step,
     }
-    report("start", at.step, total_steps, start_metrics)
-    for note in notes:
+    for note in notes:  # what the data became, then the start line (docs/training.md)
         report("note", at.step, total_steps, message=note)
+    report("start", at.step, total_steps, start_metrics)
+    first_step = at.step
 
     # The loop. Tensors stay on the device between log steps: no .item() (a GPU sync) until then.
     loss_sum = torch.tensor(at.pending_loss, device=device)
     interval_steps, interval_start = at.pending_steps, time.perf_counter()
+    timed_steps = 0  # steps since interval_start: a resumed run's pending steps were timed by the last run
     last_loss = last_val = None
     last_saved = at.step if resume_from else None
     with StopRequest(under_torchrun=ddp.enabled) as stop:
@@ -257,12 +261,14 @@ def _train(cfg: TrainConfig, ddp: Dist, lock: RunLock, report: Reporter) -> Trai
             at.samples_seen += global_batch
             at.tokens_seen += global_batch * block_size
             interval_steps += 1
+            timed_steps += 1
 
             done = at.step == total_steps
             evaluate = val_data is not None and (at.step % cfg.eval_every == 0 or done)
             save = at.step % cfg.save_every == 0 or done
-            log = at.step % cfg.log_every == 0 or evaluate or done
             stopping = ddp.any(stop.requested)
+            # A stopped run logs its last step, so the loss it reports is that step's.
+            log = at.step % cfg.log_every == 0 or evaluate or done or stopping
             if not (log or save or stopping):
                 continue
 
@@ -273,7 +279,7 @@ def _train(cfg: TrainConfig, ddp: Dist, lock: RunLock, report: Reporter) -> Trai
                     non_finite_message(f"the training loss became {what}", at.step, last_saved, out)
                 )
             if log:
-                seconds_per_step = (time.perf_counter() - interval_start) / interval_steps
+                seconds_per_step = (time.perf_counter() - interval_start) / max(timed_steps, 1)
                 record: dict[str, Any] = {
                     "step": at.step,
                     "loss": mean_loss,
@@ -307,6 +313,7 @@ def _train(cfg: TrainConfig, ddp: Dist, lock: RunLock, report: Reporter) -> Trai
             if stopping:
                 break
             interval_start = time.perf_counter()  # evaluation and saving are not training speed
+            timed_steps = 0
 
     if ddp.is_main:
         export_model(raw_model, tokenizer, out)
@@ -316,7 +323,16 @@ def _train(cfg: TrainConfig, ddp: Dist, lock: RunLock, report: Reporter) -> Trai
     seconds = time.perf_counter() - started
     interrupted = at.step < total_steps
     result = TrainResult(
-        out, at.step, total_steps, at.tokens_seen, last_loss, last_val, seconds, interrupted, ddp.is_main
+        out,
+        at.step,
+        total_steps,
+        at.tokens_seen,
+        last_loss,
+        last_val,
+        seconds,
+        interrupted,
+        ddp.is_main,
+        first_step,
     )
     end = {"loss": last_loss, "val_loss": last_val, "tokens": at.tokens_seen, "seconds": seconds}
     report("end", at.step, total_steps, end)

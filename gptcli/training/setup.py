@@ -304,8 +304,9 @@ def load_data(
                 f"{cfg.val_split:g} of them (pass --val FILE)"
             )
     held = f" + {len(val)} validation" if val is not None else ""
+    plural = "s" if len(blocks) + (len(val) if val is not None else 0) != 1 else ""
     notes.append(
-        f"{len(blocks)} training{held} blocks of {block_size} tokens"
+        f"{len(blocks)} training{held} block{plural} of {block_size} tokens"
         + (f"; the last {left_over:,} tokens fill no block" if left_over else "")
     )
     unknown = unknown_share(tokens, tokenizer)
