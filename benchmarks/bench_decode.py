@@ -32,7 +32,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 from common import alternate, machine, median, model_folder, print_table
 
 PROMPT = "Once upon a time, in a small village by the sea, there lived"
-GOALS = {"float32": 1.6, "bfloat16": 2.3, "int8": 3.3}  # × transformers fp32 (issue 6)
+GOALS = {"float32": 1.6, "bfloat16": 2.3, "int8": 3.3, "int4": 4.3}  # × transformers fp32 (issues 6, 25)
 
 
 def read_bandwidth() -> float:
@@ -58,10 +58,23 @@ def matmuls(net) -> list:
 
 
 def weight_bytes(net) -> int:
-    """Bytes of weights one decoded token reads (the output layer's table included)."""
+    """Bytes of weights one decoded token reads (the output layer's table included), scales included."""
+    c = net.config
+    shapes = [
+        (3 * c.n_embd, c.n_embd),
+        (c.n_embd, c.n_embd),
+        (4 * c.n_embd, c.n_embd),
+        (c.n_embd, 4 * c.n_embd),
+    ]
+    shapes = shapes * c.n_layer + [(c.vocab_size, c.n_embd)]
     total = 0
-    for m in matmuls(net):
-        total += getattr(m, "nbytes", None) or m.weight.numel() * m.weight.element_size()
+    for out, width in shapes:
+        if net.quantize == "int8":
+            total += out * width + 4 * out  # a float scale per row
+        elif net.quantize == "int4":
+            total += out * width // 2 + 2 * 2 * out * width // 32  # bf16 scale and offset per 32 weights
+        else:
+            total += out * width * net.weight_dtype.itemsize
     return total
 
 
@@ -69,7 +82,7 @@ def kernel_seconds(net, rounds: int = 7) -> float:
     """Median seconds to run gptcli's weight matmuls once each on one token (no cache holds them all)."""
     import torch
 
-    calls = [(m, torch.randn(1, 1, layer_in(m), dtype=net.dtype)) for m in matmuls(net)]
+    calls = [(m, torch.randn(1, 1, layer_in(net, i), dtype=net.dtype)) for i, m in enumerate(matmuls(net))]
 
     def once() -> None:
         for layer, x in calls:
@@ -80,14 +93,9 @@ def kernel_seconds(net, rounds: int = 7) -> float:
         return statistics.median(_timed(once) for _ in range(rounds))
 
 
-def layer_in(layer) -> int:
-    """Input width of a gptcli matmul object (Conv1D and TiedOutput keep [in, out]; the others [out, in])."""
-    from gptcli.gpt2 import Conv1D, TiedOutput
-    from gptcli.loading.quantize import Int8Linear
-
-    if isinstance(layer, Int8Linear) and layer.weight is None:
-        return layer.packed.unpack()[0].shape[1]
-    return layer.weight.shape[0] if isinstance(layer, Conv1D | TiedOutput) else layer.weight.shape[1]
+def layer_in(net, index: int) -> int:
+    """Input width of the `index`-th of `matmuls(net)`: the MLP's output projection reads 4x the width."""
+    return 4 * net.config.n_embd if index % 4 == 3 and index < 4 * net.config.n_layer else net.config.n_embd
 
 
 def alternatives(net32) -> list[list[object]]:
@@ -126,7 +134,7 @@ def alternatives(net32) -> list[list[object]]:
     )
     run(
         "fp32 addmm blocks, F.linear output layer",
-        [(lambda x, m=m: m(x), layer_in(m), f32) for m in conv]
+        [(lambda x, m=m: m(x), layer_in(net32, i), f32) for i, m in enumerate(conv)]
         + [(lambda x: F.linear(x, head), head.shape[1], f32)],
         "transformers' kernels: the output layer on the embeddings as they are",
     )
@@ -162,7 +170,7 @@ QUALITY_PROMPTS = [
 
 
 def quality(folder: Path, text: str) -> list[list[object]]:
-    """How far bf16 and int8 move a model's numbers from fp32: perplexity of `text`, the top-10
+    """How far bf16, int8 and int4 move a model's numbers from fp32: perplexity of `text`, the top-10
     probabilities and KL divergence after a few prompts, and greedy ids."""
     import torch
 
@@ -176,7 +184,12 @@ def quality(folder: Path, text: str) -> list[list[object]]:
     base_ppl = score_text(base, text).perplexity
     base_ids = [d.token_ids for d in complete(base, QUALITY_PROMPTS, greedy)]
     rows = [["fp32", f"{base_ppl:.3f}", "", "", "", "", ""]]
-    for name, kwargs in (("bf16", {"dtype": "bfloat16"}), ("int8", {"quantize": "int8"})):
+    variants = (
+        ("bf16", {"dtype": "bfloat16"}),
+        ("int8", {"quantize": "int8"}),
+        ("int4", {"quantize": "int4"}),
+    )
+    for name, kwargs in variants:
         lm = load_model(str(folder), device="cpu", **kwargs)
         ppl = score_text(lm, text).perplexity
         diffs, kls, top1 = [], [], 0
@@ -247,6 +260,7 @@ def main() -> None:
         "float32": load_model(str(folder), device="cpu"),
         "bfloat16": load_model(str(folder), device="cpu", dtype="bfloat16"),
         "int8": load_model(str(folder), device="cpu", quantize="int8"),
+        "int4": load_model(str(folder), device="cpu", quantize="int4"),
     }
     tokenizer = AutoTokenizer.from_pretrained(folder)
     refs = {"float32": AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()}
@@ -373,7 +387,7 @@ def main() -> None:
     greedy32 = ids[("gptcli float32", "greedy")]
     identical = greedy32 == ids[("transformers float32", "greedy")]
     print(f"fp32 greedy ids identical to transformers generate: {identical}")
-    for precision in ("bfloat16", "int8"):
+    for precision in ("bfloat16", "int8", "int4"):
         other = ids[("gptcli " + precision, "greedy")]
         same = next((i for i, (a, b) in enumerate(zip(other, greedy32, strict=True)) if a != b), len(other))
         print(f"gptcli {precision} greedy ids equal to fp32 for the first {same} of {new} tokens")

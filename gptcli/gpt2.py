@@ -265,14 +265,21 @@ class HugePages:
 BATCHED_ROWS = 8
 
 
-def _onednn_pack(weight: torch.Tensor) -> Any | None:
-    """oneDNN's blocked layout of an fp32 [out, in] weight, or None where torch lacks it."""
+def _onednn_pack(weight: torch.Tensor, block: int = 32) -> Any | None:
+    """oneDNN's blocked layout of an fp32 or bf16 [out, in] weight for `block`-row inputs, or None where
+    torch lacks it."""
     import torch
 
     try:
-        return torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), 32)
+        return torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), block)
     except (AttributeError, RuntimeError):
         return None
+
+
+def _cpu_bf16() -> bool:
+    from gptcli.loading.cpu import cpu_has_bf16
+
+    return bool(cpu_has_bf16())
 
 
 def _onednn_linear(x: torch.Tensor, packed: Any, bias: torch.Tensor | None) -> torch.Tensor:
@@ -317,11 +324,25 @@ class Linear:
     embedding table is [vocab, width] already, and which `rows` looks the input embeddings up in.
     """
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype) -> None:
-        """`dtype`: the activations' dtype, which x comes in and y goes out in."""
-        self.weight = weight
+    def __init__(
+        self, weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype, *, rows: bool = False
+    ) -> None:
+        """`dtype`: the activations' dtype, which x comes in and y goes out in; `rows`: the weight is also
+        an embedding table (`rows`), so it stays besides a packed copy."""
+        import torch
+
+        self.weight: torch.Tensor | None = weight
+        self.weight_dtype = weight.dtype
         self.bias = bias
         self.dtype = dtype
+        # bf16 on a CPU with bf16 instructions: oneDNN's packed layout multiplies one row at about half
+        # fp32's time, where F.linear runs no faster than fp32 (docs/performance.md); without the
+        # instructions oneDNN would emulate them, so F.linear stays.
+        self.packed: Any = None
+        if weight.device.type == "cpu" and weight.dtype == torch.bfloat16 and _cpu_bf16():
+            self.packed = _onednn_pack(weight, block=1)
+            if self.packed is not None and not rows:
+                self.weight = None  # the packed copy is the only one a product reads
 
     @classmethod
     def from_conv1d(cls, weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype) -> Linear:
@@ -330,12 +351,18 @@ class Linear:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         import torch.nn.functional as F
 
-        out = F.linear(x.to(self.weight.dtype), self.weight).to(self.dtype)
+        if self.packed is not None:
+            flat = x.reshape(-1, x.shape[-1]).to(self.weight_dtype)
+            out = _onednn_linear(flat, self.packed, None).view(*x.shape[:-1], -1).to(self.dtype)
+        else:
+            assert self.weight is not None
+            out = F.linear(x.to(self.weight_dtype), self.weight).to(self.dtype)
         return out if self.bias is None else out + self.bias
 
     def rows(self, ids: torch.Tensor) -> torch.Tensor:
         import torch.nn.functional as F
 
+        assert self.weight is not None, "built without rows=True"
         return F.embedding(ids, self.weight).to(self.dtype)
 
 
@@ -393,6 +420,21 @@ class TiedOutput:
         return F.embedding(ids, self.table)
 
 
+def _quantized(
+    method: str, weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype, *, rows: bool = False
+) -> Any:
+    """A [out, in] weight as `method` ("int8" or "int4") stores it. int4 needs torch's CPU kernel and a
+    width of whole 32-weight groups; a layer without them is stored as int8 instead, and so is the
+    output layer (`rows`: the tied embeddings) as llama.cpp keeps its output layer above 4 bits: in 4
+    bits it cost the built-in model 4% perplexity, in 8 bits 0.8%, at about the same speed (its int8
+    product is FBGEMM's; docs/performance.md)."""
+    from gptcli.loading.quantize import Int4Linear, Int8Linear, can_int4
+
+    if method == "int4" and can_int4(weight) and not rows:
+        return Int4Linear(weight, bias, dtype, rows=rows)
+    return Int8Linear(weight, bias, dtype, rows=rows)
+
+
 def gelu_new(x: torch.Tensor) -> torch.Tensor:
     """GPT-2's GELU (tanh approximation) in one fused kernel: transformers' NewGELUActivation writes the
     same formula as seven elementwise operations, each a pass over the activations; the results differ
@@ -407,7 +449,7 @@ class Block:
     """One transformer layer's weights (pre-LayerNorm attention, then pre-LayerNorm MLP)."""
 
     ln_1: tuple[torch.Tensor, torch.Tensor]
-    c_attn: Any  # Conv1D, Linear or quantize.Int8Linear
+    c_attn: Any  # Conv1D, Linear, quantize.Int8Linear or quantize.Int4Linear
     attn_proj: Any
     ln_2: tuple[torch.Tensor, torch.Tensor]
     c_fc: Any
@@ -500,7 +542,7 @@ class GPT2:
             biases and LayerNorms are float32 on the CPU, whatever the weights: CPUs have no fast
             low-precision elementwise kernels, and fp32 keeps the residual stream exact. On a GPU
             everything is in `dtype`.
-        quantize: "int8" stores the matmul weights as int8 (gptcli.loading.quantize).
+        quantize: "int8" or "int4" stores the matmul weights so (gptcli.loading.quantize).
         """
         import torch
 
@@ -512,6 +554,7 @@ class GPT2:
         self.device = device
         self.dtype = torch.float32 if device.type == "cpu" else dtype  # activations and the KV cache
         self.quantize = quantize
+        self.weight_dtype = dtype  # what the matmul weights are stored in (before any quantizing)
 
         def small(name: str) -> torch.Tensor:  # biases, LayerNorms, positions: in the activations' dtype
             return w[name].to(device=device, dtype=self.dtype)
@@ -528,10 +571,8 @@ class GPT2:
         def matmul(name: str) -> Any:
             weight = w[name].to(device=device, dtype=dtype)  # no copy when it already is (fp32 on CPU)
             bias = small(name.replace(".weight", ".bias"))
-            if quantize == "int8":
-                from gptcli.loading.quantize import Int8Linear
-
-                layer: Any = Int8Linear.from_conv1d(weight, bias, self.dtype)
+            if quantize is not None:
+                layer: Any = _quantized(quantize, weight.t(), bias, self.dtype)
                 release(name)
             elif weight.dtype == torch.float32:
                 if plain:
@@ -558,26 +599,47 @@ class GPT2:
         ]
         # The output layer is tied to the token embeddings (GPT-2): one table serves both, int8 too.
         wte = w["wte.weight"].to(device=device, dtype=dtype)
-        if quantize == "int8":
-            from gptcli.loading.quantize import Int8Linear
-
-            self.lm_head: Any = Int8Linear(wte, None, self.dtype, rows=True)
+        if quantize is not None:
+            self.lm_head: Any = _quantized(quantize, wte, None, self.dtype, rows=True)
         elif wte.dtype == torch.float32 and device.type == "cpu":
             self.lm_head = TiedOutput(
                 wte, self._pages, weights.release if isinstance(weights, MappedTensors) else None
             )
         else:
-            self.lm_head = Linear(wte, None, self.dtype)
-        if quantize == "int8" or wte.data_ptr() != w["wte.weight"].data_ptr():
+            self.lm_head = Linear(wte, None, self.dtype, rows=True)
+        if quantize is not None or wte.data_ptr() != w["wte.weight"].data_ptr():
             release("wte.weight")  # (TiedOutput gave its pages back as it copied them)
+
+    def matmuls(self) -> list[Any]:
+        """The weight matmuls one token passes through, in order, the output layer last."""
+        return [m for b in self.blocks for m in (b.c_attn, b.attn_proj, b.c_fc, b.mlp_proj)] + [self.lm_head]
+
+    def decode_threads(self, requested: int | None = None) -> int:
+        """Threads for the steps of one sequence's decoding: `requested`, else measured once per machine
+        and weight format on these matmuls (gptcli.loading.cpu). On a GPU the CPU's threads hardly matter."""
+        import torch
+
+        from gptcli.loading.cpu import decode_threads
+
+        if self.device.type != "cpu":
+            return requested or 1
+        width, hidden = self.config.n_embd, 4 * self.config.n_embd
+        x, h = torch.randn(1, width, dtype=self.dtype), torch.randn(1, hidden, dtype=self.dtype)
+
+        def step() -> None:
+            with torch.inference_mode():
+                for b in self.blocks:
+                    b.c_attn(x), b.attn_proj(x), b.c_fc(x), b.mlp_proj(h)
+                self.lm_head(x)
+
+        kind = self.quantize or str(self.weight_dtype).removeprefix("torch.")
+        return decode_threads(kind, step, requested)
 
     def pack_for_batches(self) -> None:
         """Give the fp32 matmuls a oneDNN-packed copy of their weights, for batched steps (BATCHED_ROWS
         rows or more): about a second for GPT-2-124M, and memory for a second copy of the matmul weights;
         worth it for long batched work (`--each-line`), so the callers decide (docs/performance.md)."""
-        for layer in [m for b in self.blocks for m in (b.c_attn, b.attn_proj, b.c_fc, b.mlp_proj)] + [
-            self.lm_head
-        ]:
+        for layer in self.matmuls():
             if isinstance(layer, Conv1D | TiedOutput):
                 layer.pack()
 

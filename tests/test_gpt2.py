@@ -151,7 +151,7 @@ def test_fp32_weights_move_to_huge_pages_with_the_same_values(models: dict[str, 
         assert torch.equal(weight, reference[name]), name
     assert pages.used <= len(pages.buffer)
     bf16 = load_model(str(models["bpe"]), device="cpu", dtype="bfloat16")
-    assert bf16.net.blocks[0].c_fc.weight.dtype == torch.bfloat16 and bf16.net._pages.buffer is None
+    assert bf16.net.blocks[0].c_fc.weight_dtype == torch.bfloat16 and bf16.net._pages.buffer is None
 
 
 def test_output_layer_copy_gives_back_the_table_a_slice_at_a_time() -> None:

@@ -1,4 +1,4 @@
-"""--quantize int8 and bf16 weights: close to fp32, by measures that fail when they are not."""
+"""--quantize int8/int4 and bf16 weights: close to fp32, by measures that fail when they are not."""
 
 from __future__ import annotations
 
@@ -10,8 +10,9 @@ import pytest
 import torch
 
 from gptcli.errors import UsageError
+from gptcli.loading.cpu import cpu_has_bf16
 from gptcli.loading.models import load_model
-from gptcli.loading.quantize import Int8Linear, quantize_int8
+from gptcli.loading.quantize import INT4_GROUP, Int4Linear, Int8Linear, quantize_int4, quantize_int8
 
 import tiny
 
@@ -57,7 +58,8 @@ def fp32(bpe_model: Path):
 @pytest.mark.parametrize(
     ("dtype", "quantize", "max_diff", "max_kl"),
     # bf16: as measured on the built-in model (top-10 probabilities within 0.009, docs/performance.md)
-    [("bfloat16", None, 0.01, 1e-4), ("float32", "int8", 0.02, 1e-3)],
+    # int4: 16 levels per group of 32 weights (a whole row of this 32-wide model), bf16 activations
+    [("bfloat16", None, 0.01, 1e-4), ("float32", "int8", 0.02, 1e-3), ("float32", "int4", 0.05, 0.03)],
 )
 def test_probabilities_stay_close_to_fp32(
     fp32, bpe_model: Path, dtype: str, quantize: str | None, max_diff: float, max_kl: float
@@ -90,8 +92,8 @@ def test_int8_stores_the_matmul_weights_as_int8(bpe_model: Path) -> None:
 
 
 def test_quantize_errors(bpe_model: Path, tmp_path: Path, cli) -> None:
-    with pytest.raises(UsageError, match=r"--quantize must be int8 \(got 'int4'\)"):
-        load_model(str(bpe_model), quantize="int4")
+    with pytest.raises(UsageError, match=r"--quantize must be int8 or int4 \(got 'int2'\)"):
+        load_model(str(bpe_model), quantize="int2")
     folder = tmp_path / "scaled"
     shutil.copytree(bpe_model, folder)
     config = json.loads((folder / "config.json").read_text())
@@ -99,8 +101,10 @@ def test_quantize_errors(bpe_model: Path, tmp_path: Path, cli) -> None:
     (folder / "config.json").write_text(json.dumps(config))
     with pytest.raises(UsageError, match="plain GPT-2 checkpoints only"):
         load_model(str(folder), quantize="int8")
-    result = cli("complete", "hi", "-m", "./no-such-model", "--quantize", "int4")
-    assert result.code == 2 and "--quantize must be int8" in result.err
+    result = cli("complete", "hi", "-m", "./no-such-model", "--quantize", "int2")
+    assert result.code == 2 and "--quantize must be int8 or int4" in result.err
+    result = cli("complete", "hi", "-m", "./no-such-model", "--threads", "0")
+    assert result.code == 2 and "--threads must be at least 1" in result.err
 
 
 def test_complete_with_int8(bpe_model: Path, cli) -> None:
@@ -110,3 +114,73 @@ def test_complete_with_int8(bpe_model: Path, cli) -> None:
     assert len(quantized["token_ids"]) == 8
     # This model's greedy choices are far from ties: int8 does not change them.
     assert quantized["token_ids"] == full["token_ids"]
+
+
+def test_int4_maps_each_group_onto_sixteen_levels() -> None:
+    torch.manual_seed(2)
+    w = torch.randn(48, 96) * torch.linspace(0.01, 3, 48)[:, None]
+    w[3] = 0.5  # a constant row: its groups have no spread, nothing divides by zero
+    q, params = quantize_int4(w)
+    assert q.dtype == torch.uint8 and q.shape == w.shape and int(q.max()) <= 15
+    groups = 96 // INT4_GROUP
+    assert params.shape == (groups, 48, 2)
+    scale = params[..., 0].t().repeat_interleave(INT4_GROUP, dim=1)
+    zero = params[..., 1].t().repeat_interleave(INT4_GROUP, dim=1)
+    restored = (q.float() - 8) * scale + zero
+    assert bool(((restored - w).abs() <= scale / 2 + 1e-6).all())  # never more than half a step off
+    assert torch.allclose(restored[3], w[3], atol=1e-6)
+    # Each group's smallest and largest weight are its first and last level.
+    codes = q.view(48, groups, INT4_GROUP)
+    spread = [i for i in range(48) if i != 3]
+    assert bool((codes.amin(-1)[spread] == 0).all()) and bool((codes.amax(-1)[spread] == 15).all())
+
+
+def test_int4_linear_is_close_to_the_float_product() -> None:
+    torch.manual_seed(3)
+    # 100 output rows: not a multiple of the kernel's 16, so the padding is exercised too
+    w, b, x = torch.randn(100, 64), torch.randn(100), torch.randn(3, 5, 64)
+    layer = Int4Linear(w, b, torch.float32, rows=True)
+    q, params = quantize_int4(w)
+    scale = params[..., 0].t().repeat_interleave(INT4_GROUP, dim=1)
+    restored = (q.float() - 8) * scale + params[..., 1].t().repeat_interleave(INT4_GROUP, dim=1)
+    got = layer(x)
+    assert got.shape == (3, 5, 100) and got.dtype == torch.float32
+    # The kernel multiplies by exactly the restored weights; only bf16 activations and sums differ.
+    exact = torch.nn.functional.linear(x, restored, b)
+    assert (got - exact).norm() / exact.norm() < 0.01
+    assert torch.allclose(layer.rows(torch.tensor([[0, 99]])), restored[[0, 99]][None], atol=1e-5)
+
+
+def test_int4_stores_the_matmul_weights_in_four_bits(bpe_model: Path) -> None:
+    lm = load_model(str(bpe_model), device="cpu", quantize="int4")
+    block = lm.net.blocks[0]
+    assert {type(m) for m in (block.c_attn, block.attn_proj, block.c_fc, block.mlp_proj)} == {Int4Linear}
+    assert isinstance(lm.net.lm_head, Int8Linear) and lm.quantize == "int4"  # the output layer: 8 bits
+
+
+def test_complete_with_int4(bpe_model: Path, cli) -> None:
+    args = ("complete", "今天天气", "-m", bpe_model, "--greedy", "-n", "8", "--json", "--threads", "1")
+    result = cli(*args, "--quantize", "int4")
+    assert result.code == 0, result.err
+    (quantized,) = [json.loads(line) for line in result.out.splitlines()]
+    (full,) = [json.loads(line) for line in cli(*args).out.splitlines()]
+    assert len(quantized["token_ids"]) == 8
+    # The first choice is clear on this trained model: 4 bits do not change it.
+    assert quantized["token_ids"][0] == full["token_ids"][0]
+
+
+@pytest.mark.skipif(not cpu_has_bf16(), reason="no bf16 instructions on this CPU")
+def test_bf16_on_a_cpu_with_bf16_runs_on_packed_weights(bpe_model: Path) -> None:
+    from gptcli.gpt2 import Linear
+
+    lm = load_model(str(bpe_model), device="cpu", dtype="bfloat16")
+    layer = lm.net.blocks[0].c_fc
+    assert layer.packed is not None and layer.weight is None  # one copy: the packed one
+    assert lm.net.lm_head.weight is not None  # the output layer's table also serves the embeddings
+    torch.manual_seed(4)
+    w, b, x = torch.randn(96, 64).bfloat16(), torch.randn(96), torch.randn(3, 5, 64)
+    packed = Linear(w, b, torch.float32)
+    assert packed.packed is not None
+    # The same bf16 weights and inputs by oneDNN's packed kernel and by F.linear: rounding apart only.
+    expected = torch.nn.functional.linear(x.bfloat16(), w).float() + b
+    assert (packed(x) - expected).abs().max() < 0.02 * expected.abs().max()

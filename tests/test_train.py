@@ -446,7 +446,7 @@ def test_a_failed_first_run_leaves_nothing_behind(
 
 
 def test_bf16_on_a_cpu_without_bf16_says_so(cli, bpe_model: Path, corpus: Path, tmp_path: Path) -> None:
-    from gptcli.training.setup import cpu_has_bf16
+    from gptcli.loading.cpu import cpu_has_bf16
 
     if cpu_has_bf16() is not False:
         pytest.skip("this CPU has bf16 instructions (or it cannot be told)")

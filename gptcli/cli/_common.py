@@ -165,9 +165,20 @@ QuantizeOpt = Annotated[
     str | None,
     typer.Option(
         "--quantize",
-        metavar="int8",
-        help="Store the weights as int8 (plain GPT-2 checkpoints): faster on CPU, slightly different "
-        "numbers (docs/performance.md).",
+        metavar="int8|int4",
+        help="Store the weights as int8, or int4 in groups of 32 (plain GPT-2 checkpoints): faster on CPU, "
+        "slightly different numbers (docs/performance.md).",
+        show_default=False,
+    ),
+]
+
+ThreadsOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--threads",
+        metavar="N",
+        help="CPU threads for everything, decoding one sequence included. \\[default: torch's for prompts "
+        "and batches; for one sequence's steps, 1 or all, as measured once on this machine]",
         show_default=False,
     ),
 ]
@@ -180,6 +191,7 @@ def load(
     allow_pickle: bool,
     trust_remote_code: bool,
     quantize: str | None = None,
+    threads: int | None = None,
 ) -> LoadedModel:
     """Load a model with a spinner on stderr when it is a terminal."""
     # Before torch loads (its OpenMP runtime reads this once): idle threads sleep instead of spinning.
@@ -196,6 +208,7 @@ def load(
             allow_pickle=allow_pickle,
             trust_remote_code=trust_remote_code,
             quantize=quantize,
+            threads=threads,
         )
     if lm.notice:
         note(lm.notice)

@@ -19,6 +19,7 @@ from gptcli.cli._common import (
     JsonOpt,
     ModelOpt,
     QuantizeOpt,
+    ThreadsOpt,
     TrustCodeOpt,
     command,
     emit_json,
@@ -36,7 +37,7 @@ from gptcli.generation.sampling import (  # light: no torch until decoding
     resolve_settings,
 )
 from gptcli.generation.tokens import unknown_token_id
-from gptcli.loading.models import check_quantize
+from gptcli.loading.models import check_quantize, check_threads
 
 if TYPE_CHECKING:
     from gptcli.contracts import Tokenizer
@@ -78,6 +79,7 @@ def complete(
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
     quantize: QuantizeOpt = None,
+    threads: ThreadsOpt = None,
     allow_pickle: AllowPickleOpt = False,
     trust_remote_code: TrustCodeOpt = False,
     **decoding: Any,
@@ -93,9 +95,10 @@ def complete(
     flags = decoding_flags(decoding)
     check_flags(**flags)
     check_quantize(quantize)
+    check_threads(threads)
     check_batch_size(batch_size)
     prompts = read_lines(prompt, file) if each_line else [read_text(prompt, file)]
-    lm = load(model, device, dtype, allow_pickle, trust_remote_code, quantize)
+    lm = load(model, device, dtype, allow_pickle, trust_remote_code, quantize, threads)
     settings = resolve_settings(lm.generation_config, **flags)
     check_samples(settings)
     if verbose:

@@ -14,13 +14,14 @@ from gptcli.cli._common import (
     DtypeOpt,
     ModelOpt,
     QuantizeOpt,
+    ThreadsOpt,
     TrustCodeOpt,
     command,
     load,
     note,
     warn,
 )
-from gptcli.loading.models import check_quantize
+from gptcli.loading.models import check_quantize, check_threads
 from gptcli.serving import GRACE_SECONDS, MAX_CONNECTIONS, MAX_WAITING, TIMEOUT_SECONDS
 
 _EXAMPLES = """\
@@ -93,6 +94,7 @@ def serve(
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
     quantize: QuantizeOpt = None,
+    threads: ThreadsOpt = None,
     allow_pickle: AllowPickleOpt = False,
     trust_remote_code: TrustCodeOpt = False,
 ) -> None:
@@ -108,6 +110,7 @@ def serve(
 
     check_port(port)
     check_quantize(quantize)
+    check_threads(threads)
     check_max_batch(max_batch)
     if max_connections < 1:
         raise UsageError(f"--max-connections must be at least 1 (got {max_connections})")
@@ -122,7 +125,7 @@ def serve(
         warn(f"listening on {host} without --api-key: anyone who can reach this machine can use the model")
     sock = listen(host, port)  # before loading: a busy port fails at once
     try:
-        lm = load(model, device, dtype, allow_pickle, trust_remote_code, quantize)
+        lm = load(model, device, dtype, allow_pickle, trust_remote_code, quantize, threads)
     except BaseException:
         sock.close()
         raise

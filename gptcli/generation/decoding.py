@@ -470,11 +470,10 @@ class KVStepper:
 def torch_threads(count: int | None) -> Iterator[None]:
     """Run torch on `count` threads inside the block (None: as it is).
 
-    One sequence's decoding step is ~50 small matrix-vector products, each bound by memory bandwidth,
-    which one core nearly saturates on the CPUs measured; a second thread then adds a wake-up and a
-    join at each product instead of speed: on 2 cores one thread decodes faster, in fp32 and int8,
-    quiet or loaded (docs/performance.md has the figures). Prompts and batches, which are
-    matrix-matrix products, keep every thread.
+    One sequence's decoding step is ~50 small matrix-vector products, each bound by memory bandwidth;
+    whether a second thread adds bandwidth or only a wake-up and a join at each product depends on the
+    machine, so the count for them is measured (LoadedModel.decode_threads, gptcli.loading.cpu).
+    Prompts and batches, which are matrix-matrix products, keep every thread.
     """
     import torch
 

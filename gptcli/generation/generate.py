@@ -230,7 +230,7 @@ def _decode(
                 counts = counts[index] if counts is not None else None
                 generators = [generators[i] for i in keep] if generators else []
                 batch = [batch[i] for i in keep]
-            with torch_threads(1 if len(batch) == 1 else None):
+            with torch_threads(lm.decode_threads() if len(batch) == 1 else None):
                 logits = decoder.step(next_ids[:, None], next_pos.clamp(max=context - 1)[:, None])
             next_pos += 1
 
@@ -301,7 +301,7 @@ def _decode_lookup(
         room = min(capacity, context) - len(ids)
         left = settings.max_new_tokens - len(row.token_ids)
         draft = seen_at.draft(ids, min(settings.lookup, room, left - 1))
-        with torch.inference_mode(), torch_threads(1):
+        with torch.inference_mode(), torch_threads(lm.decode_threads()):
             decoder.truncate(len(ids) - 1)
             feed = torch.tensor([[ids[-1], *draft]], device=device)
             where = torch.arange(len(ids) - 1, len(ids) + len(draft), device=device)[None]

@@ -74,7 +74,19 @@ class LoadedModel:
     net: GPT2 | None = None
     notice: str | None = None  # something the user should hear about, e.g. a fallback to the builtin
     quantize: str | None = None  # "int8": `net`'s matmul weights are int8 (gptcli.loading.quantize)
+    threads: int | None = None  # --threads: torch's threads, and one sequence's decoding steps'
     _model: PreTrainedModel | None = field(default=None, repr=False)
+    _decode_threads: int | None = field(default=None, repr=False)
+
+    def decode_threads(self) -> int:
+        """Threads for the steps of one sequence's decoding: `threads` when given, else measured for
+        gptcli's GPT-2 (GPT2.decode_threads, cached per machine), else 1."""
+        if self._decode_threads is None:
+            if self.net is not None:
+                self._decode_threads = self.net.decode_threads(self.threads)
+            else:
+                self._decode_threads = self.threads or 1
+        return self._decode_threads
 
     @property
     def runtime(self) -> Runtime:
@@ -378,6 +390,12 @@ def check_quantize(quantize: str | None) -> None:
         raise UsageError(f"--quantize must be {' or '.join(METHODS)} (got {quantize!r})")
 
 
+def check_threads(threads: int | None) -> None:
+    """Refuse a --threads count below 1 (before a model loads, too)."""
+    if threads is not None and threads < 1:
+        raise UsageError(f"--threads must be at least 1 (got {threads})")
+
+
 def load_model(
     name: str | None = None,
     *,
@@ -386,13 +404,18 @@ def load_model(
     allow_pickle: bool = False,
     trust_remote_code: bool = False,
     quantize: str | None = None,
+    threads: int | None = None,
 ) -> LoadedModel:
     """Load tokenizer and causal LM `name` (hub id, folder or "builtin"; see `resolve`) for inference.
+
+    `threads`: torch's thread count for everything, one sequence's decoding included (default: torch's
+    own, and for decoding one sequence the count measured fastest on this machine).
 
     `quantize="int8"` stores a plain GPT-2's matmul weights as int8 (gptcli.loading.quantize); other models
     cannot be quantized.
     """
     check_quantize(quantize)
+    check_threads(threads)
     check_device_spec(device)
     check_dtype_spec(dtype)
     # Which model, before torch loads: a hub id that is neither cached nor reachable fails at once.
@@ -420,7 +443,12 @@ def load_model(
         torch_dtype,
         notice=notice,
         quantize=quantize,
+        threads=threads,
     )
+    if threads is not None:
+        import torch
+
+        torch.set_num_threads(threads)
     lm.net = _load_gpt2(path, torch_device, torch_dtype, quantize) if safetensors else None
     if lm.net is None:
         if quantize:

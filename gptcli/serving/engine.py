@@ -592,8 +592,8 @@ class Engine:
             device=self.lm.device,
         )
         positions = torch.tensor([min(s.position, context - 1) for s in self._slots], device=self.lm.device)
-        # One row alone decodes on one thread, as `complete` does (decoding.torch_threads says why).
-        with torch_threads(1 if len(self._slots) == 1 else None):
+        # One row alone decodes on the threads measured fastest for it, as `complete` does.
+        with torch_threads(self.lm.decode_threads() if len(self._slots) == 1 else None):
             self._logits = self._decoder.step(next_ids[:, None], positions[:, None])
         for slot in self._slots:
             slot.position += 1

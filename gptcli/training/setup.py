@@ -20,6 +20,7 @@ from transformers import (
 
 from gptcli.errors import GptcliError, UsageError, first_line
 from gptcli.generation.tokens import unknown_token_id
+from gptcli.loading.cpu import cpu_has_bf16
 from gptcli.loading.models import (
     as_contract,
     check_model_folder,
@@ -90,15 +91,6 @@ def precision_note(dtype: torch.dtype, device: torch.device) -> str | None:
         "this CPU has no bf16 instructions (avx512_bf16 or amx_bf16), so bf16 autocast is emulated, many "
         "times slower than fp32 (docs/training.md has the figures): --precision fp32 trains faster here"
     )
-
-
-def cpu_has_bf16() -> bool | None:
-    """Whether this CPU has bf16 instructions (None: cannot tell, e.g. not Linux)."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text().split()
-    except OSError:
-        return None
-    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def build_model(cfg: TrainConfig) -> tuple[PreTrainedTokenizerBase, PreTrainedModel, str | None]:
