@@ -248,7 +248,8 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    from gptcli.generation.generate import _threads, complete
+    from gptcli.generation.decoding import torch_threads
+    from gptcli.generation.generate import complete
     from gptcli.generation.sampling import resolve_settings
     from gptcli.loading.models import load_model
 
@@ -322,11 +323,11 @@ def main() -> None:
     rate = {key: tokens.get(key, new) / median(t) for key, t in times.items()}
 
     # Ceilings and bounds, after the timed runs so that the big buffers do not disturb them. The
-    # kernels run on one thread, as gptcli's decoding steps of one sequence do (generate._threads);
+    # kernels run on one thread, as gptcli's decoding steps of one sequence do (decoding.torch_threads);
     # the bandwidth is what all threads read.
     bandwidth = read_bandwidth()
     ceilings, bounds = {}, {}
-    with _threads(1):
+    with torch_threads(1):
         for precision, lm in lms.items():
             ceilings[precision] = 1 / kernel_seconds(lm.net)
             bounds[precision] = bandwidth / weight_bytes(lm.net)

@@ -72,12 +72,12 @@ def main() -> None:
 
     def unsorted() -> None:
         # One batch per sorting window: the rows of a batch are the same as without sorting.
-        window = gptcli.generation.generate._SORT_WINDOW
-        gptcli.generation.generate._SORT_WINDOW = 1
+        window = gptcli.generation.generate.SORT_WINDOW
+        gptcli.generation.generate.SORT_WINDOW = 1
         try:
             ids["unsorted"] = [d.token_ids for d in complete(lm, lines, settings, batch_size=args.batch_size)]
         finally:
-            gptcli.generation.generate._SORT_WINDOW = window
+            gptcli.generation.generate.SORT_WINDOW = window
 
     def one_by_one() -> None:
         ids["one by one"] = [complete(lm, line, settings)[0].token_ids for line in lines]

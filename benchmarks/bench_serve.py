@@ -173,13 +173,13 @@ class Ceiling:
         """Seconds of `steps` steps of `batch` rows, after a 16-token prefill (not timed)."""
         import torch
 
-        from gptcli.generation.generate import _threads
+        from gptcli.generation.decoding import torch_threads
         from gptcli.gpt2 import CachedDecoder
 
         decoder = CachedDecoder(self.lm.net, batch, 16 + self.steps)
         decoder.prefill(torch.randint(0, 5000, (batch, 16)), None, torch.arange(16).expand(batch, 16))
         token = torch.randint(0, 5000, (batch, 1))
-        with _threads(1 if batch == 1 else None):
+        with torch_threads(1 if batch == 1 else None):
             start = time.perf_counter()
             for i in range(self.steps):
                 decoder.step(token, torch.full((batch, 1), 16 + i))

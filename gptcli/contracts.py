@@ -1,4 +1,5 @@
-"""What gptcli needs of a tokenizer, a model config and a generation config, declared once.
+"""What gptcli needs of a tokenizer, a model config, a generation config and a decoder, and the records
+that cross modules, declared once.
 
 A loaded model carries either transformers' objects or gptcli.loading.gpt2_folder's
 transformers-free stand-ins
@@ -9,7 +10,10 @@ needs transformers' whole tokenizer API asks for it explicitly (`gpt2_folder.tra
 
 from __future__ import annotations
 
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol, TypedDict
+
+if TYPE_CHECKING:
+    import torch
 
 
 class Tokenizer(Protocol):
@@ -91,3 +95,102 @@ class GenerationConfig(Protocol):
     def stop_strings(self) -> Any: ...
     @property
     def eos_token_id(self) -> Any: ...
+
+
+# Which implementation runs a loaded model: gptcli's own GPT-2 (gptcli.gpt2, `LoadedModel.net`) or a
+# transformers PreTrainedModel (`LoadedModel.model`).
+Runtime = Literal["gptcli", "transformers"]
+
+
+class Decoder(Protocol):
+    """A model run one step at a time over its KV cache, returning float32 logits of the new positions:
+    gptcli.gpt2.CachedDecoder and gptcli.generation.decoding.KVStepper (gptcli.generation.decoding's
+    `open_decoder` makes the right one)."""
+
+    def prefill(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, position_ids: torch.Tensor
+    ) -> torch.Tensor:
+        """Feed the left-padded prompts [batch, n]; the logits of each row's last position [batch, vocab]."""
+        ...
+
+    def step(self, next_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+        """Feed one new token per row ([batch, 1]) at `position_ids` ([batch, 1]); logits [batch, vocab]."""
+        ...
+
+    def extend(self, ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+        """Feed several new tokens of one unpadded row ([1, n]); the logits of each [n, vocab]."""
+        ...
+
+    def keep(self, rows: torch.Tensor) -> None:
+        """Go on with these rows only (indices into the current batch)."""
+        ...
+
+    def truncate(self, length: int) -> None:
+        """Forget every position from `length` on: the next step writes at `length`."""
+        ...
+
+
+# --- Records that cross modules (plain dicts, so they are JSON as they are) ---------------------------
+
+
+class TokenInfo(TypedDict):
+    """A token as the --json outputs show it: its id, readable piece, and exact bytes in hex."""
+
+    id: int
+    token: str
+    bytes: str
+
+
+class TokenSpan(TokenInfo, total=False):
+    """A token of a tokenized text, with the characters it covers when the tokenizer says
+    (`start`/`end`: offsets into the text)."""
+
+    start: int
+    end: int
+
+
+class TopLogprob(TokenInfo):
+    """An alternative token and its logprob."""
+
+    logprob: float
+
+
+class LogprobEntry(TokenInfo):
+    """A generated (or prompt) token's logprob and the most likely alternatives at its place
+    (`complete --logprobs`, the server's logprobs)."""
+
+    logprob: float
+    top_logprobs: list[TopLogprob]
+
+
+class Candidate(TokenInfo):
+    """A ranked next-token candidate: `topk` counts ranks from 1, `step` from 0 (its keys)."""
+
+    rank: int
+    prob: float
+    logprob: float
+
+
+class ScoredToken(TokenInfo):
+    """A token of a scored text (`score`): its logprob given the text before it, and its rank there
+    (1: the most likely)."""
+
+    logprob: float
+    rank: int
+
+
+class ComparedToken(TokenInfo):
+    """A token of a text under two models (`compare`): each model's logprob, and KL(A‖B) at its place."""
+
+    logprob_a: float
+    logprob_b: float
+    kl: float
+
+
+class ComparedCandidate(TokenInfo):
+    """A next-token candidate under two models (`compare`): each model's logprob and rank (1: first)."""
+
+    logprob_a: float
+    logprob_b: float
+    rank_a: int
+    rank_b: int

@@ -71,13 +71,13 @@ def test_capture_leaves_the_logits_unchanged(lms, name: str) -> None:
     ids = torch.tensor([encode(lm, PROMPTS[name]).ids])
     with torch.inference_mode():
         before = lm.logits(ids)
-    implementation = None if lm.net is not None else lm.model.config._attn_implementation
+    implementation = None if lm.net is not None else tiny.reference_model(lm).config._attn_implementation
     attention_weights(lm, PROMPTS[name], queries="all", rollout=True)
     with torch.inference_mode():
         after = lm.logits(ids)
     assert torch.equal(before, after)
     if implementation is not None:  # transformers' model ran eager for the capture, and is back as it was
-        assert lm.model.config._attn_implementation == implementation == "sdpa"
+        assert tiny.reference_model(lm).config._attn_implementation == implementation == "sdpa"
 
 
 def test_the_traced_stream_is_the_models_own(lms) -> None:

@@ -18,6 +18,8 @@ from gptcli.gpt2 import CachedDecoder, KVCache
 from gptcli.loading.models import load_model
 from gptcli.serving.engine import Done, Engine, Failed, Job, PromptLogprobs, Token
 
+import tiny
+
 PROMPTS = ["今天天气", "The weather is", "", "我喜欢在早上喝一杯热茶", "Hello world! 12345", "龙"]
 
 
@@ -68,6 +70,8 @@ def test_concurrent_jobs_equal_one_at_a_time(lms, fixture: str) -> None:
         for settings in (
             greedy(max_new_tokens=24, ignore_eos=True),
             hot(5, max_new_tokens=24, num_samples=2, logprobs=3, repetition_penalty=1.3),
+            greedy(max_new_tokens=24, ignore_eos=True, presence_penalty=1.5, frequency_penalty=0.5),
+            hot(7, max_new_tokens=12, num_samples=2, presence_penalty=-1.0, frequency_penalty=2.0),
         ):
             alone = complete(lm, PROMPTS, settings, batch_size=1)
             together = completions(engine, PROMPTS, settings)
@@ -156,7 +160,7 @@ def test_prompt_logprobs_are_the_model_distribution(lms) -> None:
         (scored,) = [e for e in events if isinstance(e, PromptLogprobs)]
         assert not [e for e in events if isinstance(e, (Token, Completion))]
         ids = encode_prompt(lm.tokenizer, prompt)
-        reference = torch.log_softmax(lm.model(torch.tensor([ids])).logits[0].float(), dim=-1)
+        reference = torch.log_softmax(tiny.reference_model(lm)(torch.tensor([ids])).logits[0].float(), dim=-1)
         assert scored.entries[0] is None and len(scored.entries) == len(ids)
         for j, entry in enumerate(scored.entries[1:], 1):
             assert entry["id"] == ids[j]

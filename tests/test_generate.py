@@ -31,6 +31,8 @@ from gptcli.generation.sampling import (
 from gptcli.generation.tokens import TokenText, decode
 from gptcli.loading.models import load_model
 
+import tiny
+
 PROMPTS = ["今天天气", "The weather is", "", "我喜欢在早上喝一杯热茶", "Hello world! 12345", "龙"]
 
 
@@ -171,7 +173,7 @@ def test_greedy_equals_transformers_generate(lms, fixture: str, penalty: float) 
     ours = complete(lm, PROMPTS, greedy(max_new_tokens=24, repetition_penalty=penalty), batch_size=1)
     for prompt, done in zip(PROMPTS, ours, strict=True):
         ids = torch.tensor([done.prompt_ids])
-        reference = lm.model.generate(
+        reference = tiny.reference_model(lm).generate(
             ids,
             attention_mask=torch.ones_like(ids),
             do_sample=False,
@@ -206,6 +208,7 @@ def test_batched_greedy_equals_one_at_a_time(lms, fixture: str) -> None:
 
 
 def test_batches_take_fewer_rows_when_their_kv_cache_would_not_fit(lms, monkeypatch) -> None:
+    import gptcli.generation.decoding as decoding
     import gptcli.generation.generate as generate
 
     lm = lms["bpe"]
@@ -213,8 +216,8 @@ def test_batches_take_fewer_rows_when_their_kv_cache_would_not_fit(lms, monkeypa
     # Room for the KV cache of exactly two rows of the longest prompt (4 bytes, keys and values).
     longest = max(len(lm.tokenizer.encode(p)) for p in PROMPTS) + 6
     per_row = 2 * lm.config.n_layer * lm.config.n_embd * longest * 4
-    monkeypatch.setattr(generate, "_KV_BUDGET", 2 * per_row)
-    assert generate._rows_that_fit(lm, longest - 6, 6, 16) == 2
+    monkeypatch.setattr(decoding, "KV_BUDGET", 2 * per_row)
+    assert decoding.rows_that_fit(lm, longest - 6, 6, 16) == 2
     sizes = []
     real_decode = generate._decode
     monkeypatch.setattr(
@@ -399,7 +402,7 @@ def test_logprobs_are_the_model_distribution(lms) -> None:
     (done,) = complete(lm, "今天", settings)
     ids = done.prompt_ids + done.token_ids
     with torch.no_grad():
-        full = torch.log_softmax(lm.model(torch.tensor([ids])).logits[0].float(), dim=-1)
+        full = torch.log_softmax(tiny.reference_model(lm)(torch.tensor([ids])).logits[0].float(), dim=-1)
     assert done.logprobs is not None and len(done.logprobs) == 5
     for step, (token, entry) in enumerate(zip(done.token_ids, done.logprobs, strict=True)):
         row = full[len(done.prompt_ids) - 1 + step]
@@ -520,3 +523,107 @@ def test_lookup_drafts_follow_the_last_earlier_occurrence() -> None:
     assert index.draft(ids, 0) == []
     fresh = [7, 8]
     assert _Index(fresh).draft(fresh, 5) == []  # nothing occurred before
+
+
+# -- presence and frequency penalties (OpenAI's definitions) -------------------------------------------
+
+
+def penalized_greedy(lm, prompt: str, n: int, presence: float, frequency: float) -> list[int]:
+    """Greedy decoding computed directly: the whole text through the model at each step (no cache),
+    logit[j] -= c[j] * frequency + (c[j] > 0) * presence with c the counts of the generated tokens."""
+    from gptcli.generation.tokens import encode_prompt
+
+    ids = encode_prompt(lm.tokenizer, prompt)
+    new: list[int] = []
+    with torch.inference_mode():
+        for _ in range(n):
+            logits = lm.logits(torch.tensor([ids + new]))[0, -1].float()
+            counts = torch.bincount(torch.tensor(new, dtype=torch.long), minlength=len(logits)).float()
+            new.append(int((logits - counts * frequency - (counts > 0).float() * presence).argmax()))
+    return new
+
+
+def test_penalties_follow_openais_formula() -> None:
+    logits = torch.tensor([[2.0, 1.0, 0.5, -1.0]])
+    counts = torch.tensor([[0.0, 1.0, 3.0, 0.0]])
+    settings = Settings(greedy=True, presence_penalty=0.5, frequency_penalty=0.25)
+    expected = torch.tensor([[2.0, 1.0 - 0.25 - 0.5, 0.5 - 0.75 - 0.5, -1.0]])
+    assert torch.allclose(process_logits(logits, settings, None, counts), expected)
+    assert torch.equal(process_logits(logits, Settings(greedy=True), None, counts), logits)  # 0: off
+
+
+@pytest.mark.parametrize("runtime", ["gptcli", "transformers"])
+def test_penalties_change_greedy_output_as_computed_directly(lms, runtime: str) -> None:
+    lm = lms["bpe"] if runtime == "gptcli" else tiny.on_transformers(lms["bpe"])
+    n, presence, frequency = 16, 1.5, 1.0
+    penalized = greedy(
+        max_new_tokens=n, ignore_eos=True, presence_penalty=presence, frequency_penalty=frequency
+    )
+    plain = complete(lm, PROMPTS, greedy(max_new_tokens=n, ignore_eos=True), batch_size=1)
+    alone = complete(lm, PROMPTS, penalized, batch_size=1)  # one row: lookup decoding
+    batched = complete(lm, PROMPTS, penalized, batch_size=4)
+    no_lookup = complete(
+        lm,
+        PROMPTS,
+        greedy(
+            max_new_tokens=n,
+            ignore_eos=True,
+            lookup=0,
+            presence_penalty=presence,
+            frequency_penalty=frequency,
+        ),
+    )
+    changed = 0
+    for prompt, a, b, c, d in zip(PROMPTS, plain, alone, batched, no_lookup, strict=True):
+        expected = penalized_greedy(lm, prompt, n, presence, frequency)
+        assert b.token_ids == c.token_ids == d.token_ids == expected
+        # The expected direction: a penalized text repeats its tokens less than the plain greedy one.
+        assert len(b.token_ids) - len(set(b.token_ids)) <= len(a.token_ids) - len(set(a.token_ids))
+        changed += a.token_ids != b.token_ids
+    assert changed >= len(PROMPTS) // 2  # the tiny models repeat themselves: the penalties matter
+
+
+def test_a_negative_presence_penalty_makes_repeats_likelier(lms) -> None:
+    lm = lms["bpe"]
+    plain = complete(lm, PROMPTS, greedy(max_new_tokens=16, ignore_eos=True))
+    eager = complete(lm, PROMPTS, greedy(max_new_tokens=16, ignore_eos=True, presence_penalty=-2.0))
+    for prompt, a, b in zip(PROMPTS, plain, eager, strict=True):
+        assert b.token_ids == penalized_greedy(lm, prompt, 16, -2.0, 0.0)
+        assert len(set(b.token_ids)) <= len(set(a.token_ids))
+
+
+def test_sampled_rows_apply_the_penalties_to_their_candidates(lms) -> None:
+    """Sampling draws from the penalized distribution: a seeded sample equals a draw computed here."""
+    lm = lms["bpe"]
+    settings = resolve_settings(
+        None,
+        seed=5,
+        temperature=1.0,
+        top_k=0,
+        top_p=1.0,
+        max_new_tokens=8,
+        ignore_eos=True,
+        presence_penalty=2.0,
+        frequency_penalty=2.0,
+        lookup=0,
+    )
+    (done,) = complete(lm, "今天", settings)
+    ids = done.prompt_ids
+    generator = torch.Generator().manual_seed(5)
+    new: list[int] = []
+    with torch.inference_mode():
+        for _ in range(8):
+            logits = lm.logits(torch.tensor([ids + new]))[0, -1].float()
+            counts = torch.bincount(torch.tensor(new, dtype=torch.long), minlength=len(logits)).float()
+            probs = torch.softmax(logits - 2.0 * counts - 2.0 * (counts > 0).float(), dim=-1)
+            new.append(int(torch.multinomial(probs, 1, generator=generator)))
+    assert done.token_ids == new
+
+
+@pytest.mark.parametrize(
+    ("flag", "value"),
+    [("--presence-penalty", "2.5"), ("--frequency-penalty", "-3"), ("--presence-penalty", "nan")],
+)
+def test_penalties_out_of_range_are_usage_errors(cli, flag: str, value: str) -> None:
+    result = cli("complete", "hi", flag, value)
+    assert result.code == 2 and f"{flag} must be between -2 and 2" in result.err

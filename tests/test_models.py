@@ -12,6 +12,7 @@ import pytest
 from gptcli.errors import GptcliError, UsageError
 from gptcli.loading.models import load_model, resolve_device, resolve_dtype, resolve_model_path
 
+import tiny
 from conftest import run_gptcli
 
 
@@ -24,8 +25,8 @@ def test_loads_local_folder(bpe_model: Path) -> None:
     lm = load_model(str(bpe_model), device="cpu")
     assert lm.path == bpe_model.resolve()
     assert lm.context_length == 128
-    assert lm.model.config.n_layer == 2
-    assert not lm.model.training
+    assert tiny.reference_model(lm).config.n_layer == 2
+    assert not tiny.reference_model(lm).training
 
 
 def test_cached_hub_id_loads_without_network(bpe_model: Path, unreachable_hub: Path) -> None:
@@ -39,7 +40,7 @@ def test_cached_hub_id_loads_without_network(bpe_model: Path, unreachable_hub: P
     lm = load_model("tiny-org/tiny-gpt2", device="cpu")
     assert time.monotonic() - start < 10
     assert lm.path == repo / "snapshots" / commit
-    assert lm.model.config.vocab_size == 400
+    assert tiny.reference_model(lm).config.vocab_size == 400
 
 
 def test_uncached_hub_id_fails_fast_when_hub_unreachable(unreachable_hub: Path) -> None:
@@ -124,7 +125,7 @@ def test_pickle_weights_load_with_flag(bpe_model: Path, tmp_path: Path) -> None:
     with pytest.raises(GptcliError, match="pickle"):
         load_model(str(folder), device="cpu")
     lm = load_model(str(folder), device="cpu", allow_pickle=True)
-    assert torch.equal(lm.model.transformer.wte.weight, state["transformer.wte.weight"])
+    assert torch.equal(tiny.reference_model(lm).transformer.wte.weight, state["transformer.wte.weight"])
 
 
 def test_devices_and_dtypes() -> None:
@@ -147,7 +148,7 @@ def test_bfloat16_weights(bpe_model: Path) -> None:
     import torch
 
     lm = load_model(str(bpe_model), device="cpu", dtype="bfloat16")
-    assert lm.model.transformer.wte.weight.dtype == torch.bfloat16
+    assert tiny.reference_model(lm).transformer.wte.weight.dtype == torch.bfloat16
 
 
 def test_info(bpe_model: Path, bert_model: Path, cli) -> None:
@@ -156,7 +157,9 @@ def test_info(bpe_model: Path, bert_model: Path, cli) -> None:
     facts = json.loads(result.out)
     assert facts["architecture"] == "GPT2LMHeadModel"
     assert facts["layers"] == 2 and facts["context_length"] == 128 and facts["vocab_size"] == 400
-    assert facts["parameters"] == sum(p.numel() for p in load_model(str(bpe_model)).model.parameters())
+    assert facts["parameters"] == sum(
+        p.numel() for p in tiny.reference_model(load_model(str(bpe_model))).parameters()
+    )
     assert facts["path"] == str(bpe_model.resolve())
     assert facts["dtype"] == "float32" and facts["device"] == "cpu"
     plain = cli("info", "-m", bert_model)

@@ -177,6 +177,22 @@ def test_greedy_completion_equals_the_cli(server, client, cli, folders, prompt: 
     assert answer.usage.completion_tokens == len(ref["token_ids"])
 
 
+def test_presence_and_frequency_penalties_equal_the_cli(client, cli, folders) -> None:
+    prompt = "今天天气"
+    penalties = {"presence_penalty": 1.5, "frequency_penalty": -0.5}
+    answer = client.completions.create(model="any", prompt=prompt, max_tokens=16, temperature=0, **penalties)
+    chat = client.chat.completions.create(
+        model="any", messages=[{"role": "user", "content": "x"}], max_tokens=4, temperature=0, **penalties
+    )
+    assert chat.choices[0].message.content is not None  # the chat endpoint takes them too
+    flags = ["--presence-penalty", "1.5", "--frequency-penalty", "-0.5"]
+    (ref,) = cli_json(
+        cli, "complete", prompt, "-m", folders["plain"], "--greedy", "-n", "16", "--json", *flags
+    )
+    (plain,) = cli_json(cli, "complete", prompt, "-m", folders["plain"], "--greedy", "-n", "16", "--json")
+    assert answer.choices[0].text == ref["text"] != plain["text"]
+
+
 def test_logprobs_equal_topk(client, cli, folders) -> None:
     prompt = "今天天气很"
     answer = client.completions.create(model="m", prompt=prompt, max_tokens=1, temperature=0, logprobs=5)
@@ -371,7 +387,8 @@ BAD = [
     ("POST", "/v1/completions", {"prompt": "x", "top_p": 0}, 400, "invalid_value"),
     ("POST", "/v1/completions", {"prompt": "x", "stop": ""}, 400, None),
     ("POST", "/v1/completions", {"prompt": "x", "frobnicate": 1}, 400, "unknown_parameter"),
-    ("POST", "/v1/completions", {"prompt": "x", "presence_penalty": 1.0}, 400, None),
+    ("POST", "/v1/completions", {"prompt": "x", "presence_penalty": 2.5}, 400, "invalid_value"),
+    ("POST", "/v1/completions", {"prompt": "x", "frequency_penalty": -3}, 400, "invalid_value"),
     ("POST", "/v1/completions", {"prompt": "x", "suffix": "y"}, 400, None),
     ("POST", "/v1/completions", {"prompt": [], "max_tokens": 1}, 400, None),
     ("POST", "/v1/completions", {"prompt": [10**9]}, 400, None),

@@ -4,7 +4,6 @@ and the interactive loop driven through a real pseudo-terminal."""
 
 from __future__ import annotations
 
-import dataclasses
 import fcntl
 import json
 import os
@@ -23,6 +22,8 @@ from forked import fork_main
 from gptcli.generation.sampling import resolve_settings
 from gptcli.inspection.step import StepSession, parse_choices
 from gptcli.loading.models import load_model
+
+import tiny
 
 
 @pytest.fixture(scope="module")
@@ -87,7 +88,7 @@ def test_records_show_the_top_k_and_the_choice(cli, bpe_model) -> None:
 
 @pytest.mark.parametrize("path", ["gptcli", "transformers"])
 def test_cached_steps_and_undo_equal_a_recompute(lms, path: str) -> None:
-    lm = lms["bpe"] if path == "gptcli" else dataclasses.replace(lms["bpe"], net=None)
+    lm = lms["bpe"] if path == "gptcli" else tiny.on_transformers(lms["bpe"])
     session = StepSession(lm, "今天天气", resolve_settings(lm.generation_config, seed=3))
 
     def recomputed() -> torch.Tensor:
@@ -328,3 +329,21 @@ def test_ctrl_c_keeps_the_text_exits_130_and_restores_the_terminal(bpe_model) ->
     assert code == 130
     assert out.startswith("Hello") and len(out) > len("Hello\n") and out.endswith("\n")
     assert after == before
+
+
+def test_rank_zero_with_penalties_is_complete_greedy_with_them(lms) -> None:
+    from gptcli.generation.generate import complete
+
+    lm = lms["bpe"]
+    values = {"repetition_penalty": 1.2, "presence_penalty": -2.0, "frequency_penalty": 0.5}
+    session = StepSession(lm, "今天天气", resolve_settings(lm.generation_config, **values))
+    for _ in range(12):
+        session.choose(0)
+    (done,) = complete(
+        lm, "今天天气", resolve_settings(None, greedy=True, max_new_tokens=12, ignore_eos=True, **values)
+    )
+    assert [c.id for c in session.chosen] == done.token_ids
+    plain = StepSession(lm, "今天天气", resolve_settings(lm.generation_config))
+    for _ in range(12):
+        plain.choose(0)
+    assert [c.id for c in plain.chosen] != done.token_ids  # the penalties change the ranking

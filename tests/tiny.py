@@ -178,3 +178,26 @@ TRACED_PROMPTS = {
     "bert": "今天天气很好，我们去公园",
     "hf": "The weather is nice today",
 }
+
+
+def reference_model(lm):
+    """transformers' own model of a loaded model's folder, to compare gptcli's numbers with: `lm.model`
+    when transformers runs it, else loaded here (once per loaded model), on its device, in its dtype."""
+    if lm.runtime == "transformers":
+        return lm.model
+    cached = _REFERENCES.get(id(lm))
+    if cached is None or cached[0] is not lm:
+        from gptcli.loading.models import load_transformers_model
+
+        cached = _REFERENCES[id(lm)] = (lm, load_transformers_model(lm.path, lm.device, lm.dtype))
+    return cached[1]
+
+
+_REFERENCES: dict[int, tuple[object, object]] = {}
+
+
+def on_transformers(lm):
+    """The same loaded model run by transformers instead of gptcli's GPT-2 (runtime "transformers")."""
+    import dataclasses
+
+    return dataclasses.replace(lm, net=None, _model=reference_model(lm))

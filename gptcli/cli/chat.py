@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
@@ -22,18 +22,7 @@ from gptcli.cli._common import (
     load,
     note,
 )
-from gptcli.cli.complete import (
-    GreedyOpt,
-    IgnoreEosOpt,
-    MaxNewTokensOpt,
-    MinPOpt,
-    PenaltyOpt,
-    SeedOpt,
-    StopOpt,
-    TemperatureOpt,
-    TopKOpt,
-    TopPOpt,
-)
+from gptcli.cli._decoding import decoding_flags, with_decoding_options
 from gptcli.errors import GptcliError
 from gptcli.generation.sampling import check_flags, resolve_settings
 from gptcli.loading.models import check_quantize
@@ -63,18 +52,9 @@ An empty entry (text mode) lets the model go on with the text so far; //x sends 
         "printf 'Once upon a time\\n/topk 5\\n' | gptcli chat --seed 1    [dim]# one entry a line[/dim]",
     ),
 )
+@with_decoding_options("chat")
 def chat(
     model: ModelOpt = None,
-    max_new_tokens: MaxNewTokensOpt = None,
-    temperature: TemperatureOpt = None,
-    top_k: TopKOpt = None,
-    top_p: TopPOpt = None,
-    min_p: MinPOpt = None,
-    repetition_penalty: PenaltyOpt = None,
-    greedy: GreedyOpt = None,
-    seed: SeedOpt = None,
-    stop: StopOpt = None,
-    ignore_eos: IgnoreEosOpt = False,
     system: Annotated[
         str | None,
         typer.Option("--system", help="A system message to start with (chat models).", show_default=False),
@@ -84,6 +64,7 @@ def chat(
     quantize: QuantizeOpt = None,
     allow_pickle: AllowPickleOpt = False,
     trust_remote_code: TrustCodeOpt = False,
+    **decoding: Any,
 ) -> None:
     """Keep a model loaded and try one entry after another, without a server.
 
@@ -96,18 +77,7 @@ def chat(
     """
     from gptcli.generation.session import Session
 
-    flags = {
-        "max_new_tokens": max_new_tokens,
-        "temperature": temperature,
-        "top_k": top_k,
-        "top_p": top_p,
-        "min_p": min_p,
-        "repetition_penalty": repetition_penalty,
-        "greedy": greedy,
-        "seed": seed,
-        "stop": tuple(stop) if stop else None,
-        "ignore_eos": ignore_eos or None,
-    }
+    flags = decoding_flags(decoding)
     check_flags(**flags)
     check_quantize(quantize)
     lm = load(model, device, dtype, allow_pickle, trust_remote_code, quantize)

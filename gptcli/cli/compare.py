@@ -33,6 +33,7 @@ if TYPE_CHECKING:
     from rich.console import Console
     from rich.text import Text
 
+    from gptcli.contracts import ComparedCandidate, ComparedToken
     from gptcli.inspection.compare import Comparison, NextComparison
 
 _EXAMPLES = """\
@@ -129,7 +130,7 @@ def _totals(c: Comparison) -> str:
 # --- the terminal view ----------------------------------------------------------------------------------
 
 
-def _shaded(tokens: list[dict[str, Any]], console: Console) -> Text:
+def _shaded(tokens: list[ComparedToken], console: Console) -> Text:
     from rich.text import Text
 
     text = Text()
@@ -174,15 +175,15 @@ def _show_comparison(c: Comparison, name_a: str, name_b: str, k: int) -> None:
         console.print(_side_by_side(change.candidates, k, chosen=t["id"]))
 
 
-def _side_by_side(candidates: list[dict[str, Any]], k: int, chosen: int | None = None) -> Any:
+def _side_by_side(candidates: list[ComparedCandidate], k: int, chosen: int | None = None) -> Any:
     """A's top k (with how each one moved under B) beside B's top k (new: not in A's top k)."""
     from rich.table import Table
     from rich.text import Text
 
-    def piece(t: dict[str, Any]) -> Text:
+    def piece(t: ComparedCandidate) -> Text:
         return Text(one_line(t["token"]), style="bold underline" if t["id"] == chosen else "")
 
-    def move(t: dict[str, Any], new: bool) -> Text:
+    def move(t: ComparedCandidate, new: bool) -> Text:
         change = math.exp(t["logprob_b"]) - math.exp(t["logprob_a"])
         mark = "▲" if t["logprob_b"] > t["logprob_a"] else "▼" if t["logprob_b"] < t["logprob_a"] else "="
         style = "green" if mark == "▲" else "red" if mark == "▼" else ""
@@ -201,7 +202,7 @@ def _side_by_side(candidates: list[dict[str, Any]], k: int, chosen: int | None =
         for side, tops in (("a", top_a), ("b", top_b)):
             if i < len(tops):
                 t = tops[i]
-                prob = math.exp(t[f"logprob_{side}"])
+                prob = math.exp(t["logprob_a"] if side == "a" else t["logprob_b"])
                 row += [str(i + 1), piece(t), f"{prob:.4f}", move(t, side == "b" and t["rank_a"] > k)]
             else:
                 row += ["", "", "", ""]

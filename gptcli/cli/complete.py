@@ -29,79 +29,19 @@ from gptcli.cli._common import (
     read_lines,
     read_text,
 )
+from gptcli.cli._decoding import decoding_flags, with_decoding_options
 from gptcli.generation.sampling import (  # light: no torch until decoding
     Settings,
     check_flags,
     check_samples,
     resolve_settings,
 )
+from gptcli.generation.tokens import unknown_token_id
 from gptcli.loading.models import check_quantize, check_threads
 
 if TYPE_CHECKING:
     from gptcli.contracts import Tokenizer
     from gptcli.generation.generate import Completion
-
-_DECODING = "Decoding (a model's generation_config.json replaces these defaults)"
-_D = Settings()  # our defaults, shown in --help
-
-
-def _decoding(*names: str, help: str, default: object = None) -> Any:
-    """An option of the Decoding panel; its default is shown in the help, not passed to typer."""
-    shown = f" \\[default: {default}]" if default is not None else ""
-    return typer.Option(*names, help=help + shown, show_default=False, rich_help_panel=_DECODING)
-
-
-# Decoding values default to None, "not given", so generation_config.json can fill them in.
-MaxNewTokensOpt = Annotated[
-    int | None,
-    _decoding("--max-new-tokens", "-n", help="Most tokens to generate.", default=_D.max_new_tokens),
-]
-TemperatureOpt = Annotated[
-    float | None,
-    _decoding("--temperature", help="Divide the logits by this; 0 means greedy.", default=_D.temperature),
-]
-TopKOpt = Annotated[
-    int | None, _decoding("--top-k", help="Sample from the K most likely tokens; 0: off.", default=_D.top_k)
-]
-TopPOpt = Annotated[
-    float | None,
-    _decoding(
-        "--top-p",
-        help="Keep the likeliest tokens whose probabilities add up to this; 1: off.",
-        default=_D.top_p,
-    ),
-]
-MinPOpt = Annotated[
-    float | None,
-    _decoding("--min-p", help="Drop tokens less likely than this times the most likely one.", default="off"),
-]
-PenaltyOpt = Annotated[
-    float | None,
-    _decoding(
-        "--repetition-penalty",
-        help="Make tokens already in the text less likely (>1) or more likely (<1).",
-        default=_D.repetition_penalty,
-    ),
-]
-GreedyOpt = Annotated[
-    bool | None,
-    _decoding("--greedy/--sample", help="Always pick the most likely token, or sample.", default="sample"),
-]
-SeedOpt = Annotated[
-    int | None, _decoding("--seed", help="Seed for sampling; sample k uses SEED+k.", default="random")
-]
-StopOpt = Annotated[list[str] | None, _decoding("--stop", help="End before this text (repeatable).")]
-IgnoreEosOpt = Annotated[bool, _decoding("--ignore-eos", help="Keep going past the end-of-text token.")]
-SamplesOpt = Annotated[int, _decoding("--num-samples", "-N", help="Completions per prompt.", default=1)]
-LookupOpt = Annotated[
-    int | None,
-    _decoding(
-        "--lookup",
-        help="Greedy: with each token, try up to K tokens that followed the same words earlier in the text, "
-        "checked in the same pass (prompt lookup); the output is greedy decoding's, often sooner. 0: off.",
-        default=_D.lookup,
-    ),
-]
 
 _EXAMPLES = """\
 [bold]Examples[/bold]
@@ -114,35 +54,15 @@ _EXAMPLES = """\
 
 
 @command(rich_help_panel=GENERATE, epilog=_EXAMPLES)
+@with_decoding_options("complete")
 def complete(
     prompt: Annotated[
         str | None, typer.Argument(help="The prompt; read from stdin when absent or '-'.", show_default=False)
     ] = None,
     file: Annotated[Path | None, typer.Option("--file", "-f", help="Read the prompt from this file.")] = None,
     model: ModelOpt = None,
-    max_new_tokens: MaxNewTokensOpt = None,
-    temperature: TemperatureOpt = None,
-    top_k: TopKOpt = None,
-    top_p: TopPOpt = None,
-    min_p: MinPOpt = None,
-    repetition_penalty: PenaltyOpt = None,
-    greedy: GreedyOpt = None,
-    seed: SeedOpt = None,
-    stop: StopOpt = None,
-    ignore_eos: IgnoreEosOpt = False,
-    num_samples: SamplesOpt = 1,
-    lookup: LookupOpt = None,
     echo: Annotated[bool, typer.Option("--echo", help="Print the prompt before the continuation.")] = False,
     json_: JsonOpt = False,
-    logprobs: Annotated[
-        int | None,
-        typer.Option(
-            "--logprobs",
-            metavar="K",
-            help="Add each token's logprob and its K most likely alternatives (implies --json).",
-            show_default=False,
-        ),
-    ] = None,
     each_line: Annotated[
         bool,
         typer.Option("--each-line", help="Every input line is a prompt; one JSON line per prompt, in order."),
@@ -162,6 +82,7 @@ def complete(
     threads: ThreadsOpt = None,
     allow_pickle: AllowPickleOpt = False,
     trust_remote_code: TrustCodeOpt = False,
+    **decoding: Any,
 ) -> None:
     """Continue PROMPT: the text streams to stdout as it is generated and ends with one newline.
 
@@ -171,21 +92,7 @@ def complete(
     """
     from gptcli.generation.generate import TextChunk, stream
 
-    flags = {
-        "max_new_tokens": max_new_tokens,
-        "temperature": temperature,
-        "top_k": top_k,
-        "top_p": top_p,
-        "min_p": min_p,
-        "repetition_penalty": repetition_penalty,
-        "greedy": greedy,
-        "seed": seed,
-        "stop": tuple(stop) if stop else None,
-        "ignore_eos": ignore_eos or None,
-        "num_samples": num_samples,
-        "logprobs": logprobs,
-        "lookup": lookup,
-    }
+    flags = decoding_flags(decoding)
     check_flags(**flags)
     check_quantize(quantize)
     check_threads(threads)
@@ -196,7 +103,7 @@ def complete(
     check_samples(settings)
     if verbose:
         _describe(settings)
-    as_json = json_ or each_line or logprobs is not None
+    as_json = json_ or each_line or settings.logprobs is not None
     events = stream(lm, prompts, settings, batch_size=batch_size if each_line else 1)
     line_open = False  # part of a plain-text sample is on stdout
     headed = None  # the sample whose header line was written last (-N in plain text)
@@ -253,11 +160,9 @@ class _Stderr:
 
     def finished(self, done: Completion) -> None:
         where = f"prompt {done.index + 1}" if self.each_line else "the prompt"
-        unk = self.tokenizer.unk_token_id
+        unk = unknown_token_id(self.tokenizer)
         new = done.token_ids[:-1] if done.finish_reason == "eos" else done.token_ids
-        # (GPT-2 names <|endoftext|> its unknown token too: that is an end, not text it cannot spell.)
-        real_unk = unk not in (self.tokenizer.eos_token_id, self.tokenizer.bos_token_id)
-        if real_unk and new and all(i == unk for i in new) and self._first("unk", done.index):
+        if unk is not None and new and all(i == unk for i in new) and self._first("unk", done.index):
             note(
                 f"the completion of {where} is only the unknown token [UNK]: the model learned to predict "
                 "text its tokenizer cannot spell (see `gptcli score` on your training text)"

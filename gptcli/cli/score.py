@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import sys
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
@@ -36,6 +36,7 @@ from gptcli.generation.tokens import one_line
 from gptcli.textio import check_text
 
 if TYPE_CHECKING:
+    from gptcli.contracts import ScoredToken
     from gptcli.inspection.predict import Score
 
 EachLineOpt = Annotated[
@@ -107,7 +108,7 @@ def _note_unknown(result: Score) -> None:
         )
 
 
-def _heat_map(tokens: list[dict[str, Any]]) -> None:
+def _heat_map(tokens: list[ScoredToken]) -> None:
     """The text with each token's background going from green (expected) to red (surprising).
 
     Byte pieces of one character are coloured together, by the least likely of them, so a split

@@ -106,13 +106,14 @@ def serve(
     """
     from gptcli.errors import UsageError
     from gptcli.serving import check_port, is_loopback, listen
+    from gptcli.serving.engine import check_max_batch
 
     check_port(port)
     check_quantize(quantize)
     check_threads(threads)
-    for name, value in (("--max-batch", max_batch), ("--max-connections", max_connections)):
-        if value < 1:
-            raise UsageError(f"{name} must be at least 1 (got {value})")
+    check_max_batch(max_batch)
+    if max_connections < 1:
+        raise UsageError(f"--max-connections must be at least 1 (got {max_connections})")
     if max_waiting < 0:
         raise UsageError(f"--max-waiting must be at least 0 (got {max_waiting})")
     for name, seconds in (("--timeout", timeout), ("--grace", grace)):

@@ -7,7 +7,7 @@ import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
@@ -25,7 +25,7 @@ from gptcli.cli._common import (
     read_text,
     surprise_style,
 )
-from gptcli.cli.complete import MinPOpt, PenaltyOpt, SeedOpt, TemperatureOpt, TopKOpt, TopPOpt
+from gptcli.cli._decoding import decoding_flags, with_decoding_options
 from gptcli.errors import GptcliError, UsageError
 from gptcli.generation.sampling import check_flags, resolve_settings
 from gptcli.generation.tokens import one_line
@@ -50,6 +50,7 @@ _QUIT = ("q", "Q", "\x04")  # q, or Ctrl-D
 
 
 @command(rich_help_panel=GENERATE, epilog=_EXAMPLES)
+@with_decoding_options("step")
 def step(
     prompt: Annotated[
         str | None,
@@ -71,16 +72,11 @@ def step(
             show_default=False,
         ),
     ] = None,
-    temperature: TemperatureOpt = None,
-    top_k: TopKOpt = None,
-    top_p: TopPOpt = None,
-    min_p: MinPOpt = None,
-    repetition_penalty: PenaltyOpt = None,
-    seed: SeedOpt = None,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
     allow_pickle: AllowPickleOpt = False,
     trust_remote_code: TrustCodeOpt = False,
+    **decoding: Any,
 ) -> None:
     """Choose each next token yourself: the model shows its top candidates, you press a key.
 
@@ -93,17 +89,11 @@ def step(
     one JSON line per step {"step", "text", "top", "chosen"}, then {"text", "token_ids",
     "finish_reason"}.
     """
-    from gptcli.inspection.step import StepSession, check_k, parse_choices, replay
+    from gptcli.inspection.predict import check_k
+    from gptcli.inspection.step import StepSession, parse_choices, replay
 
     check_k(k)
-    flags = {
-        "temperature": temperature,
-        "top_k": top_k,
-        "top_p": top_p,
-        "min_p": min_p,
-        "repetition_penalty": repetition_penalty,
-        "seed": seed,
-    }
+    flags = decoding_flags(decoding)
     check_flags(**flags)
     choices = parse_choices(choose) if choose is not None else None
     keyboard = _keyboard()

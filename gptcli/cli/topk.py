@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
@@ -31,7 +31,7 @@ from gptcli.generation.tokens import one_line
 from gptcli.textio import check_text
 
 if TYPE_CHECKING:
-    pass
+    from gptcli.contracts import Candidate
 
 EachLineOpt = Annotated[
     bool,
@@ -88,7 +88,7 @@ def topk(
             print_tokens(result.tokens, table=is_tty())
 
 
-def print_tokens(tokens: list[dict[str, Any]], *, table: bool) -> None:
+def print_tokens(tokens: list[Candidate], *, table: bool) -> None:
     """A next-token distribution on stdout: a table for a person, tab-separated lines for a pipe."""
     if table:
         _topk_table(tokens)
@@ -97,7 +97,7 @@ def print_tokens(tokens: list[dict[str, Any]], *, table: bool) -> None:
         print(f"{t['rank']}\t{t['id']}\t{one_line(t['token'])}\t{t['prob']:.6g}\t{t['logprob']:.6g}")
 
 
-def _topk_table(tokens: list[dict[str, Any]]) -> None:
+def _topk_table(tokens: list[Candidate]) -> None:
     from rich.table import Table
 
     table = Table(box=None, header_style="bold")

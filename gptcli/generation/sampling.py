@@ -3,8 +3,9 @@
 `Settings` holds how to decode; `resolve_settings` layers our defaults, a model's generation_config.json
 and flags. The filters follow transformers' definitions so results can be checked against its logits
 processors: repetition penalty, then (when sampling) temperature, top-k, top-p and min-p, in that order
-and with the same formulas. Greedy decoding applies only the repetition penalty, as `generate` does
-with `do_sample=False`.
+and with the same formulas; the presence and frequency penalties, which transformers lacks, follow
+OpenAI's definition and come right after the repetition penalty (as in vLLM). Greedy decoding applies
+only the penalties, as `generate` does with `do_sample=False`.
 """
 
 from __future__ import annotations
@@ -18,42 +19,174 @@ from gptcli.errors import UsageError
 if TYPE_CHECKING:
     import torch
 
+    from gptcli.contracts import GenerationConfig
+
 # Where a setting's value came from, for `-v` and for error messages.
 DEFAULT, GENERATION_CONFIG, FLAG = "default", "generation_config.json", "flag"
 
-# How each setting is spelled on the command line, for error messages.
-_FLAGS = {
-    "max_new_tokens": "-n/--max-new-tokens",
-    "temperature": "--temperature",
-    "top_k": "--top-k",
-    "top_p": "--top-p",
-    "min_p": "--min-p",
-    "repetition_penalty": "--repetition-penalty",
-    "seed": "--seed",
-    "stop": "--stop",
-    "num_samples": "-N/--num-samples",
-    "logprobs": "--logprobs",
-    "lookup": "--lookup",
-}
+# The help panel of the decoding options on the command line.
+DECODING_PANEL = "Decoding (a model's generation_config.json replaces these defaults)"
+
+
+@dataclass(frozen=True)
+class Option:
+    """How a decoding setting is offered: its help, flags, range, and the server's names for it.
+
+    The `complete` and `step` options (gptcli.cli._decoding) and the server's request fields
+    (gptcli.serving.schemas) are generated from these, so a setting is declared once, here.
+    """
+
+    help: str
+    flags: tuple[str, ...] = ()  # default: --field-name
+    commands: tuple[str, ...] = ("complete", "step", "chat")  # the commands that offer it
+    shown: object = None  # the default as the help shows it (None: the field's default)
+    panel: str | None = DECODING_PANEL
+    metavar: str | None = None
+    # The values that work: each bound that is not None holds (floats must also be finite).
+    ge: float | None = None
+    gt: float | None = None
+    le: float | None = None
+    lt: float | None = None
+    rule: str = ""  # what the error says when a value is out of range ("must be at least 1")
+    api: tuple[str, ...] = ()  # the server's request fields that set it (the first given wins)
+
+    def accepts(self, value: Any) -> bool:
+        """Whether `value` is in range (None: not given, always accepted)."""
+        if value is None or isinstance(value, (bool, tuple)):
+            return True
+        if isinstance(value, float) and not math.isfinite(value):
+            return False
+        return (
+            (self.ge is None or value >= self.ge)
+            and (self.gt is None or value > self.gt)
+            and (self.le is None or value <= self.le)
+            and (self.lt is None or value < self.lt)
+        )
+
+    def flag_name(self, name: str) -> str:
+        """How the setting is spelled on the command line, for error messages: "-n/--max-new-tokens"."""
+        flags = self.flags or ("--" + name.replace("_", "-"),)
+        return "/".join(sorted((f.split("/")[0] for f in flags), key=len))
+
+
+def option(default: Any, help: str, **how: Any) -> Any:
+    """A Settings field and how it is offered (see Option)."""
+    return field(default=default, metadata={"option": Option(help, **how)})
 
 
 @dataclass(frozen=True)
 class Settings:
-    """How to decode. `resolve_settings` builds one from our defaults, generation_config.json and flags."""
+    """How to decode. `resolve_settings` builds one from our defaults, generation_config.json and flags.
 
-    max_new_tokens: int = 64
-    temperature: float = 0.8
-    top_k: int = 50  # 0: off
-    top_p: float = 0.95  # 1.0: off
-    min_p: float | None = None  # None or 0: off
-    repetition_penalty: float = 1.0  # 1.0: off
-    greedy: bool = False
-    seed: int | None = None  # None: a fresh random seed per run
-    stop: tuple[str, ...] = ()
-    ignore_eos: bool = False
-    num_samples: int = 1
-    logprobs: int | None = None  # None: no logprobs; K: the chosen token's and K alternatives
-    lookup: int = 10  # greedy, one row: draft up to this many tokens from earlier text per pass (0: off)
+    Each field that a user can set declares its option here (help, flags, range, server field): adding
+    a setting is a field here and its use in the sampler below.
+    """
+
+    max_new_tokens: int = option(
+        64,
+        "Most tokens to generate.",
+        flags=("--max-new-tokens", "-n"),
+        commands=("complete", "chat"),
+        ge=1,
+        rule="must be at least 1",
+    )
+    temperature: float = option(
+        0.8, "Divide the logits by this; 0 means greedy.", ge=0, rule="must be a number >= 0 (0 means greedy)"
+    )
+    top_k: int = option(
+        50,
+        "Sample from the K most likely tokens; 0: off.",
+        ge=0,
+        rule="must be >= 0 (0 turns top-k off)",
+        api=("top_k",),
+    )
+    top_p: float = option(
+        0.95,
+        "Keep the likeliest tokens whose probabilities add up to this; 1: off.",
+        gt=0,
+        le=1,
+        rule="must be in (0, 1] (1 turns top-p off)",
+        api=("top_p",),
+    )
+    min_p: float | None = option(
+        None,
+        "Drop tokens less likely than this times the most likely one.",
+        shown="off",
+        ge=0,
+        le=1,
+        rule="must be in [0, 1] (0 turns min-p off)",
+        api=("min_p",),
+    )
+    repetition_penalty: float = option(
+        1.0,
+        "Make tokens already in the text less likely (>1) or more likely (<1).",
+        gt=0,
+        rule="must be a positive number (1 turns it off)",
+        api=("repeat_penalty", "repetition_penalty"),
+    )
+    presence_penalty: float = option(
+        0.0,
+        "Subtract this from the logit of every token generated so far (OpenAI's presence penalty).",
+        ge=-2,
+        le=2,
+        rule="must be between -2 and 2 (0: off)",
+        api=("presence_penalty",),
+    )
+    frequency_penalty: float = option(
+        0.0,
+        "Subtract this times the number of times a token was generated so far from its logit "
+        "(OpenAI's frequency penalty).",
+        ge=-2,
+        le=2,
+        rule="must be between -2 and 2 (0: off)",
+        api=("frequency_penalty",),
+    )
+    greedy: bool = option(
+        False,
+        "Always pick the most likely token, or sample.",
+        flags=("--greedy/--sample",),
+        commands=("complete", "chat"),
+        shown="sample",
+    )
+    seed: int | None = option(
+        None,
+        "Seed for sampling; sample k uses SEED+k.",
+        shown="random",
+        ge=0,
+        lt=2**63,
+        rule="must be between 0 and 2**63 - 1",
+        api=("seed",),
+    )  # None: a fresh random seed per run
+    stop: tuple[str, ...] = option((), "End before this text (repeatable).", commands=("complete", "chat"))
+    ignore_eos: bool = option(False, "Keep going past the end-of-text token.", commands=("complete", "chat"))
+    num_samples: int = option(
+        1,
+        "Completions per prompt.",
+        flags=("--num-samples", "-N"),
+        commands=("complete",),
+        ge=1,
+        rule="must be at least 1",
+    )
+    # None: no logprobs; K: the chosen token's and K alternatives
+    logprobs: int | None = option(
+        None,
+        "Add each token's logprob and its K most likely alternatives (implies --json).",
+        commands=("complete",),
+        panel=None,
+        metavar="K",
+        ge=0,
+        rule="must be >= 0 (the number of alternatives per token)",
+    )
+    # greedy, one row: draft up to this many tokens from earlier text per pass (0: off)
+    lookup: int = option(
+        10,
+        "Greedy: with each token, try up to K tokens that followed the same words earlier in the text, "
+        "checked in the same pass (prompt lookup); the output is greedy decoding's, often sooner. 0: off.",
+        commands=("complete",),
+        ge=0,
+        le=64,
+        rule="must be between 0 (off) and 64",
+    )
     sources: dict[str, str] = field(default_factory=dict, compare=False, repr=False)
 
     @property
@@ -66,6 +199,11 @@ class Settings:
         for f in fields(self):
             if f.name != "sources":
                 _check(f.name, getattr(self, f.name), self.sources.get(f.name, FLAG))
+
+
+def options() -> dict[str, tuple[Option, Any]]:
+    """Every setting a user can set: name -> (its Option, its default)."""
+    return {f.name: (f.metadata["option"], f.default) for f in fields(Settings) if "option" in f.metadata}
 
 
 def check_samples(settings: Settings) -> None:
@@ -82,31 +220,12 @@ def check_samples(settings: Settings) -> None:
 
 
 def _check(name: str, value: Any, source: str = FLAG) -> None:
-    where = f"{name} in {GENERATION_CONFIG}" if source == GENERATION_CONFIG else _FLAGS.get(name, name)
-
-    def bad(rule: str) -> UsageError:
-        return UsageError(f"{where} {rule} (got {value!r})")
-
-    if name in ("max_new_tokens", "num_samples") and value < 1:
-        raise bad("must be at least 1")
-    if name == "temperature" and not (0 <= value < math.inf):
-        raise bad("must be a number >= 0 (0 means greedy)")
-    if name == "top_k" and value < 0:
-        raise bad("must be >= 0 (0 turns top-k off)")
-    if name == "top_p" and not 0 < value <= 1:
-        raise bad("must be in (0, 1] (1 turns top-p off)")
-    if name == "min_p" and value is not None and not 0 <= value <= 1:
-        raise bad("must be in [0, 1] (0 turns min-p off)")
-    if name == "repetition_penalty" and not (0 < value < math.inf):
-        raise bad("must be a positive number (1 turns it off)")
-    if name == "lookup" and not 0 <= value <= 64:
-        raise bad("must be between 0 (off) and 64")
-    if name == "logprobs" and value is not None and value < 0:
-        raise bad("must be >= 0 (the number of alternatives per token)")
+    how = options()[name][0]
+    where = f"{name} in {GENERATION_CONFIG}" if source == GENERATION_CONFIG else how.flag_name(name)
     if name == "stop" and any(not s for s in value):
         raise UsageError(f"{where} must not be empty: an empty stop text would end every completion at once")
-    if name == "seed" and value is not None and not 0 <= value < 2**63:
-        raise bad("must be between 0 and 2**63 - 1")
+    if not how.accepts(value):
+        raise UsageError(f"{where} {how.rule} (got {value!r})")
 
 
 # Flags that only change how tokens are drawn at random: they mean nothing with --greedy.
@@ -122,7 +241,7 @@ def check_flags(**flags: Any) -> None:
         if value is not None:
             _check(name, value)
     if flags.get("greedy"):
-        given = [_FLAGS[name] for name in _SAMPLING_ONLY if flags.get(name) is not None]
+        given = [options()[name][0].flag_name(name) for name in _SAMPLING_ONLY if flags.get(name) is not None]
         if given:
             raise UsageError(
                 f"{', '.join(given)} {'has' if len(given) == 1 else 'have'} no effect with --greedy"
@@ -134,7 +253,7 @@ def check_flags(**flags: Any) -> None:
         raise UsageError("-N with --temperature 0 (greedy) would print identical completions")
 
 
-def generation_config_values(generation_config: Any) -> dict[str, Any]:
+def generation_config_values(generation_config: GenerationConfig | None) -> dict[str, Any]:
     """The decoding values a model's generation_config.json sets, as Settings fields.
 
     In transformers 5 every unset field is None, so anything else came from the file (or, for token ids,
@@ -156,7 +275,7 @@ def generation_config_values(generation_config: Any) -> dict[str, Any]:
     return values
 
 
-def resolve_settings(generation_config: Any = None, **flags: Any) -> Settings:
+def resolve_settings(generation_config: GenerationConfig | None = None, **flags: Any) -> Settings:
     """Our defaults, replaced by the model's generation_config.json, replaced by explicit flags (not None)."""
     values: dict[str, Any] = {f.name: f.default for f in fields(Settings) if f.name != "sources"}
     sources = dict.fromkeys(values, DEFAULT)
@@ -191,6 +310,33 @@ def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: 
     penalty = max(penalty, finfo.tiny)
     penalized = torch.where(logits < 0, logits * penalty, (logits / penalty).clamp(max=finfo.max))
     return torch.where(seen, penalized, logits)
+
+
+def apply_presence_frequency(
+    logits: torch.Tensor, counts: torch.Tensor, presence: float, frequency: float
+) -> torch.Tensor:
+    """OpenAI's presence and frequency penalties: logit[j] -= c[j] * frequency + (c[j] > 0) * presence,
+    c[j] the number of times token j was generated so far (the prompt does not count).
+
+    Args:
+        logits: [batch, vocab].
+        counts: [batch, vocab], float.
+    """
+    return logits - counts * frequency - (counts > 0).to(logits.dtype) * presence
+
+
+def penalize(
+    logits: torch.Tensor, settings: Settings, seen: torch.Tensor | None, counts: torch.Tensor | None
+) -> torch.Tensor:
+    """The repetition penalty (on `seen`), then the presence and frequency penalties (on `counts`), each
+    where the settings ask for it and its state is given."""
+    if seen is not None and settings.repetition_penalty != 1.0:
+        logits = apply_repetition_penalty(logits, seen, settings.repetition_penalty)
+    if counts is not None and (settings.presence_penalty or settings.frequency_penalty):
+        logits = apply_presence_frequency(
+            logits, counts, settings.presence_penalty, settings.frequency_penalty
+        )
+    return logits
 
 
 def apply_temperature(logits: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -238,11 +384,13 @@ def min_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
 
 
 def process_logits(
-    logits: torch.Tensor, settings: Settings, seen: torch.Tensor | None = None
+    logits: torch.Tensor,
+    settings: Settings,
+    seen: torch.Tensor | None = None,
+    counts: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """The scores tokens are picked from: penalty, then for sampling temperature, top-k, top-p, min-p."""
-    if seen is not None and settings.repetition_penalty != 1.0:
-        logits = apply_repetition_penalty(logits, seen, settings.repetition_penalty)
+    """The scores tokens are picked from: penalties, then for sampling temperature, top-k, top-p, min-p."""
+    logits = penalize(logits, settings, seen, counts)
     if not settings.sampling:
         return logits
     if settings.temperature != 1.0:
@@ -262,7 +410,10 @@ def _filter(scores: torch.Tensor, settings: Settings) -> torch.Tensor:
 
 
 def candidates(
-    logits: torch.Tensor, settings: Settings, seen: torch.Tensor | None = None
+    logits: torch.Tensor,
+    settings: Settings,
+    seen: torch.Tensor | None = None,
+    counts: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The tokens sampling can draw and their scores: (ids [batch, C], scores [batch, C]).
 
@@ -273,8 +424,7 @@ def candidates(
     """
     import torch
 
-    if seen is not None and settings.repetition_penalty != 1.0:
-        logits = apply_repetition_penalty(logits, seen, settings.repetition_penalty)
+    logits = penalize(logits, settings, seen, counts)
     if settings.temperature != 1.0:
         logits = apply_temperature(logits, settings.temperature)
     k = settings.top_k
@@ -297,15 +447,19 @@ def candidates(
 
 
 def draw(
-    logits: torch.Tensor, settings: Settings, seen: torch.Tensor | None, generators: list[torch.Generator]
+    logits: torch.Tensor,
+    settings: Settings,
+    seen: torch.Tensor | None,
+    generators: list[torch.Generator],
+    counts: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The next token of every row: the argmax of the processed logits, or a draw from `candidates`
     with the row's own generator."""
     import torch
 
     if not settings.sampling:
-        return process_logits(logits, settings, seen).argmax(dim=-1)
-    ids, scores = candidates(logits, settings, seen)
+        return process_logits(logits, settings, seen, counts).argmax(dim=-1)
+    ids, scores = candidates(logits, settings, seen, counts)
     probs = torch.softmax(scores, dim=-1)
     picks = [torch.multinomial(probs[i], 1, generator=g) for i, g in enumerate(generators)]
     return ids.gather(1, torch.stack(picks))[:, 0]

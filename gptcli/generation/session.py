@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from gptcli.errors import UsageError
 from gptcli.generation.generate import Completion, TextChunk, stream
-from gptcli.generation.sampling import FLAG, Settings, resolve_settings
+from gptcli.generation.sampling import FLAG, Settings, options, resolve_settings
 from gptcli.serving.chat import chat_prompt, has_chat_template
 
 if TYPE_CHECKING:
@@ -29,17 +29,7 @@ if TYPE_CHECKING:
 
 # What `/set NAME VALUE` may change: the decoding settings a person tries one after another (-N, lookup
 # and logprobs are for scripts, and stop texts are set on the command line).
-SETTABLE = (
-    "temperature",
-    "top_k",
-    "top_p",
-    "min_p",
-    "repetition_penalty",
-    "max_new_tokens",
-    "greedy",
-    "seed",
-    "ignore_eos",
-)
+SETTABLE = tuple(name for name, (how, _) in options().items() if "chat" in how.commands and name != "stop")
 _OFF = ("off", "none", "random")
 _TRUE, _FALSE = ("on", "true", "yes", "1"), ("off", "false", "no", "0")
 

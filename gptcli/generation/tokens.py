@@ -14,11 +14,12 @@ from collections.abc import Iterable
 from functools import cache
 from typing import TYPE_CHECKING, Any
 
+from gptcli.contracts import TokenSpan
 from gptcli.errors import UsageError
 from gptcli.textio import check_text
 
 if TYPE_CHECKING:
-    from gptcli.contracts import Tokenizer
+    from gptcli.contracts import TokenInfo, Tokenizer
 
 _BYTE_FALLBACK = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")
 
@@ -85,14 +86,14 @@ class TokenText:
         self._bytes[token_id] = data
         return data
 
-    def describe(self, token_id: int) -> dict[str, Any]:
+    def describe(self, token_id: int) -> TokenInfo:
         """{"id", "token", "bytes"} as the --json outputs give it: `token` is the exact text
         (`token_text`), `bytes` its bytes in hex."""
         data = self.bytes(token_id)
         return {"id": int(token_id), "token": token_text(data), "bytes": data.hex()}
 
 
-def tokenize(tokenizer: Tokenizer, text: str) -> list[dict[str, Any]]:
+def tokenize(tokenizer: Tokenizer, text: str) -> list[TokenSpan]:
     """The tokens of `text` (no special tokens added): [{"id", "token", "bytes", "start", "end"}].
 
     `start`/`end` are character offsets into `text` as the `tokenizers` library gives them (the pieces
@@ -103,7 +104,7 @@ def tokenize(tokenizer: Tokenizer, text: str) -> list[dict[str, Any]]:
         return []
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is None:
-        return [names.describe(i) for i in tokenizer.encode(text, add_special_tokens=False)]
+        return [TokenSpan(**names.describe(i)) for i in tokenizer.encode(text, add_special_tokens=False)]
     encoding = backend.encode(text, add_special_tokens=False)
     return [
         {**names.describe(i), "start": start, "end": end}
@@ -127,6 +128,14 @@ def detokenize(tokenizer: Tokenizer, ids: Iterable[int]) -> str:
         return b"".join(names.bytes(i) for i in ids).decode("utf-8", errors="replace")
     joiner = Detokenizer(tokenizer)
     return "".join(names.bytes(i).decode() if i in names.special_ids else joiner.push(i) for i in ids)
+
+
+def unknown_token_id(tokenizer: Tokenizer) -> int | None:
+    """The tokenizer's unknown token ([UNK]: text it cannot spell), or None where it has none or where
+    that token is also end or start of text: GPT-2 names <|endoftext|> its unk_token, but encoding text
+    never produces it for want of a spelling."""
+    unk = tokenizer.unk_token_id
+    return None if unk in (tokenizer.eos_token_id, tokenizer.bos_token_id) else unk
 
 
 def describe_tokenizer(tokenizer: Tokenizer) -> str:

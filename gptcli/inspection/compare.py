@@ -18,11 +18,12 @@ from typing import TYPE_CHECKING, Any
 from gptcli.batching import fit_context
 from gptcli.errors import GptcliError, UsageError
 from gptcli.generation.tokens import TokenText, encode_prompt
-from gptcli.inspection.predict import check_stride, score_text, text_ids, window_logprobs
+from gptcli.inspection.predict import check_k, check_stride, score_text, text_ids, window_logprobs
 
 if TYPE_CHECKING:
     import torch
 
+    from gptcli.contracts import ComparedCandidate, ComparedToken
     from gptcli.loading.models import LoadedModel
 
 
@@ -43,7 +44,7 @@ class Change:
     """A position where the models disagree most: the token, and both models' top candidates there."""
 
     index: int  # into Comparison.tokens
-    candidates: list[dict[str, Any]]  # {"id", "token", "bytes", "logprob_a", "logprob_b", "rank_a", "rank_b"}
+    candidates: list[ComparedCandidate]
 
 
 @dataclass
@@ -54,7 +55,7 @@ class Comparison:
     model's own (perplexity per token of its own tokenizer, bits per byte comparable across them).
     """
 
-    tokens: list[dict[str, Any]] = field(default_factory=list)  # {"id", "token", "bytes", "logprob_a", ...}
+    tokens: list[ComparedToken] = field(default_factory=list)
     num_bytes: int = 0
     perplexity_a: float = math.nan
     perplexity_b: float = math.nan
@@ -92,8 +93,7 @@ def kl_divergence(logprobs_a: torch.Tensor, logprobs_b: torch.Tensor) -> torch.T
 
 def check_compare_options(*, k: int = 10, changes: int = 0) -> None:
     """Refuse a -k or --changes that cannot work (before the models load, too)."""
-    if k < 1:
-        raise UsageError("-k must be at least 1")
+    check_k(k)
     if changes < 0:
         raise UsageError("--changes must be 0 or more")
 
@@ -186,7 +186,7 @@ def _aligned(
         pending_b = (first + n, chunk_b[n:]) if len(chunk_b) > n else None
 
 
-def candidates(names: TokenText, lp_a: torch.Tensor, lp_b: torch.Tensor, k: int) -> list[dict[str, Any]]:
+def candidates(names: TokenText, lp_a: torch.Tensor, lp_b: torch.Tensor, k: int) -> list[ComparedCandidate]:
     """A's top k, then those of B's top k that A's lacks, each with both log-probabilities and ranks
     (1: the most likely)."""
     import torch
@@ -194,7 +194,7 @@ def candidates(names: TokenText, lp_a: torch.Tensor, lp_b: torch.Tensor, k: int)
     k = min(k, lp_a.shape[-1])
     top_a = torch.topk(lp_a, k).indices.tolist()
     top_b = torch.topk(lp_b, k).indices.tolist()
-    out = []
+    out: list[ComparedCandidate] = []
     for tid in [*top_a, *(t for t in top_b if t not in top_a)]:
         la, lb = lp_a[tid], lp_b[tid]
         out.append(
@@ -215,7 +215,7 @@ class NextComparison:
 
     prompt: str
     kl: float
-    tokens: list[dict[str, Any]]  # `candidates`: A's top k, then B's newcomers
+    tokens: list[ComparedCandidate]  # `candidates`: A's top k, then B's newcomers
     dropped: int = 0  # prompt tokens cut from the left to fit the smaller context
 
     def to_json(self, model_a: str, model_b: str) -> dict[str, Any]:

@@ -55,7 +55,7 @@ TRANSFORMERS_POINTS = {
 
 def runs_gptcli(lm: LoadedModel) -> bool:
     """Whether `lm` runs on gptcli's own GPT-2 (`lm.net`) rather than a transformers model."""
-    return lm.net is not None
+    return lm.runtime == "gptcli"
 
 
 def num_layers(lm: LoadedModel) -> int:

@@ -19,11 +19,13 @@ from typing import TYPE_CHECKING, Any
 
 from gptcli.errors import UsageError
 from gptcli.generation.tokens import TokenText
+from gptcli.inspection.predict import check_k
 from gptcli.inspection.tracing import Prompt, check_mid_points, encode, final_logits, run
 
 if TYPE_CHECKING:
     import torch
 
+    from gptcli.contracts import TokenInfo
     from gptcli.inspection.pictures import Grid
     from gptcli.loading.models import LoadedModel
 
@@ -34,8 +36,7 @@ _POSITION_ITEM = re.compile(r"^\s*(-?\d+)?\s*(:)?\s*(-?\d+)?\s*$")
 
 def check_lens_options(*, k: int = 5, positions: str | None = None, at: int | None = None) -> None:
     """Refuse a -k, --positions or --at that cannot work (before a model loads, too)."""
-    if k < 1:
-        raise UsageError("-k must be at least 1")
+    check_k(k)
     if positions is not None:
         parse_positions(positions, None)
         if at is not None:
@@ -107,7 +108,7 @@ class Lens:
     prompt: Prompt
     positions: list[int]  # indices into prompt.tokens; position P is the prediction after token P
     rows: list[Row] = field(default_factory=list)
-    target: dict[str, Any] | None = None  # the --token: {"id", "token", "bytes"}
+    target: TokenInfo | None = None  # the --token
     target_pieces: int = 1  # how many tokens --token's text encodes to (only the first is followed)
 
     def next_id(self, position: int) -> int | None:

@@ -65,7 +65,6 @@ class Grid:
     dim_columns: tuple[int, ...] = ()  # left out of the shading (the attention sink)
     caption: str = ""
     row_title: str = ""
-    column_title: str = ""
     signed: bool = False  # palette "signed": red above zero, blue below
     limit: float | None = None  # signed: the magnitude that gets the darkest shade (default: the largest)
 

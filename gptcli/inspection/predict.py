@@ -14,19 +14,24 @@ from typing import TYPE_CHECKING, Any
 from gptcli.batching import check_batch_size, fit_context, left_pad, pad_id
 from gptcli.errors import UsageError
 from gptcli.generation.sampling import apply_temperature
-from gptcli.generation.tokens import TokenText, encode_prompt, start_token_id
+from gptcli.generation.tokens import TokenText, encode_prompt, start_token_id, unknown_token_id
 
 if TYPE_CHECKING:
     import torch
 
-    from gptcli.contracts import Tokenizer
+    from gptcli.contracts import Candidate, ScoredToken, Tokenizer
     from gptcli.loading.models import LoadedModel
+
+
+def check_k(k: int) -> None:
+    """Refuse a -k (how many candidates to show: topk, lens, compare, step) below 1."""
+    if k < 1:
+        raise UsageError("-k must be at least 1")
 
 
 def check_topk_options(*, k: int = 10, temperature: float = 1.0, batch_size: int = 16) -> None:
     """Refuse a -k, --temperature or --batch-size that cannot work (before a model loads, too)."""
-    if k < 1:
-        raise UsageError("-k must be at least 1")
+    check_k(k)
     if not temperature > 0 or math.isinf(temperature):
         raise UsageError("--temperature must be a positive number")
     check_batch_size(batch_size)
@@ -38,7 +43,7 @@ class Distribution:
 
     prompt: str
     prompt_ids: list[int]
-    tokens: list[dict[str, Any]]
+    tokens: list[Candidate]
     dropped: int = 0  # prompt tokens cut from the left to fit the context
 
     def to_json(self, model: str) -> dict[str, Any]:
@@ -74,7 +79,7 @@ def next_token_distribution(
             logprobs = torch.log_softmax(apply_temperature(logits.float(), temperature), dim=-1)
             top = torch.topk(logprobs, k, dim=-1)
             for row, (prompt_ids, dropped) in enumerate(chunk):
-                tokens = []
+                tokens: list[Candidate] = []
                 for rank, (lp, tid) in enumerate(
                     zip(top.values[row].tolist(), top.indices[row].tolist(), strict=True), 1
                 ):
@@ -89,7 +94,7 @@ def next_token_distribution(
 class Score:
     """How well the model predicted each token of a text."""
 
-    tokens: list[dict[str, Any]] = field(default_factory=list)  # {"id", "token", "bytes", "logprob", "rank"}
+    tokens: list[ScoredToken] = field(default_factory=list)
     num_bytes: int = 0
     unknown: int = 0
     """How many tokens are the tokenizer's unknown token ([UNK]): text it cannot spell. Predicting one
@@ -201,9 +206,6 @@ def score_text(
 
 
 def _count_unknown(tokenizer: Tokenizer, ids: list[int]) -> int:
-    """How many of `ids` are the unknown token; 0 where that token is also end-of-text (GPT-2 names
-    <|endoftext|> as its unk_token, but encoding text never produces it for want of a spelling)."""
-    unk = tokenizer.unk_token_id
-    if unk is None or unk in (tokenizer.eos_token_id, tokenizer.bos_token_id):
-        return 0
-    return sum(i == unk for i in ids)
+    """How many of `ids` are the unknown token (`unknown_token_id`: 0 where there is no real one)."""
+    unk = unknown_token_id(tokenizer)
+    return 0 if unk is None else sum(i == unk for i in ids)

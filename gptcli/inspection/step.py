@@ -10,19 +10,20 @@ It never prints: the CLI (gptcli.cli.step) draws the screen and reads the keys.
 from __future__ import annotations
 
 import math
-import secrets
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 from gptcli.errors import GptcliError, UsageError
-from gptcli.generation.generate import encode_for_context, eos_ids
-from gptcli.generation.sampling import Settings, apply_repetition_penalty, draw, resolve_settings
+from gptcli.generation.decoding import eos_ids, generator, open_decoder, penalty_state, seed_for
+from gptcli.generation.generate import encode_for_context
+from gptcli.generation.sampling import Settings, draw, penalize, resolve_settings
 from gptcli.generation.tokens import Detokenizer, TokenText, decode, readable
 
 if TYPE_CHECKING:
     import torch
 
+    from gptcli.contracts import Candidate
     from gptcli.loading.models import LoadedModel
 
 SAMPLE = "s"
@@ -40,12 +41,6 @@ def parse_choices(spec: str) -> list[int | str]:
         else:
             raise UsageError(f"--choose takes ranks (0, 1, ...) and s, separated by commas (got {part!r})")
     return choices
-
-
-def check_k(k: int) -> None:
-    """Refuse a -k below 1 (before a model loads, too)."""
-    if k < 1:
-        raise UsageError("-k must be at least 1")
 
 
 @dataclass(frozen=True)
@@ -96,10 +91,9 @@ class StepSession:
             lm.tokenizer, prompt, self.context, self.settings.max_new_tokens
         )
         self.chosen: list[Chosen] = []
-        self.seed = self.settings.seed if self.settings.seed is not None else secrets.randbits(31)
-        self._generator = torch.Generator(device=lm.device)
-        self._generator.manual_seed(self.seed)
-        self._decoder = _decoder(lm, self.context)
+        self.seed = seed_for(self.settings, always=True) or 0  # (always: never None)
+        self._generator = generator(lm.device, self.seed)
+        self._decoder = open_decoder(lm, 1, self.context)
         ids = torch.tensor([self.prompt_ids], device=lm.device)
         positions = torch.arange(len(self.prompt_ids), device=lm.device)[None]
         with torch.inference_mode():
@@ -158,18 +152,24 @@ class StepSession:
 
     # --- the ranking ----------------------------------------------------------------------------------
 
+    def _penalty_state(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """What the penalties read of the text so far ([1, vocab] each, or None)."""
+        return penalty_state(
+            self.settings,
+            [self.prompt_ids],
+            self.logits.shape[-1],
+            self.logits.device,
+            generated=[[c.id for c in self.chosen]],
+        )
+
     def _scores(self) -> torch.Tensor:
-        """What greedy decoding picks from: the logits after the repetition penalty, if any."""
-        import torch
+        """What greedy decoding picks from: the logits after the penalties, if any."""
+        seen, counts = self._penalty_state()
+        if seen is None and counts is None:
+            return self.logits
+        return penalize(self.logits[None], self.settings, seen, counts)[0]
 
-        logits = self.logits
-        if self.settings.repetition_penalty == 1.0:
-            return logits
-        seen = torch.zeros_like(logits, dtype=torch.bool)
-        seen[torch.tensor(self.ids, device=logits.device)] = True
-        return apply_repetition_penalty(logits, seen, self.settings.repetition_penalty)
-
-    def top(self, k: int = 10) -> list[dict[str, Any]]:
+    def top(self, k: int = 10) -> list[Candidate]:
         """The k best next tokens, rank 0 first: {"rank", "id", "token", "bytes", "prob", "logprob"}.
 
         Ties keep the lower id first, as greedy's argmax does. Empty when the session is done.
@@ -213,11 +213,8 @@ class StepSession:
 
         self._check_open()
         with torch.inference_mode():
-            seen = None
-            if self.settings.repetition_penalty != 1.0:
-                seen = torch.zeros((1, self.logits.shape[-1]), dtype=torch.bool, device=self.logits.device)
-                seen[0, torch.tensor(self.ids, device=self.logits.device)] = True
-            token = int(draw(self.logits[None], self.settings, seen, [self._generator])[0])
+            seen, counts = self._penalty_state()
+            token = int(draw(self.logits[None], self.settings, seen, [self._generator], counts=counts)[0])
             logprob = float(torch.log_softmax(self._scores(), dim=-1)[token])
         return self._take(self.rank_of(token), token, math.exp(logprob), logprob)
 
@@ -255,17 +252,6 @@ class StepSession:
 def _best_first(pair: tuple[float, int]) -> tuple[float, int]:
     logprob, token_id = pair
     return -logprob, token_id
-
-
-def _decoder(lm: LoadedModel, max_length: int) -> Any:
-    """A one-row cached decoder: gptcli's own for plain GPT-2s, transformers' cache for the rest."""
-    if lm.net is not None:
-        from gptcli.gpt2 import CachedDecoder
-
-        return CachedDecoder(lm.net, 1, max_length)
-    from gptcli.generation.generate import KVStepper
-
-    return KVStepper(lm.model)
 
 
 def replay(session: StepSession, choices: list[int | str], k: int = 10) -> Iterator[dict[str, Any]]:

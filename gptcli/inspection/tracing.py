@@ -24,6 +24,7 @@ from gptcli.inspection.hooks import has_mid_point, num_heads, num_layers, parts,
 if TYPE_CHECKING:
     import torch
 
+    from gptcli.contracts import TokenInfo
     from gptcli.loading.models import LoadedModel
 
 __all__ = ["Prompt", "check_mid_points", "encode", "final_logits", "num_heads", "num_layers", "run"]
@@ -38,7 +39,7 @@ class Prompt:
 
     text: str
     ids: list[int]
-    tokens: list[dict[str, Any]]  # {"id", "token", "bytes"}
+    tokens: list[TokenInfo]
     dropped: int  # tokens cut from the left to fit the context
 
 

@@ -68,7 +68,6 @@ class Config:
         self.bos_token_id: int | None = get("bos_token_id", 50256)
         self.eos_token_id: int | None = get("eos_token_id", 50256)
         self.pad_token_id: int | None = get("pad_token_id")
-        self.tokenizer_class: str | None = get("tokenizer_class")
 
     @property
     def hidden_size(self) -> int:
@@ -149,7 +148,7 @@ class Tokenizer:
     sep_token_id = property(lambda self: self._id("sep_token"))
     pad_token_id = property(lambda self: self._id("pad_token"))
     cls_token_id = property(lambda self: self._id("cls_token"))
-    mask_token_id = property(lambda self: self._id("mask_token"))
+    mask_token_id = property(lambda self: self._id("mask_token"))  # (transformers' API, tested equal)
 
     @property
     def all_special_ids(self) -> list[int]:

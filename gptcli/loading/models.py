@@ -27,7 +27,7 @@ if TYPE_CHECKING:
     import torch
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-    from gptcli.contracts import GenerationConfig, ModelConfig, Tokenizer
+    from gptcli.contracts import GenerationConfig, ModelConfig, Runtime, Tokenizer
     from gptcli.gpt2 import GPT2
 
 DEFAULT_MODEL = "gpt2"
@@ -54,10 +54,12 @@ _TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "vocab.txt", "tekken.json", 
 class LoadedModel:
     """A tokenizer and model ready for inference, and where they came from.
 
-    Plain GPT-2 safetensors checkpoints run on `net`, gptcli's own forward pass (gptcli.gpt2): it starts
-    and decodes faster than transformers' model, with the same numbers in fp32. `model` is the
-    transformers model of the same folder; for those checkpoints it loads on first use, so the commands,
-    which never touch it, never pay for it. Other checkpoints have no `net` and run on `model`.
+    `runtime` says which implementation runs it. "gptcli": a plain GPT-2 safetensors checkpoint on
+    `net`, gptcli's own forward pass (gptcli.gpt2), which starts and decodes faster than transformers'
+    model with the same numbers in fp32. "transformers": any other checkpoint, on `model`, a
+    transformers PreTrainedModel. Only one of the two is loaded: `net` is None on "transformers", and
+    `model` refuses on "gptcli" (code that wants transformers' model of such a folder loads it itself,
+    with `load_transformers_model`).
     """
 
     name: str
@@ -73,8 +75,6 @@ class LoadedModel:
     net: GPT2 | None = None
     notice: str | None = None  # something the user should hear about, e.g. a fallback to the builtin
     quantize: str | None = None  # "int8": `net`'s matmul weights are int8 (gptcli.loading.quantize)
-    allow_pickle: bool = False
-    trust_remote_code: bool = False
     threads: int | None = None  # --threads: torch's threads, and one sequence's decoding steps'
     _model: PreTrainedModel | None = field(default=None, repr=False)
     _decode_threads: int | None = field(default=None, repr=False)
@@ -90,15 +90,17 @@ class LoadedModel:
         return self._decode_threads
 
     @property
-    def model(self) -> PreTrainedModel:
-        """The transformers model (never quantized), loaded from `path` on first use when `net` runs."""
-        return self.load_transformers_model()
+    def runtime(self) -> Runtime:
+        """Which implementation runs the model: "gptcli" (`net`) or "transformers" (`model`)."""
+        return "gptcli" if self.net is not None else "transformers"
 
-    def load_transformers_model(self) -> PreTrainedModel:
-        """`model`, loaded now if it is not yet (imports transformers)."""
+    @property
+    def model(self) -> PreTrainedModel:
+        """The transformers model that runs this checkpoint (runtime "transformers" only)."""
         if self._model is None:
-            self._model = _load_transformers_model(
-                self.path, self.device, self.dtype, self.allow_pickle, self.trust_remote_code
+            raise GptcliError(
+                f"{self.name} runs on gptcli's own GPT-2 (lm.net), not on a transformers model; "
+                "load one with gptcli.loading.models.load_transformers_model if you need it"
             )
         return self._model
 
@@ -111,6 +113,12 @@ class LoadedModel:
         if self.net is not None:
             return self.net.num_parameters
         return sum(p.numel() for p in self.model.parameters())
+
+    def pack_for_batches(self) -> None:
+        """Give gptcli's GPT-2 its oneDNN-packed weights for batched steps (GPT2.pack_for_batches); nothing
+        on the "transformers" runtime."""
+        if self.net is not None:
+            self.net.pack_for_batches()
 
     def logits(
         self,
@@ -128,7 +136,7 @@ class LoadedModel:
 
         if position_ids is None:
             position_ids = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
-        if self.net is None:
+        if self.runtime == "transformers":
             out = self.model(
                 input_ids=input_ids,
                 attention_mask=attention_mask,
@@ -139,6 +147,7 @@ class LoadedModel:
         mask = None
         if attention_mask is not None and not bool(attention_mask.all()):
             mask = attention_mask.bool()
+        assert self.net is not None
         return self.net.forward(input_ids, position_ids, mask=mask, logits_to_keep=logits_to_keep)
 
 
@@ -439,8 +448,6 @@ def load_model(
         torch_dtype,
         notice=notice,
         quantize=quantize,
-        allow_pickle=allow_pickle,
-        trust_remote_code=trust_remote_code,
         threads=threads,
     )
     if threads is not None:
@@ -451,7 +458,9 @@ def load_model(
     if lm.net is None:
         if quantize:
             raise UsageError(f"--quantize works with plain GPT-2 checkpoints only; {path} is not one")
-        lm.load_transformers_model()  # now, so that a broken checkpoint fails here
+        lm._model = load_transformers_model(
+            path, torch_device, torch_dtype, trust_remote_code=trust_remote_code
+        )
     return lm
 
 
@@ -500,9 +509,11 @@ def _load_gpt2(
         raise GptcliError(f"could not load the model weights from {weights_file}: {first_line(exc)}") from exc
 
 
-def _load_transformers_model(
-    path: Path, device: torch.device, dtype: torch.dtype, allow_pickle: bool, trust_remote_code: bool
+def load_transformers_model(
+    path: Path, device: torch.device, dtype: torch.dtype, *, trust_remote_code: bool = False
 ) -> PreTrainedModel:
+    """transformers' model of the folder at `path` (checked by `check_model_folder` first), for
+    inference: in eval mode, on `device`, in `dtype`."""
     from transformers import AutoModelForCausalLM
 
     _quiet_transformers()
@@ -599,7 +610,8 @@ def model_info(lm: LoadedModel) -> dict[str, Any]:
         "model": lm.name,
         "path": str(lm.path),
         "architecture": (
-            config.architectures or [type(lm.model).__name__ if lm.net is None else "GPT2LMHeadModel"]
+            config.architectures
+            or [type(lm.model).__name__ if lm.runtime == "transformers" else "GPT2LMHeadModel"]
         )[0],
         "model_type": config.model_type,
         "parameters": lm.num_parameters,

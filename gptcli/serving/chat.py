@@ -27,7 +27,6 @@ from gptcli.generation.tokens import encode_prompt
 if TYPE_CHECKING:
     from gptcli.contracts import Tokenizer
 
-ROLES = ("system", "developer", "user", "assistant")
 _NAMES = {"system": "System", "developer": "System", "user": "User", "assistant": "Assistant"}
 TRANSCRIPT_STOPS = ("\nUser:", "\nSystem:", "\nAssistant:")
 

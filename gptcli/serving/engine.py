@@ -9,10 +9,10 @@ A joining prompt is prefilled on its own, exactly as `gptcli complete` prefills 
 values are gathered with the running rows into one right-aligned cache (gptcli.gpt2.KVCache.gather):
 left padding marked in the mask, positions counted per row. So a row computes what it computes alone,
 whoever shares its steps, and a seeded row draws from its own generator (seed + sample) as in the CLI.
-Picking tokens, stop texts, the UTF-8-safe text and the finished Completion are
-gptcli.generation.generate's own.
+Rows, picking and taking tokens, stop texts, the UTF-8-safe text, the finished Completion and the
+KV budget are gptcli.generation.decoding's, as for `complete`.
 
-Models that gptcli.gpt2 does not run (transformers' DynamicCache, lm.net is None) decode one job at
+Models that gptcli.gpt2 does not run (lm.runtime "transformers": their DynamicCache) decode one job at
 a time: a job waits until the batch is empty, then its rows decode together as in `generate.stream`.
 """
 
@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import dataclasses
 import queue
-import secrets
 import threading
 import time
 from collections import deque
@@ -29,27 +28,32 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from gptcli.batching import left_pad, pad_id
-from gptcli.errors import GptcliError, first_line
-from gptcli.generation.generate import (
-    _KV_BUDGET,
+from gptcli.errors import GptcliError, UsageError, first_line
+from gptcli.generation.decoding import (
+    KV_BUDGET,
     Completion,
-    StopScanner,
-    _advance,
-    _decoder,
-    _finish,
-    _logprob_entry,
-    _pick,
-    _Row,
-    _threads,
+    Row,
     eos_ids,
+    finish,
+    generator,
+    kv_bytes,
+    logprob_entry,
+    new_row,
+    open_decoder,
+    penalty_state,
+    pick,
+    seed_for,
+    take,
+    torch_threads,
 )
 from gptcli.generation.sampling import Settings
-from gptcli.generation.tokens import Detokenizer, TokenText
+from gptcli.generation.tokens import TokenText
 from gptcli.gpt2 import BATCHED_ROWS
 
 if TYPE_CHECKING:
     import torch
 
+    from gptcli.contracts import LogprobEntry
     from gptcli.loading.models import LoadedModel
 
 # --- Events (what a job's sink receives, in order) ----------------------------------------------------
@@ -68,7 +72,7 @@ class Token:
     sample: int
     token_id: int
     text: str
-    logprob: dict[str, Any] | None = None
+    logprob: LogprobEntry | None = None
 
 
 @dataclass(frozen=True)
@@ -77,7 +81,7 @@ class PromptLogprobs:
     `Job.prompt_logprobs` alternatives; sent before any Token of that prompt."""
 
     index: int
-    entries: list[dict[str, Any] | None]
+    entries: list[LogprobEntry | None]
 
 
 @dataclass(frozen=True)
@@ -128,7 +132,6 @@ class Job:
     _running: int = 0  # rows in the batch
     _prefilled: dict[int, Any] = field(default_factory=dict, repr=False)  # prompt -> (cache, logits)
     _scored: bool = False  # the PromptLogprobs were sent
-    _over: bool = False  # its last event (Done or Failed) was sent
 
     @property
     def rows(self) -> int:
@@ -157,23 +160,29 @@ class _Slot:
     """One row of the batch: a sample being decoded, its job, and what drawing its tokens needs."""
 
     job: Job
-    row: _Row
+    row: Row
     position: int  # tokens of this row in the cache: the position of the next one fed
     generator: torch.Generator | None = None
     seen: torch.Tensor | None = None  # [vocab] bool: in the text so far (repetition penalty)
+    counts: torch.Tensor | None = None  # [vocab]: times generated so far (presence/frequency penalties)
     done: bool = False
+
+
+def check_max_batch(max_rows: int) -> None:
+    """Refuse a --max-batch (the engine's `max_rows`) below 1: a usage error wherever it comes from."""
+    if max_rows < 1:
+        raise UsageError(f"--max-batch must be at least 1 (got {max_rows})")
 
 
 class Engine:
     """The model's one decode loop, shared by every job: start(), submit() jobs, stop()."""
 
     def __init__(self, lm: LoadedModel, *, max_rows: int = 32) -> None:
-        """`max_rows`: most rows decoded together (fewer when their KV cache would pass _KV_BUDGET)."""
-        if max_rows < 1:
-            raise GptcliError(f"max_rows must be at least 1 (got {max_rows})")
+        """`max_rows`: most rows decoded together (fewer when their KV cache would pass KV_BUDGET)."""
+        check_max_batch(max_rows)
         self.lm = lm
         self.max_rows = max_rows
-        self.kv_budget = _KV_BUDGET  # most bytes the batch's KV cache may take
+        self.kv_budget = KV_BUDGET  # most bytes the batch's KV cache may take
         self._inbox: queue.SimpleQueue[Job | None] = queue.SimpleQueue()
         self._waiting: deque[Job] = deque()
         self._jobs: dict[Job, None] = {}  # every job taken in and not over: what a failure must tell
@@ -187,10 +196,10 @@ class Engine:
         self._parked: list[tuple[_Slot, Any, torch.Tensor]] = []  # rows of paused jobs: cache, logits
         self._decoder: Any = None
         self._logits: torch.Tensor | None = None  # [rows, vocab], float32: each row's next pick
-        if lm.net is not None and max_rows >= BATCHED_ROWS:
+        if max_rows >= BATCHED_ROWS:
             # A server's steps are batched whenever requests overlap: oneDNN-packed weights run them
             # faster, for a second at start and a second copy of the matmul weights (docs/performance.md).
-            lm.net.pack_for_batches()
+            lm.pack_for_batches()
         self.steps = 0  # decoding steps run (for tests and benchmarks)
         self.peak_rows = 0  # most rows decoded together
         self.tokens = 0  # tokens generated, all jobs together
@@ -212,9 +221,7 @@ class Engine:
             raise Busy(f"{max_waiting} requests are already waiting for room")
         job.settings.validate()
         if job.seed is None:
-            job.seed = job.settings.seed
-            if job.seed is None and job.settings.sampling:
-                job.seed = secrets.randbits(31)
+            job.seed = seed_for(job.settings)
         job._engine = self
         self._inbox.put(job)
         return job
@@ -307,7 +314,6 @@ class Engine:
 
     def _send(self, job: Job, event: Event) -> None:
         if isinstance(event, (Done, Failed)):
-            job._over = True
             self._jobs.pop(job, None)
         if job.cancelled and not isinstance(event, Failed):
             return
@@ -339,7 +345,7 @@ class Engine:
         joining = self._unpark()
         if not self._waiting and not joining:
             return
-        if self.lm.net is None:
+        if self.lm.runtime == "transformers":
             self._admit_one_job()
             return
         while self._waiting:
@@ -351,7 +357,7 @@ class Engine:
             slot, cache, logits = self._new_row(job)
             if self._slots or joining:
                 rows = [*self._slots, *(s for s, _, _ in joining), slot]
-                if self._kv_bytes(rows) > _KV_BUDGET:
+                if self._kv_bytes(rows) > KV_BUDGET:
                     job._next -= 1  # not now: it waits for rows to leave
                     break
             joining.append((slot, cache, logits))
@@ -387,15 +393,17 @@ class Engine:
 
         from gptcli.gpt2 import KVCache
 
-        if self.lm.net is None or self._decoder is None or self._logits is None:
+        if self.lm.runtime != "gptcli" or self._decoder is None or self._logits is None:
             return
+        net = self.lm.net
+        assert net is not None
         leaving = [i for i, s in enumerate(self._slots) if s.job.paused and not (s.done or s.job.cancelled)]
         if not leaving:
             return
         for i in leaving:
             slot = self._slots[i]
             row = [(self._decoder.cache, i, slot.position)]
-            cache = KVCache.gather(self.lm.net.config, row, slot.position)
+            cache = KVCache.gather(net.config, row, slot.position)
             self._parked.append((slot, cache, self._logits[i : i + 1].clone()))
         keep = [i for i in range(len(self._slots)) if i not in set(leaving)]
         self._slots = [self._slots[i] for i in keep]
@@ -426,38 +434,30 @@ class Engine:
         return self._slot(job, index, sample, logits.shape[-1]), cache, logits
 
     def _slot(self, job: Job, index: int, sample: int, vocab: int) -> _Slot:
-        import torch
 
         settings = job.settings
         ids = list(job.prompt_ids[index])
-        prompt = job.prompts[index]
-        row = _Row(
+        row = new_row(
+            self.lm.tokenizer,
+            settings,
             index=index,
             sample=sample,
-            prompt=prompt,
+            prompt=job.prompts[index],
             prompt_ids=ids,
-            dropped=0,
-            seed=None if job.seed is None else job.seed + sample,
-            detok=Detokenizer(self.lm.tokenizer, after=prompt),
-            stops=StopScanner(settings.stop),
-            logprobs=[] if settings.logprobs is not None else None,
+            seed=job.seed,
         )
         slot = _Slot(job, row, position=len(ids))
         if settings.sampling:
-            slot.generator = torch.Generator(device=self.lm.device)
-            slot.generator.manual_seed(row.seed or 0)
-        if settings.repetition_penalty != 1.0:
-            slot.seen = torch.zeros(vocab, dtype=torch.bool, device=self.lm.device)
-            slot.seen[ids] = True
+            slot.generator = generator(self.lm.device, row.seed)
+        seen, counts = penalty_state(settings, [ids], vocab, self.lm.device)
+        slot.seen = None if seen is None else seen[0]
+        slot.counts = None if counts is None else counts[0]
         return slot
 
     def _kv_bytes(self, slots: list[_Slot]) -> int:
         """Bytes of the KV cache a batch of these rows takes until its longest row is done."""
-        net = self.lm.net
-        assert net is not None
         slots = [s for s in slots if not s.done]  # rows that are done leave when the others join
-        per_column = 2 * net.config.n_layer * net.config.n_embd * net.dtype.itemsize
-        return len(slots) * self._columns(slots) * per_column
+        return kv_bytes(self.lm, len(slots), self._columns(slots))
 
     def _columns(self, slots: list[_Slot]) -> int:
         """Columns a right-aligned cache of these rows needs: the longest row now, plus the most steps
@@ -507,7 +507,9 @@ class Engine:
         lengths = [s.position for s in slots]
         input_ids, mask, positions = left_pad([s.row.prompt_ids for s in slots], self._pad, self.lm.device)
         most = max(s.job.settings.max_new_tokens for s in slots)
-        self._decoder = _decoder(self.lm, len(slots), input_ids.shape[1] + min(most, self.lm.context_length))
+        self._decoder = open_decoder(
+            self.lm, len(slots), input_ids.shape[1] + min(most, self.lm.context_length)
+        )
         self._logits = self._decoder.prefill(
             input_ids, mask if min(lengths) < max(lengths) else None, positions
         )
@@ -539,12 +541,12 @@ class Engine:
             targets = torch.tensor(ids[1:], device=self.lm.device)
             chosen = logprobs[:-1].gather(1, targets[:, None])[:, 0].tolist()
             top = torch.topk(logprobs[:-1], min(k, logprobs.shape[-1]), dim=-1) if k else None
-            entries: list[dict[str, Any] | None] = [None]
+            entries: list[LogprobEntry | None] = [None]
             for j, token in enumerate(ids[1:]):
                 alternatives = []
                 if top is not None:
                     alternatives = list(zip(top.indices[j].tolist(), top.values[j].tolist(), strict=True))
-                entries.append(_logprob_entry(self._names, token, chosen[j], alternatives))
+                entries.append(logprob_entry(self._names, token, chosen[j], alternatives))
             self._send(job, PromptLogprobs(index, entries))
 
     # One step: pick every row's token, send events, drop rows that are done, run the model ------------
@@ -566,20 +568,19 @@ class Engine:
                 continue
             job, row = slot.job, slot.row
             self.tokens += 1
-            if not row.token_ids:
-                row.first_token_at = now
-            row.token_ids.append(token)
             if slot.seen is not None:
                 slot.seen[token] = True
+            if slot.counts is not None:
+                slot.counts[token] += 1
             eos = set() if job.settings.ignore_eos else self._eos
-            text = _advance(row, token, eos, job.settings.max_new_tokens, context)
+            max_new = job.settings.max_new_tokens
+            text = take(row, token, eos=eos, max_new_tokens=max_new, context=context, now=now)
             logprob = row.logprobs[-1] if row.logprobs else None
             self._send(job, Token(row.index, row.sample, token, text, logprob))
             if row.finish_reason is not None:
-                row.done_at = now
                 slot.done = True
                 job._running -= 1
-                self._send(job, _finish(self.lm, row, job.settings, job.submitted))
+                self._send(job, finish(self.lm.tokenizer, row, job.settings, job.submitted))
                 if job._running == 0 and job._next == job.rows:
                     self._send(job, Done())
         tokens = self._drop_done(tokens)
@@ -592,7 +593,7 @@ class Engine:
         )
         positions = torch.tensor([min(s.position, context - 1) for s in self._slots], device=self.lm.device)
         # One row alone decodes on the threads measured fastest for it, as `complete` does.
-        with _threads(self.lm.decode_threads() if len(self._slots) == 1 else None):
+        with torch_threads(self.lm.decode_threads() if len(self._slots) == 1 else None):
             self._logits = self._decoder.step(next_ids[:, None], positions[:, None])
         for slot in self._slots:
             slot.position += 1
@@ -600,7 +601,7 @@ class Engine:
 
     def _pick_all(self) -> list[int]:
         """Every row's next token (pad for rows that are done): rows with the same way of drawing are
-        drawn together, each with its own generator, by generate._pick."""
+        drawn together, each with its own generator, by decoding.pick."""
         import torch
 
         assert self._logits is not None
@@ -618,16 +619,21 @@ class Engine:
                 ids, values = zip(*bias, strict=True)
                 logits = logits.clone()
                 logits[:, list(ids)] += torch.tensor(values, dtype=logits.dtype, device=logits.device)
-            seen = None
+            seen = counts = None
             if settings.repetition_penalty != 1.0:
                 seen = torch.stack([self._slots[i].seen for i in rows])  # type: ignore[misc]
-            generators = [self._slots[i].generator for i in rows] if settings.sampling else []
-            picked, chosen, top = _pick(logits, settings, seen, generators, [True] * len(rows), self._pad)  # type: ignore[arg-type]
+            if settings.presence_penalty or settings.frequency_penalty:
+                counts = torch.stack([self._slots[i].counts for i in rows])  # type: ignore[misc]
+            # (every sampled row has its generator)
+            generators = [g for i in rows if (g := self._slots[i].generator) is not None]
+            picked, chosen, top = pick(
+                logits, settings, seen, generators, [True] * len(rows), self._pad, counts
+            )
             for j, (i, token) in enumerate(zip(rows, picked.tolist(), strict=True)):
                 tokens[i] = token
                 row = self._slots[i].row
                 if row.logprobs is not None and chosen is not None:
-                    row.logprobs.append(_logprob_entry(self._names, token, chosen[j], top[j] if top else []))
+                    row.logprobs.append(logprob_entry(self._names, token, chosen[j], top[j] if top else []))
         return tokens
 
     def _drop_done(self, tokens: list[int]) -> list[int]:

@@ -10,11 +10,14 @@ import math
 import secrets
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from gptcli.generation.generate import Completion
 from gptcli.generation.tokens import Detokenizer, TokenText
 from gptcli.serving.engine import Done, Event, Failed, PromptLogprobs, Token
+
+if TYPE_CHECKING:
+    from gptcli.contracts import LogprobEntry, TopLogprob
 
 FINISH = {"eos": "stop", "stop": "stop", "length": "length"}
 
@@ -34,7 +37,7 @@ def legacy_piece(hex_bytes: str) -> str:
         return "bytes:" + "".join(f"\\x{b:02x}" for b in data)
 
 
-def chat_logprob(entry: dict[str, Any]) -> dict[str, Any]:
+def chat_logprob(entry: TopLogprob) -> dict[str, Any]:
     """A token entry as chat completions write it: text (U+FFFD for part of a character) and bytes."""
     data = bytes.fromhex(entry["bytes"])
     return {
@@ -55,7 +58,6 @@ class _Choice:
     chat_logprobs: list[dict[str, Any]] = field(default_factory=list)
     released: int = 0  # characters of text so far (the prompt's too, with echo)
     done: Completion | None = None
-    reported: int = 0  # logprob entries already streamed
 
 
 @dataclass
@@ -154,7 +156,7 @@ class Reply:
             return [self._chunk(choice, {"content": event.text}, logprobs_from=start)]
         return [self._chunk(choice, event.text, logprobs_from=start)]
 
-    def _add_logprob(self, choice: _Choice, token: int, entry: dict[str, Any] | None, offset: int) -> None:
+    def _add_logprob(self, choice: _Choice, token: int, entry: LogprobEntry | None, offset: int) -> None:
         if self.chat:
             if entry is not None:
                 item = chat_logprob(entry)

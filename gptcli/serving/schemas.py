@@ -1,19 +1,25 @@
 """The requests the server accepts: OpenAI's fields (and llama.cpp's extras), checked strictly.
 
 Unknown fields are refused, as OpenAI refuses them; a wrong type is refused rather than converted
-("5" is not 5); numbers must be finite. Fields OpenAI has and gptcli does not do are accepted only at
-their no-op value (a `frequency_penalty` of 0, an empty `logit_bias`), so no request silently gets
-something other than what it asked for.
+("5" is not 5); numbers must be finite. Fields OpenAI has and gptcli does not do (`best_of` other than
+n, `suffix`, `tools`) are refused, so no request silently gets something other than what it asked for.
+
+The decoding settings a request may set under their own name (top_k, presence_penalty...) are
+generated from gptcli.generation.sampling.Settings, where each declares its server names and range.
 """
 
 from __future__ import annotations
 
-from typing import Any, Literal
+import typing
+from typing import TYPE_CHECKING, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 
 from gptcli.errors import UsageError
-from gptcli.generation.sampling import Settings, resolve_settings
+from gptcli.generation.sampling import Settings, options, resolve_settings
+
+if TYPE_CHECKING:
+    from gptcli.contracts import GenerationConfig
 
 MAX_CHOICES = 128  # prompts × n of one request
 MAX_LOGPROBS = 100  # alternatives per token (OpenAI: 5 for completions, 20 for chat)
@@ -62,32 +68,40 @@ class StreamOptions(_Strict):
     include_obfuscation: bool | None = None  # OpenAI's; there is nothing to obfuscate here
 
 
-class _Decoding(_Strict):
-    """What completions and chat completions share."""
+class _Shared(_Strict):
+    """What completions and chat completions share, but the settings generated from Settings."""
 
     model: str | None = None  # any name: the server has one model
     max_tokens: int | None = Field(None, ge=0)
     temperature: float | None = Field(None, ge=0)
-    top_p: float | None = Field(None, gt=0, le=1)
     n: int = Field(1, ge=1, le=MAX_CHOICES)
     stop: str | list[str] | None = None
-    seed: int | None = Field(None, ge=0, lt=2**63)
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
-    # OpenAI's, which gptcli does not do: only their no-op values
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
-    logit_bias: dict[str, float] | None = None
-    # llama.cpp's server names for what OpenAI has not (repetition_penalty: vLLM's and transformers')
-    top_k: int | None = Field(None, ge=0)
-    min_p: float | None = Field(None, ge=0, le=1)
-    repeat_penalty: float | None = Field(None, gt=0)
-    repetition_penalty: float | None = Field(None, gt=0)
+    logit_bias: dict[str, float] | None = None  # token ids (JSON keys) -> bias; checked by `logit_bias`
     ignore_eos: bool = False
 
 
-class CompletionRequest(_Decoding):
+def _setting_fields() -> dict[str, Any]:
+    """A request field per server name of each decoding setting (top_p, seed: OpenAI's; top_k,
+    min_p, repeat_penalty: llama.cpp's server's; repetition_penalty: vLLM's and transformers'),
+    with the setting's range; None: not given."""
+    hints = typing.get_type_hints(Settings)
+    made: dict[str, Any] = {}
+    for name, (how, _) in options().items():
+        bare = [a for a in typing.get_args(hints[name]) if a is not type(None)] or [hints[name]]
+        bounds = {k: v for k in ("ge", "gt", "le", "lt") if (v := getattr(how, k)) is not None}
+        for api in how.api:
+            made[api] = (bare[0] | None, Field(None, description=how.help, **bounds))
+    return made
+
+
+# A class built from the declarations: mypy sees its subclasses' own fields, and Any for these.
+_Decoding = create_model("_Decoding", __base__=_Shared, **_setting_fields())
+
+
+class CompletionRequest(_Decoding):  # type: ignore[misc,valid-type]
     prompt: str | list[str] | list[int] | list[list[int]]
     echo: bool = False
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
@@ -111,7 +125,7 @@ class ResponseFormat(_Strict):
     type: Literal["text"]
 
 
-class ChatRequest(_Decoding):
+class ChatRequest(_Decoding):  # type: ignore[misc,valid-type]
     messages: list[Message] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=0)
     logprobs: bool = False
@@ -186,16 +200,8 @@ def _shown(value: object) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
-def unsupported(request: _Decoding) -> None:
+def unsupported(request: CompletionRequest | ChatRequest) -> None:
     """Refuse OpenAI fields that would ask for something gptcli does not do."""
-    for name in ("presence_penalty", "frequency_penalty"):
-        if getattr(request, name):
-            raise ApiError(
-                400,
-                f"{name} is not supported: use repeat_penalty (transformers' definition)",
-                param=name,
-                code="unsupported_parameter",
-            )
     if isinstance(request, CompletionRequest):
         if request.best_of not in (None, 1, request.n):
             raise ApiError(
@@ -215,12 +221,14 @@ def unsupported(request: _Decoding) -> None:
             param="tools",
             code="unsupported_parameter",
         )
-    both = (request.repeat_penalty, request.repetition_penalty)
-    if None not in both and both[0] != both[1]:
-        raise ApiError(400, "repeat_penalty and repetition_penalty differ: give one", param="repeat_penalty")
+    for how, _ in options().values():  # a setting given under two names
+        given = {api: value for api in how.api if (value := getattr(request, api)) is not None}
+        if len(set(given.values())) > 1:
+            first, second = list(given)[:2]
+            raise ApiError(400, f"{first} and {second} differ: give one", param=first)
 
 
-def logit_bias(request: _Decoding, vocab: int) -> dict[int, float] | None:
+def logit_bias(request: CompletionRequest | ChatRequest, vocab: int) -> dict[int, float] | None:
     """OpenAI's logit_bias: token ids (as strings, JSON's keys) to a bias from -100 to 100."""
     if not request.logit_bias:
         return None
@@ -238,7 +246,7 @@ def logit_bias(request: _Decoding, vocab: int) -> dict[int, float] | None:
     return bias
 
 
-def stops(request: _Decoding) -> tuple[str, ...]:
+def stops(request: CompletionRequest | ChatRequest) -> tuple[str, ...]:
     values = [request.stop] if isinstance(request.stop, str) else list(request.stop or [])
     if len(values) > MAX_STOPS:
         raise ApiError(400, f"stop takes at most {MAX_STOPS} texts (got {len(values)})", param="stop")
@@ -248,8 +256,8 @@ def stops(request: _Decoding) -> tuple[str, ...]:
 
 
 def settings(
-    request: _Decoding,
-    generation_config: Any,
+    request: CompletionRequest | ChatRequest,
+    generation_config: GenerationConfig | None,
     *,
     max_tokens: int | None,
     logprobs: int | None,
@@ -263,14 +271,14 @@ def settings(
     """
     temperature = request.temperature
     flags: dict[str, Any] = {
+        name: next((v for api in how.api if (v := getattr(request, api)) is not None), None)
+        for name, (how, _) in options().items()
+        if how.api
+    }
+    flags |= {
         "max_new_tokens": max_tokens or None,  # 0 (echo only) decodes nothing: any valid value
         "temperature": temperature if temperature else None,
         "greedy": None if temperature is None else temperature == 0,
-        "top_k": request.top_k,
-        "top_p": request.top_p,
-        "min_p": request.min_p,
-        "repetition_penalty": request.repeat_penalty or request.repetition_penalty,
-        "seed": request.seed,
         "stop": (stops(request) + extra_stops) or None,
         "ignore_eos": request.ignore_eos or None,
         "num_samples": request.n,

@@ -83,6 +83,17 @@ def atomic_write(path: Path, write: Callable[[IO[bytes]], object]) -> None:
     fsync_dir(path.parent)
 
 
+def move_into_place(written: Path, path: Path, *, sync_folder: bool = True) -> None:
+    """Make a file written elsewhere (`temp_path(path)`, or a folder on the same disk) durable, then
+    rename it over `path`: what `atomic_write` does for files a library writes itself.
+    `sync_folder=False` leaves the folder's fsync to the caller (one for many files)."""
+    with open(written, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(written, path)
+    if sync_folder:
+        fsync_dir(path.parent)
+
+
 def atomic_write_json(path: Path, obj: Any) -> None:
     """`obj` as indented JSON in `path`, written atomically."""
     text = json.dumps(obj, indent=1, default=str)

@@ -35,6 +35,7 @@ from gptcli.training.atomic import (
     free_space,
     fsync_dir,
     is_temp,
+    move_into_place,
 )
 
 if TYPE_CHECKING:
@@ -281,11 +282,9 @@ def export_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, out
             (Path(temp) / "README.md").unlink(missing_ok=True)
             mode = file_mode()
             for file in sorted(Path(temp).iterdir()):
-                with open(file, "rb") as f:
-                    os.fsync(f.fileno())
                 # safetensors writes through a 0600 temporary file; the folder is for others to load too
                 os.chmod(file, mode)
-                os.replace(file, out_dir / file.name)
+                move_into_place(file, out_dir / file.name, sync_folder=False)
     except Exception as exc:  # a full disk, as safetensors or the tokenizer report it
         reason = getattr(exc, "strerror", None) or first_line(exc)
         raise GptcliError(

@@ -31,7 +31,7 @@ import numpy as np
 
 from gptcli.errors import GptcliError, UsageError
 from gptcli.textio import decode_utf8
-from gptcli.training.atomic import atomic_write_json, temp_path
+from gptcli.training.atomic import atomic_write_json, move_into_place, temp_path
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -377,7 +377,7 @@ def prepare_tokens(
             names = ", ".join("stdin" if p == "-" else p for p in paths)
             which = "training" if split == "train" else "validation (--val)"
             raise UsageError(f"no text in the {which} data: {names} holds no documents")
-        os.replace(temp, folder / f"{split}.bin")
+        move_into_place(temp, folder / f"{split}.bin")
     meta = {
         "fingerprint": fingerprint,
         "dtype": dtype,

@@ -20,9 +20,11 @@ from transformers import (
 )
 
 from gptcli.errors import GptcliError, UsageError, first_line
+from gptcli.generation.tokens import unknown_token_id
 from gptcli.loading.cpu import cpu_has_bf16
 from gptcli.loading.models import (
     BUILTIN,
+    as_contract,
     check_model_folder,
     context_length,
     is_hub_id,
@@ -412,9 +414,10 @@ def load_examples(
 
 
 def unknown_share(tokens: np.ndarray, tokenizer: PreTrainedTokenizerBase) -> float:
-    """The fraction of `tokens` that are the unknown token (0 where it is also end-of-text: GPT-2's)."""
-    unk = tokenizer.unk_token_id
-    if unk is None or unk in (tokenizer.eos_token_id, tokenizer.bos_token_id) or not len(tokens):
+    """The fraction of `tokens` that are the unknown token (`unknown_token_id`: 0 where there is no
+    real one)."""
+    unk = unknown_token_id(as_contract(tokenizer))
+    if unk is None or not len(tokens):
         return 0.0
     return int(np.count_nonzero(tokens == unk)) / len(tokens)
 
