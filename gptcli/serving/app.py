@@ -17,7 +17,7 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import anyio
 from fastapi import FastAPI, Request
@@ -47,6 +47,7 @@ _THREADS = 4  # worker threads for tokenizing and parsing (each thread's malloc 
 STREAM_BUFFER = 16  # events per completion a stream may hold unsent before its rows pause
 
 Log = Callable[[str], None]
+T = TypeVar("T")
 
 
 @dataclass
@@ -81,7 +82,7 @@ class State:
         loop = asyncio.get_running_loop()
         loop.call_later(grace, lambda: loop.run_in_executor(None, self.engine.stop))
 
-    async def in_thread(self, fn: Callable[..., Any], *args: Any) -> Any:
+    async def in_thread(self, fn: Callable[..., T], *args: Any) -> T:
         return await anyio.to_thread.run_sync(fn, *args, limiter=self.limiter)
 
 
