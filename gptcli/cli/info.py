@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Annotated
-
-import typer
+from typing import TYPE_CHECKING
 
 from gptcli.cli._common import (
     MODELS,
@@ -23,14 +21,6 @@ from gptcli.cli._common import (
 
 if TYPE_CHECKING:
     pass
-
-EachLineOpt = Annotated[
-    bool,
-    typer.Option(
-        "--each-line", help="Every line of stdin (or -f FILE) is a prompt; one JSON line per prompt."
-    ),
-]
-BatchOpt = Annotated[int, typer.Option("--batch-size", help="Prompts per forward pass with --each-line.")]
 
 
 @command(

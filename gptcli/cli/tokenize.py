@@ -26,14 +26,6 @@ from gptcli.textio import check_text
 if TYPE_CHECKING:
     pass
 
-EachLineOpt = Annotated[
-    bool,
-    typer.Option(
-        "--each-line", help="Every line of stdin (or -f FILE) is a prompt; one JSON line per prompt."
-    ),
-]
-BatchOpt = Annotated[int, typer.Option("--batch-size", help="Prompts per forward pass with --each-line.")]
-
 
 @command(
     rich_help_panel=INSPECT,
