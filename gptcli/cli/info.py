@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from gptcli.cli._common import (
     MODELS,
     AllowPickleOpt,
@@ -18,9 +16,6 @@ from gptcli.cli._common import (
     load,
     note,
 )
-
-if TYPE_CHECKING:
-    pass
 
 
 @command(
