@@ -168,7 +168,7 @@ def _walk(session: StepSession, fd: int, k: int) -> None:
         while True:
             _draw(console, session, k, message)
             message = ""
-            data = os.read(fd, 64)
+            data = _read_keys(fd)
             if not data:  # the terminal went away
                 return
             if data.startswith(b"\x1b"):  # arrows and other escape sequences: not ours
@@ -190,6 +190,17 @@ def _walk(session: StepSession, fd: int, k: int) -> None:
                         message = f"keys: {_KEYS}"
                 except GptcliError as exc:  # the text has ended or the context is full
                     message = f"{exc}"
+
+
+def _read_keys(fd: int) -> bytes:
+    """The next keys typed, waiting in short slices rather than in one blocking read: a Ctrl-C whose
+    signal lands just before a blocking read() would only be acted on at the next key (Python runs
+    signal handlers between bytecodes, and the read would not be interrupted)."""
+    import select
+
+    while not select.select([fd], [], [], 0.2)[0]:
+        pass
+    return os.read(fd, 64)
 
 
 def _draw(console: Console, session: StepSession, k: int, message: str) -> None:
