@@ -259,3 +259,64 @@ def test_a_paused_job_leaves_the_batch_and_resumes_with_the_same_numbers(lms) ->
             assert engine.stats()["paused"] == 0
     finally:
         engine.stop()
+
+
+def test_a_long_prompt_is_prefilled_in_chunks_while_the_others_decode(lms) -> None:
+    """A prompt longer than prefill_chunk goes in a chunk per step: a row already decoding gets tokens
+    between the chunks, and every row still equals `complete` alone (greedy ids, logprobs to 1e-5)."""
+    lm = lms["bpe"]
+    long_prompt = "今天天气很好，我们去公园散步吧。" * 4
+    long_ids = encode_prompt(lm.tokenizer, long_prompt)
+    assert 60 < len(long_ids) < lm.context_length - 16
+    engine = Engine(lm, prefill_chunk=8).start()
+    try:
+        settings = greedy(max_new_tokens=12, logprobs=2)
+        runner_settings = greedy(max_new_tokens=60, ignore_eos=True)
+        during: list[int] = []  # engine.chunks when each of the running row's tokens arrived
+        first = threading.Event()
+        finished = threading.Event()
+        running: list = []
+
+        def sink(event) -> None:
+            running.append(event)
+            if isinstance(event, Token):
+                during.append(engine.chunks)
+                first.set()
+            if isinstance(event, Done):
+                finished.set()
+
+        engine.submit(Job(["a"], [encode_prompt(lm.tokenizer, "a")], runner_settings, sink))
+        assert first.wait(30)
+        (long_done,) = [e for e in engine.stream([long_prompt], settings) if isinstance(e, Completion)]
+        assert finished.wait(30)
+        total = engine.chunks
+        assert total == -(-len(long_ids) // 8)
+        assert any(0 < seen < total for seen in during)  # the running row decoded between chunks
+        (alone,) = complete(lm, [long_prompt], settings, batch_size=1)
+        assert long_done.token_ids == alone.token_ids
+        for x, y in zip(alone.logprobs or [], long_done.logprobs or [], strict=True):
+            assert x["id"] == y["id"] and abs(x["logprob"] - y["logprob"]) < 1e-5
+        (runner_done,) = [e for e in running if isinstance(e, Completion)]
+        assert runner_done.token_ids == complete(lm, ["a"], runner_settings)[0].token_ids
+    finally:
+        engine.stop()
+
+
+def test_a_failing_job_fails_alone(lms, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A job whose processing raises (the test-only fault: a real path through the engine) gets Failed
+    with the reason; the jobs decoding beside it and those waiting for room finish as they would alone."""
+    from gptcli.serving.engine import FAULT_ENV
+
+    monkeypatch.setenv(FAULT_ENV, "boom")
+    lm = lms["bpe"]
+    engine = Engine(lm, max_rows=2).start()
+    try:
+        settings = greedy(max_new_tokens=20, ignore_eos=True)
+        failed: list = []
+        engine.submit(Job(["boom"], [encode_prompt(lm.tokenizer, "boom")], settings, failed.append))
+        together = completions(engine, PROMPTS[:4], settings, stagger=0)
+        assert [type(e) for e in failed] == [Failed]
+        assert "injected fault" in failed[0].message and "generation failed" in failed[0].message
+        assert [c.token_ids for c in together] == [c.token_ids for c in complete(lm, PROMPTS[:4], settings)]
+    finally:
+        engine.stop()

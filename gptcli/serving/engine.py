@@ -5,12 +5,26 @@
 step the engine takes in the jobs that arrived, decodes one token for every row of every running job
 together, sends each row's events, and drops the rows that are done.
 
-A joining prompt is prefilled on its own, exactly as `gptcli complete` prefills it, and its keys and
+A joining prompt is prefilled on its own, as `gptcli complete` prefills it, and its keys and
 values are gathered with the running rows into one right-aligned cache (gptcli.gpt2.KVCache.gather):
 left padding marked in the mask, positions counted per row. So a row computes what it computes alone,
 whoever shares its steps, and a seeded row draws from its own generator (seed + sample) as in the CLI.
 Rows, picking and taking tokens, stop texts, the UTF-8-safe text, the finished Completion and the
 KV budget are gptcli.generation.decoding's, as for `complete`.
+
+A prompt longer than `prefill_chunk` tokens is prefilled a chunk per step: between two chunks the
+running rows decode one token, so a long prompt arriving mid-batch delays their next tokens by one
+chunk's time rather than the whole prompt's (vLLM's chunked prefill, on one row at a time).
+
+Failures stay with their job: a job whose prefill, prompt scoring or token taking raises gets a Failed
+event (the server answers 500 with the reason) and leaves; the other jobs, running or waiting, go on.
+An error in the batch's own step fails the jobs with rows in that step, never the waiting ones.
+
+Threads: the engine thread (`_run`) owns everything below the "engine thread" line: the waiting line,
+the batch (rows, KV cache, logits), the parked rows and every model call. Any thread may `submit`,
+`cancel`, `pause` and `resume`: those only put into the inbox queue or set a job's flags, which the
+engine thread reads at its next step. Sinks are called on the engine thread and must not block (the
+server's put the events on its event loop's queue, where they are turned into JSON and SSE).
 
 Models that gptcli.gpt2 does not run (lm.runtime "transformers": their DynamicCache) decode one job at
 a time: a job waits until the batch is empty, then its rows decode together as in `generate.stream`.
@@ -19,13 +33,14 @@ a time: a job waits until the batch is empty, then its rows decode together as i
 from __future__ import annotations
 
 import dataclasses
+import os
 import queue
 import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from gptcli.batching import left_pad, pad_id
 from gptcli.errors import GptcliError, UsageError, first_line
@@ -55,6 +70,8 @@ if TYPE_CHECKING:
 
     from gptcli.contracts import LogprobEntry
     from gptcli.loading.models import LoadedModel
+
+_T = TypeVar("_T")
 
 # --- Events (what a job's sink receives, in order) ----------------------------------------------------
 
@@ -90,6 +107,14 @@ class Done:
 
 
 SHUTTING_DOWN = "the server is shutting down"  # the Failed message of the jobs `stop` ends
+
+# Longest prompt prefilled in one go: longer ones go a chunk per step, so the running rows keep
+# decoding. A 256-token chunk of GPT-2-124M takes about as long on a CPU as a few batched steps.
+PREFILL_CHUNK = 256
+
+# A test-only fault (a real code path, not a mock): a row whose prompt contains this variable's text
+# raises when its first token is taken, as a bug in one row's processing would.
+FAULT_ENV = "GPTCLI_ENGINE_FAULT"
 
 
 class Busy(GptcliError):
@@ -131,6 +156,7 @@ class Job:
     _next: int = 0  # the next row (prompt-major) not yet in the batch
     _running: int = 0  # rows in the batch
     _prefilled: dict[int, Any] = field(default_factory=dict, repr=False)  # prompt -> (cache, logits)
+    _prefilling: Any = field(default=None, repr=False)  # (decoder, tokens fed) of a prompt being chunked
     _scored: bool = False  # the PromptLogprobs were sent
 
     @property
@@ -177,11 +203,18 @@ def check_max_batch(max_rows: int) -> None:
 class Engine:
     """The model's one decode loop, shared by every job: start(), submit() jobs, stop()."""
 
-    def __init__(self, lm: LoadedModel, *, max_rows: int = 32) -> None:
-        """`max_rows`: most rows decoded together (fewer when their KV cache would pass KV_BUDGET)."""
+    def __init__(
+        self, lm: LoadedModel, *, max_rows: int = 32, prefill_chunk: int | None = PREFILL_CHUNK
+    ) -> None:
+        """`max_rows`: most rows decoded together (fewer when their KV cache would pass KV_BUDGET).
+        `prefill_chunk`: most prompt tokens prefilled between two decoding steps (None: whole prompts)."""
         check_max_batch(max_rows)
+        if prefill_chunk is not None and prefill_chunk < 1:
+            raise UsageError(f"the prefill chunk must be at least 1 token (got {prefill_chunk})")
         self.lm = lm
         self.max_rows = max_rows
+        self.prefill_chunk = prefill_chunk
+        self._fault = os.environ.get(FAULT_ENV) or None
         self.kv_budget = KV_BUDGET  # most bytes the batch's KV cache may take
         self._inbox: queue.SimpleQueue[Job | None] = queue.SimpleQueue()
         self._waiting: deque[Job] = deque()
@@ -203,6 +236,7 @@ class Engine:
         self.steps = 0  # decoding steps run (for tests and benchmarks)
         self.peak_rows = 0  # most rows decoded together
         self.tokens = 0  # tokens generated, all jobs together
+        self.chunks = 0  # prefill chunks run (prompts longer than prefill_chunk)
 
     # -- the caller's side (any thread) ----------------------------------------------------------------
 
@@ -289,8 +323,8 @@ class Engine:
                     self._admit()
                     if self._slots:
                         self._decode_step()
-                except Exception as exc:  # a bug or out of memory: fail what runs, keep serving the rest
-                    self._fail_all(f"generation failed: {first_line(exc)}")
+                except Exception as exc:  # a bug outside any one job's work: fail what runs, serve on
+                    self._fail_all(_reason(exc))
         self._fail_all(SHUTTING_DOWN)
         while True:  # jobs submitted while stopping
             try:
@@ -322,6 +356,24 @@ class Engine:
         except Exception:  # whoever listened is gone (a closed event loop, say): stop the job
             job.cancelled = True
 
+    def _fail_job(self, job: Job, exc: BaseException) -> None:
+        """This job alone failed (its prefill, scoring or a row's token): tell it why, let its rows go at
+        the next step (as a cancel's do), and leave the other jobs alone."""
+        if job in self._waiting:
+            self._waiting.remove(job)
+        job._prefilled.clear()
+        job._prefilling = None
+        if not job.cancelled:
+            self._send(job, Failed(_reason(exc)))
+        job.cancelled = True
+        self._jobs.pop(job, None)
+
+    def _fail_running(self, exc: BaseException) -> None:
+        """The batch's step raised: fail the jobs with rows in it; waiting and parked jobs go on."""
+        for job in dict.fromkeys(s.job for s in self._slots):
+            self._fail_job(job, exc)
+        self._slots, self._decoder, self._logits = [], None, None
+
     def _fail_all(self, message: str) -> None:
         """Tell every job not over yet that it failed, and start again with an empty batch."""
         jobs = list(self._jobs)
@@ -350,11 +402,14 @@ class Engine:
             return
         while self._waiting:
             job = self._waiting[0]
-            if self._ends_before_decoding(job):
+            if self._guarded(job, self._ends_before_decoding) is not False:  # it left (or failed)
                 continue
             if len(self._slots) + len(joining) >= self.max_rows:
                 break
-            slot, cache, logits = self._new_row(job)
+            made = self._guarded(job, self._new_row)
+            if made is None:  # it failed, or a chunk of a long prompt went in: the batch decodes first
+                break
+            slot, cache, logits = made
             if self._slots or joining:
                 rows = [*self._slots, *(s for s, _, _ in joining), slot]
                 if self._kv_bytes(rows) > KV_BUDGET:
@@ -367,6 +422,14 @@ class Engine:
                 self._waiting.popleft()
         if joining:
             self._merge(joining)
+
+    def _guarded(self, job: Job, work: Callable[[Job], _T]) -> _T | None:
+        """`work(job)`, or None when it raised: then this job alone fails and the others go on."""
+        try:
+            return work(job)
+        except Exception as exc:
+            self._fail_job(job, exc)
+            return None
 
     def _resumable(self) -> bool:
         return any(not slot.job.paused or slot.job.cancelled for slot, _, _ in self._parked)
@@ -414,24 +477,43 @@ class Engine:
         self._decoder.keep(index)
         self._logits = self._logits[index]
 
-    def _new_row(self, job: Job) -> tuple[_Slot, Any, torch.Tensor]:
-        """The job's next row, with its prompt prefilled alone (once for all samples of the prompt)."""
+    def _new_row(self, job: Job) -> tuple[_Slot, Any, torch.Tensor] | None:
+        """The job's next row, with its prompt prefilled alone (once for all samples of the prompt).
+        None while a long prompt is prefilled in chunks: one more chunk went in, the row is not ready."""
+        index, sample = divmod(job._next, job.settings.num_samples)
+        if index not in job._prefilled and not self._prefill(job, index):
+            return None
+        job._next += 1
+        cache, logits = job._prefilled[index]
+        return self._slot(job, index, sample, logits.shape[-1]), cache, logits
+
+    def _prefill(self, job: Job, index: int) -> bool:
+        """Prefill prompt `index` of the job, or its next chunk when it is longer than prefill_chunk;
+        True once the whole prompt is in (its cache and last logits then in job._prefilled)."""
         import torch
 
         from gptcli.gpt2 import CachedDecoder
 
-        index, sample = divmod(job._next, job.settings.num_samples)
-        job._next += 1
         ids = list(job.prompt_ids[index])
-        if index not in job._prefilled:
+        if job._prefilling is None:
             job._prefilled.clear()  # rows are prompt-major: the previous prompt is done with
-            decoder = CachedDecoder(self.lm.net, 1, len(ids))  # type: ignore[arg-type]
-            input_ids = torch.tensor([ids], device=self.lm.device)
-            positions = torch.arange(len(ids), device=self.lm.device)[None]
-            # As `complete` prefills one prompt: no padding, no mask, SDPA's causal path.
-            job._prefilled[index] = (decoder.cache, decoder.prefill(input_ids, None, positions))
-        cache, logits = job._prefilled[index]
-        return self._slot(job, index, sample, logits.shape[-1]), cache, logits
+            job._prefilling = (CachedDecoder(self.lm.net, 1, len(ids)), 0)  # type: ignore[arg-type]
+        decoder, fed = job._prefilling
+        end = len(ids) if self.prefill_chunk is None else min(len(ids), fed + self.prefill_chunk)
+        input_ids = torch.tensor([ids[fed:end]], device=self.lm.device)
+        positions = torch.arange(fed, end, device=self.lm.device)[None]
+        # As `complete` prefills one prompt: no padding, no mask; SDPA's causal path for the first
+        # chunk, a causal mask offset by the cached columns for the next ones.
+        logits = decoder.prefill(input_ids, None, positions)
+        if end < len(ids):
+            job._prefilling = (decoder, end)
+            self.chunks += 1
+            return False
+        if fed:
+            self.chunks += 1
+        job._prefilling = None
+        job._prefilled[index] = (decoder.cache, logits)
+        return True
 
     def _slot(self, job: Job, index: int, sample: int, vocab: int) -> _Slot:
 
@@ -493,8 +575,14 @@ class Engine:
         if self._slots:
             return
         job = self._waiting[0]
-        if self._ends_before_decoding(job):
-            return
+        try:
+            if not self._ends_before_decoding(job):
+                self._start_one_job(job)
+        except Exception as exc:  # this job cannot be run: it fails alone
+            self._slots, self._decoder, self._logits = [], None, None
+            self._fail_job(job, exc)
+
+    def _start_one_job(self, job: Job) -> None:
         take = min(self.max_rows, job.rows - job._next)
         slots = []
         for _ in range(take):
@@ -552,8 +640,6 @@ class Engine:
     # One step: pick every row's token, send events, drop rows that are done, run the model ------------
 
     def _decode_step(self) -> None:
-        import torch
-
         for slot in self._slots:
             if slot.job.cancelled and not slot.done:
                 slot.done = True
@@ -564,29 +650,50 @@ class Engine:
         now = time.perf_counter()
         context = self.lm.context_length
         for slot, token in zip(self._slots, tokens, strict=True):
-            if slot.done:
-                continue
-            job, row = slot.job, slot.row
-            self.tokens += 1
-            if slot.seen is not None:
-                slot.seen[token] = True
-            if slot.counts is not None:
-                slot.counts[token] += 1
-            eos = set() if job.settings.ignore_eos else self._eos
-            max_new = job.settings.max_new_tokens
-            text = take(row, token, eos=eos, max_new_tokens=max_new, context=context, now=now)
-            logprob = row.logprobs[-1] if row.logprobs else None
-            self._send(job, Token(row.index, row.sample, token, text, logprob))
-            if row.finish_reason is not None:
-                slot.done = True
-                job._running -= 1
-                self._send(job, finish(self.lm.tokenizer, row, job.settings, job.submitted))
-                if job._running == 0 and job._next == job.rows:
-                    self._send(job, Done())
+            if not (slot.done or slot.job.cancelled):
+                try:
+                    self._take_token(slot, token, context, now)
+                except Exception as exc:  # this row's processing failed: its job alone fails
+                    self._fail_job(slot.job, exc)
+        for slot in self._slots:
+            slot.done = slot.done or slot.job.cancelled
         tokens = self._drop_done(tokens)
         if not self._slots:
             self._decoder = self._logits = None
             return
+        try:
+            self._step(tokens)
+        except Exception as exc:  # the batch's step raised: its jobs fail, the waiting ones go on
+            self._fail_running(exc)
+
+    def _take_token(self, slot: _Slot, token: int, context: int, now: float) -> None:
+        """Take the row's new token: penalties' state, its text, its events, and its end if it ends."""
+        job, row = slot.job, slot.row
+        if self._fault is not None and not row.token_ids and self._fault in row.prompt:
+            raise RuntimeError(f"injected fault ({FAULT_ENV}) in the row of prompt {row.index}")
+        self.tokens += 1
+        if slot.seen is not None:
+            slot.seen[token] = True
+        if slot.counts is not None:
+            slot.counts[token] += 1
+        eos = set() if job.settings.ignore_eos else self._eos
+        max_new = job.settings.max_new_tokens
+        text = take(row, token, eos=eos, max_new_tokens=max_new, context=context, now=now)
+        logprob = row.logprobs[-1] if row.logprobs else None
+        self._send(job, Token(row.index, row.sample, token, text, logprob))
+        if row.finish_reason is not None:
+            slot.done = True
+            job._running -= 1
+            self._send(job, finish(self.lm.tokenizer, row, job.settings, job.submitted))
+            if job._running == 0 and job._next == job.rows:
+                self._send(job, Done())
+
+    def _step(self, tokens: list[int]) -> None:
+        """Run the model on every row's new token: the logits of the next pick."""
+        import torch
+
+        assert self._decoder is not None
+        context = self.lm.context_length
         next_ids = torch.tensor(
             [self._pad if s.done else t for s, t in zip(self._slots, tokens, strict=True)],
             device=self.lm.device,
@@ -654,6 +761,10 @@ class Engine:
             self._slots = [self._slots[i] for i in keep]
             tokens = [tokens[i] for i in keep]
         return tokens
+
+
+def _reason(exc: BaseException) -> str:
+    return f"generation failed: {first_line(exc)}"
 
 
 def _how_drawn(settings: Settings) -> Settings:
