@@ -381,3 +381,38 @@ def test_sigterm_gives_a_grace_period_then_503_and_an_error_event(folder: Path) 
     assert stopping.process.wait(30) in (0, -signal.SIGTERM, 128 + signal.SIGTERM)
     assert not any("Traceback" in line or "CancelledError" in line for line in stopping.lines)
     assert log_lines(stopping, r'"POST /v1/completions" 503 ')
+
+
+def test_a_failing_request_gets_a_500_and_the_others_go_on(
+    folder: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A request whose processing raises mid-batch (the engine's test-only fault, a real code path) gets
+    a 500 with the reason; the requests decoding beside it finish with what they give alone."""
+    monkeypatch.setenv("GPTCLI_ENGINE_FAULT", "boom")
+    server = Server("-m", str(folder), "--max-batch", "2").ready()
+    try:
+        body = {"max_tokens": 40, "temperature": 0, "ignore_eos": True}
+        answers: dict[str, httpx.Response] = {}
+
+        def post(prompt: str) -> None:
+            answers[prompt] = httpx.post(
+                server.url + "/v1/completions", json={**body, "prompt": prompt}, timeout=60
+            )
+
+        threads = [threading.Thread(target=post, args=(p,)) for p in ("The weather", "boom", "今天", "a")]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        failed = answers["boom"]
+        assert failed.status_code == 500
+        error = failed.json()["error"]
+        assert "injected fault" in error["message"] and error["code"] == "generation_failed"
+        for prompt in ("The weather", "今天", "a"):
+            assert answers[prompt].status_code == 200
+            alone = httpx.post(server.url + "/v1/completions", json={**body, "prompt": prompt}, timeout=60)
+            assert answers[prompt].json()["choices"][0]["text"] == alone.json()["choices"][0]["text"]
+            assert answers[prompt].json()["usage"]["completion_tokens"] == 40
+        assert server.idle()["rows"] == 0
+    finally:
+        server.stop()
