@@ -17,7 +17,7 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import anyio
 from fastapi import FastAPI, Request
@@ -27,7 +27,7 @@ from starlette.types import Message, Receive, Scope, Send
 
 from gptcli.errors import GptcliError, UsageError, first_line
 from gptcli.loading.models import LoadedModel
-from gptcli.serving.engine import SHUTTING_DOWN, Busy, Done, Engine, Event, Failed, Job, Token
+from gptcli.serving.engine import PREFILL_CHUNK, SHUTTING_DOWN, Busy, Done, Engine, Event, Failed, Job, Token
 from gptcli.serving.guard import RETRY_AFTER, Gone, Guard, api_error, http_error, note, stopping_error
 from gptcli.serving.metrics import CONTENT_TYPE, Metrics
 from gptcli.serving.plans import Plan, check_ids, plan_chat, plan_completion, tokenize_text
@@ -41,6 +41,8 @@ from gptcli.serving.schemas import (
     parse,
 )
 from gptcli.textio import decode_utf8
+
+_R = TypeVar("_R")
 
 MAX_BODY = 4 * 2**20  # bytes of a request body: 4 MiB is thousands of contexts of text
 _THREADS = 4  # worker threads for tokenizing and parsing (each thread's malloc arena stays: keep them few)
@@ -56,6 +58,7 @@ class Options:
     api_key: str | None = None
     model_id: str | None = None  # the name /v1/models gives (None: the model's, without a local path)
     max_rows: int = 32
+    prefill_chunk: int | None = PREFILL_CHUNK  # longest prompt prefilled in one step (None: any)
     max_waiting: int | None = None  # jobs waiting for room beyond the batch; past it, 429
     timeout: float = 30.0  # seconds to send a body, or for a stream's client to take the next piece
     allowed_hosts: frozenset[str] | None = None  # Host names accepted (None: any)
@@ -68,7 +71,7 @@ class State:
         self.lm = lm
         self.options = options
         self.log = log
-        self.engine = Engine(lm, max_rows=options.max_rows)
+        self.engine = Engine(lm, max_rows=options.max_rows, prefill_chunk=options.prefill_chunk)
         self.model_id = options.model_id or public_name(lm.name)
         self.metrics = Metrics(self.engine.stats, self.engine.kv_budget)
         self.stopping = False
@@ -81,7 +84,7 @@ class State:
         loop = asyncio.get_running_loop()
         loop.call_later(grace, lambda: loop.run_in_executor(None, self.engine.stop))
 
-    async def in_thread(self, fn: Callable[..., Any], *args: Any) -> Any:
+    async def in_thread(self, fn: Callable[..., _R], *args: Any) -> _R:
         return await anyio.to_thread.run_sync(fn, *args, limiter=self.limiter)
 
 

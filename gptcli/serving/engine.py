@@ -400,28 +400,51 @@ class Engine:
         if self.lm.runtime == "transformers":
             self._admit_one_job()
             return
-        while self._waiting:
-            job = self._waiting[0]
+        # First come first served, except that one chunk of a long prompt is prefilled per step: the
+        # jobs behind it whose prompts go in whole are not kept waiting by it.
+        chunked = False
+        for job in list(self._waiting):
             if self._guarded(job, self._ends_before_decoding) is not False:  # it left (or failed)
                 continue
+            full, chunked = self._admit_rows(job, joining, chunked)
+            if job._next == job.rows and job in self._waiting:
+                job._prefilled.clear()
+                self._waiting.remove(job)
+            if full:
+                break
+        if joining:
+            self._merge(joining)
+
+    def _admit_rows(
+        self, job: Job, joining: list[tuple[_Slot, Any, torch.Tensor]], chunked: bool
+    ) -> tuple[bool, bool]:
+        """Bring the job's rows into `joining` while there is room; returns (whether the batch is full or
+        its KV budget spent, whether a chunk of a long prompt went in at this step)."""
+        while job._next < job.rows and not job.cancelled:
             if len(self._slots) + len(joining) >= self.max_rows:
-                break
+                return True, chunked
+            if self._in_chunks(job):
+                if chunked:
+                    return False, chunked
+                chunked = True
             made = self._guarded(job, self._new_row)
-            if made is None:  # it failed, or a chunk of a long prompt went in: the batch decodes first
-                break
+            if made is None:  # it failed, or a chunk of its prompt went in and the batch decodes first
+                return False, chunked
             slot, cache, logits = made
             if self._slots or joining:
                 rows = [*self._slots, *(s for s, _, _ in joining), slot]
                 if self._kv_bytes(rows) > KV_BUDGET:
                     job._next -= 1  # not now: it waits for rows to leave
-                    break
+                    return True, chunked
             joining.append((slot, cache, logits))
             job._running += 1
-            if job._next == job.rows:
-                job._prefilled.clear()
-                self._waiting.popleft()
-        if joining:
-            self._merge(joining)
+        return False, chunked
+
+    def _in_chunks(self, job: Job) -> bool:
+        """Whether the job's next row needs a prompt prefilled in chunks (not done yet)."""
+        index = job._next // job.settings.num_samples
+        chunk = self.prefill_chunk
+        return index not in job._prefilled and chunk is not None and len(job.prompt_ids[index]) > chunk
 
     def _guarded(self, job: Job, work: Callable[[Job], _T]) -> _T | None:
         """`work(job)`, or None when it raised: then this job alone fails and the others go on."""
@@ -583,6 +606,7 @@ class Engine:
             self._fail_job(job, exc)
 
     def _start_one_job(self, job: Job) -> None:
+        """Prefill the job's rows (as many as max_rows) together, left-padded, in a fresh decoder."""
         take = min(self.max_rows, job.rows - job._next)
         slots = []
         for _ in range(take):
@@ -605,12 +629,12 @@ class Engine:
         self.peak_rows = max(self.peak_rows, len(slots))
 
     def _ends_before_decoding(self, job: Job) -> bool:
-        """Score the first waiting job's prompts (once); if it generates nothing, or was cancelled
+        """Score a waiting job's prompts (once); if it generates nothing, or was cancelled
         meanwhile, it leaves the queue here (with Done when it was not cancelled): True."""
         self._score_prompts(job)
         if job.generate and not job.cancelled:
             return False
-        self._waiting.popleft()
+        self._waiting.remove(job)
         if not job.cancelled:
             self._send(job, Done())
         return True
