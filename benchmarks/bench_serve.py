@@ -28,6 +28,13 @@ prefilled a chunk of 256 tokens per step (the engine's default, PREFILL_CHUNK), 
 as before issue 22). The servers are started through gptcli.serving.serve, since `gptcli serve` has
 no option for the chunk size.
 
+--transformers (issue 22, item 4): what batching would give a model that runs through transformers
+(gptcli's engine serves those one request at a time): the same model saved with
+scale_attn_by_inverse_layer_idx (which gptcli's GPT-2 does not run), one decoding step of 1 row and of
+16 rows through gptcli's Decoder for it (transformers' DynamicCache), 16 × the first / the second.
+
+    python benchmarks/bench_serve.py --transformers
+
 --flood (issue 23): 200 clients at once against a server started with --max-waiting 48, on 127.0.0.1
 only, each sending one request, bounded to 200 requests and --flood-seconds (180) in all: short prompts
 and long ones (about 400 tokens), whole and streamed; 10% leave after the first chunk, 10% read one
@@ -130,7 +137,7 @@ def request(host: str, port: int, method: str, path: str, body: dict | None = No
         data = None if body is None else json.dumps(body).encode()
         connection.request(method, path, body=data, headers={"Content-Type": "application/json"})
         response = connection.getresponse()
-        answer = json.loads(response.read())
+        answer: dict = json.loads(response.read())
         if response.status != 200:
             raise SystemExit(f"{path}: {response.status} {answer}")
         return answer
@@ -201,6 +208,7 @@ class Ceiling:
         from gptcli.generation.decoding import torch_threads
         from gptcli.gpt2 import CachedDecoder
 
+        assert self.lm.net is not None
         decoder = CachedDecoder(self.lm.net, batch, 16 + self.steps)
         decoder.prefill(torch.randint(0, 5000, (batch, 16)), None, torch.arange(16).expand(batch, 16))
         token = torch.randint(0, 5000, (batch, 1))
@@ -269,12 +277,12 @@ def _long_body(prompt: str) -> dict:
     return {"prompt": prompt, "max_tokens": 8, "temperature": 0, "ignore_eos": True}
 
 
-def long_prompt_ttft(folder: Path, rounds: int) -> list[list[str]]:
+def long_prompt_ttft(folder: Path, rounds: int) -> list[list[object]]:
     """Table rows: for each way of prefilling, short requests' TTFT p50/p99 and the running streams'
     longest gap, with a prompt of about 870 tokens arriving mid-batch."""
     short = prompts()
     (long,) = prompts(1, words=(340, 360))
-    rows = []
+    rows: list[list[object]] = []
     for name, chunk in CHUNKS.items():
         process, host, port = start_server(folder, chunk=chunk)
         try:
@@ -297,6 +305,49 @@ def long_prompt_ttft(folder: Path, rounds: int) -> list[list[str]]:
             ]
         )
     return rows
+
+
+def transformers_ceiling(folder: Path, rounds: int) -> None:
+    """Steps of 1 and of 16 rows of a transformers-run copy of the model (module docstring)."""
+    import shutil
+
+    import torch
+
+    from gptcli.generation.decoding import open_decoder, torch_threads
+    from gptcli.loading.models import load_model
+
+    other = folder.with_name(folder.name + "-inverse-layer-idx")
+    if not other.is_dir():
+        shutil.copytree(folder, other)
+        config = json.loads((other / "config.json").read_text())
+        (other / "config.json").write_text(json.dumps({**config, "scale_attn_by_inverse_layer_idx": True}))
+    lm = load_model(str(other))
+    assert lm.runtime == "transformers", lm.runtime
+    steps = 8
+
+    def decode(batch: int) -> float:
+        decoder = open_decoder(lm, batch, 16 + steps)
+        decoder.prefill(torch.randint(0, 5000, (batch, 16)), None, torch.arange(16).expand(batch, 16))
+        token = torch.randint(0, 5000, (batch, 1))
+        with torch_threads(1 if batch == 1 else None):
+            start = time.perf_counter()
+            for i in range(steps):
+                decoder.step(token, torch.full((batch, 1), 16 + i))
+            return (time.perf_counter() - start) / steps * 1000
+
+    ms: dict[int, list[float]] = {1: [], CLIENTS: []}
+    with torch.inference_mode():
+        decode(1), decode(CLIENTS)  # warm up
+        for _ in range(rounds):
+            for batch in ms:
+                ms[batch].append(decode(batch))
+    one, many = median(ms[1]), median(ms[CLIENTS])
+    print(f"transformers runtime ({other.name}), {rounds} rounds")
+    print(machine())
+    print(
+        f"a step of 1 row: {one:.1f} ms; of {CLIENTS} rows: {many:.1f} ms; batching {CLIENTS} requests would "
+        f"give at most {CLIENTS * one / many:.2f}× the one-at-a-time decoding throughput"
+    )
 
 
 FLOOD_CLIENTS = 200
@@ -440,10 +491,16 @@ def main() -> None:
     parser.add_argument("--flood", action="store_true", help="200 clients at once (issue 23)")
     parser.add_argument("--flood-seconds", type=float, default=180.0)
     parser.add_argument("--ttft-only", action="store_true", help="only the long-prompt TTFT figures")
+    parser.add_argument(
+        "--transformers", action="store_true", help="what batching would give transformers' models"
+    )
     args = parser.parse_args()
     folder = model_folder(4, 4, 256) if args.quick else model_folder()
     if args.flood:
         flood(folder, args.flood_seconds)
+        return
+    if args.transformers:
+        transformers_ceiling(folder, args.rounds)
         return
     if args.ttft_only:
         print_ttft(folder, args)
@@ -451,7 +508,7 @@ def main() -> None:
     texts = prompts()
     from gptcli.loading.gpt2_folder import load
 
-    prompt_tokens = sum(len(load(folder)[2].encode(t)) for t in texts) / len(texts)  # type: ignore[index]
+    prompt_tokens = sum(len(load(folder)[2].encode(t)) for t in texts) / len(texts)  # type: ignore[index,misc]
     process, host, port = start_server(folder)
     ceiling = Ceiling(folder)
     try:
@@ -484,13 +541,13 @@ def main() -> None:
     print(f"gptcli serve, {shape}: {CLIENTS} clients × {NEW_TOKENS} greedy tokens, {args.rounds} rounds")
     print(machine())
     print()
-    wall = [
+    wall: list[object] = [
         "wall time (s)",
         f"{alone:.2f} ({spread(times['one at a time'])})",
         f"{together:.2f} ({spread(times['concurrent'])})",
         f"{together / alone:.2f}×",
     ]
-    speed = [
+    speed: list[object] = [
         "throughput (tokens/s)",
         f"{tokens / alone:.1f}",
         f"{tokens / together:.1f}",

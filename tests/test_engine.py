@@ -163,6 +163,7 @@ def test_prompt_logprobs_are_the_model_distribution(lms) -> None:
         reference = torch.log_softmax(tiny.reference_model(lm)(torch.tensor([ids])).logits[0].float(), dim=-1)
         assert scored.entries[0] is None and len(scored.entries) == len(ids)
         for j, entry in enumerate(scored.entries[1:], 1):
+            assert entry is not None
             assert entry["id"] == ids[j]
             assert abs(entry["logprob"] - reference[j - 1, ids[j]].item()) < 1e-5
             best = reference[j - 1].topk(3)

@@ -5,6 +5,7 @@ and the request fields they send (logit_bias, stream_options.include_usage).
 
 from __future__ import annotations
 
+import importlib
 import json
 import math
 from pathlib import Path
@@ -107,13 +108,15 @@ CONTEXTS = [
 
 
 def loglikelihoods(lm, requests: list[tuple[str, str]]) -> list[tuple[float, bool]]:
-    from lm_eval.api.instance import Instance
+    # (imported by name: lm_eval ships no type information)
+    Instance = importlib.import_module("lm_eval.api.instance").Instance
 
     instances = [
         Instance(request_type="loglikelihood", doc={}, arguments=(context, continuation), idx=i)
         for i, (context, continuation) in enumerate(requests)
     ]
-    return lm.loglikelihood(instances)
+    results: list[tuple[float, bool]] = lm.loglikelihood(instances)
+    return results
 
 
 def test_lm_eval_local_completions_equals_its_hf_backend(server, folder, monkeypatch) -> None:
@@ -121,7 +124,7 @@ def test_lm_eval_local_completions_equals_its_hf_backend(server, folder, monkeyp
     prompts per request, gives the log-likelihoods and greedy flags of its own `hf` backend on the same
     folder, to 1e-4."""
     pytest.importorskip("lm_eval")
-    from lm_eval.api.registry import get_model
+    get_model = importlib.import_module("lm_eval.api.registry").get_model
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     requests = [(c, x) for c, x in CONTEXTS if c]  # (hf refuses an empty context with no prefix token)
