@@ -95,7 +95,8 @@ class Done:
 SHUTTING_DOWN = "the server is shutting down"  # the Failed message of the jobs `stop` ends
 
 # Longest prompt prefilled in one go: longer ones go a chunk per step, so the running rows keep
-# decoding. A 256-token chunk of GPT-2-124M takes about as long on a CPU as a few batched steps.
+# decoding and short prompts behind it join. Smaller chunks cut the wait between two tokens but run the
+# weights once more per chunk; docs/serve.md has the figures of benchmarks/bench_serve.py.
 PREFILL_CHUNK = 256
 
 # A test-only fault (a real code path, not a mock): a row whose prompt contains this variable's text
