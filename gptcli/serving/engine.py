@@ -16,7 +16,8 @@ lock. Any other thread may only call `submit` (which puts the job into the inbox
 queue), `stop`, `waiting`/`stats` (snapshots), and a job's `cancel`/`pause`/`resume`, which set a flag
 that the engine thread reads at its next step. Sinks are called on the engine thread and must not
 block: the server's put each event on its event loop's queue, and JSON, SSE and the response bodies
-are made there, on the event loop, off the model's thread.
+are made there, on the event loop, off the model's thread. Detokenizing and stop texts stay here
+(decoding.take, about 6 µs a token: docs/serve.md), since a stop text ends its row at that step.
 
 One step of the loop: take in the jobs that arrived; admit waiting rows (a prompt longer than
 `prefill_chunk` tokens goes in one chunk per step, so the running rows still decode one token between
