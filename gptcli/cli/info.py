@@ -2,10 +2,6 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Annotated
-
-import typer
-
 from gptcli.cli._common import (
     MODELS,
     AllowPickleOpt,
@@ -20,17 +16,6 @@ from gptcli.cli._common import (
     load,
     note,
 )
-
-if TYPE_CHECKING:
-    pass
-
-EachLineOpt = Annotated[
-    bool,
-    typer.Option(
-        "--each-line", help="Every line of stdin (or -f FILE) is a prompt; one JSON line per prompt."
-    ),
-]
-BatchOpt = Annotated[int, typer.Option("--batch-size", help="Prompts per forward pass with --each-line.")]
 
 
 @command(

@@ -39,14 +39,6 @@ if TYPE_CHECKING:
     from gptcli.contracts import ScoredToken
     from gptcli.inspection.predict import Score
 
-EachLineOpt = Annotated[
-    bool,
-    typer.Option(
-        "--each-line", help="Every line of stdin (or -f FILE) is a prompt; one JSON line per prompt."
-    ),
-]
-BatchOpt = Annotated[int, typer.Option("--batch-size", help="Prompts per forward pass with --each-line.")]
-
 
 @command(
     rich_help_panel=INSPECT,

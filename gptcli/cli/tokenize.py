@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Annotated
+from typing import Annotated
 
 import typer
 
@@ -22,17 +22,6 @@ from gptcli.cli._common import (
 from gptcli.errors import UsageError
 from gptcli.generation.tokens import one_line
 from gptcli.textio import check_text
-
-if TYPE_CHECKING:
-    pass
-
-EachLineOpt = Annotated[
-    bool,
-    typer.Option(
-        "--each-line", help="Every line of stdin (or -f FILE) is a prompt; one JSON line per prompt."
-    ),
-]
-BatchOpt = Annotated[int, typer.Option("--batch-size", help="Prompts per forward pass with --each-line.")]
 
 
 @command(
