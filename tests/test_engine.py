@@ -321,3 +321,31 @@ def test_a_failing_job_fails_alone(lms, monkeypatch: pytest.MonkeyPatch) -> None
         assert [c.token_ids for c in together] == [c.token_ids for c in complete(lm, PROMPTS[:4], settings)]
     finally:
         engine.stop()
+
+
+def test_a_job_transformers_cannot_run_fails_alone(lms) -> None:
+    """On the one-job-at-a-time path too (lm.runtime "transformers"): a prompt the model cannot run (an
+    id past its embedding table), waiting behind a running job, fails alone when its turn comes; the
+    job running before it and the one waiting behind it are answered as alone."""
+    lm = lms["hf"]
+    engine = Engine(lm).start()
+    try:
+        settings = greedy(max_new_tokens=24, ignore_eos=True)
+        ids = [encode_prompt(lm.tokenizer, p) for p in PROMPTS[:2]]
+        before: list = []
+        bad: list = []
+        after: list = []
+        engine.submit(Job(PROMPTS[:1], ids[:1], settings, before.append))
+        engine.submit(Job(["?"], [[len(lm.tokenizer) + 1000]], settings, bad.append))
+        engine.submit(Job(PROMPTS[1:2], ids[1:2], settings, after.append))
+        deadline = time.monotonic() + 60
+        while not (after and isinstance(after[-1], (Done, Failed))) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert [type(e) for e in bad] == [Failed] and "generation failed" in bad[0].message
+        alone = complete(lm, PROMPTS[:2], settings, batch_size=1)
+        for events, reference in zip((before, after), alone, strict=True):
+            assert isinstance(events[-1], Done)
+            (done,) = [e for e in events if isinstance(e, Completion)]
+            assert done.token_ids == reference.token_ids
+    finally:
+        engine.stop()
