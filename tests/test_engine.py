@@ -304,21 +304,39 @@ def test_a_long_prompt_is_prefilled_in_chunks_while_the_others_decode(lms) -> No
 
 
 def test_a_failing_job_fails_alone(lms, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A job whose processing raises (the test-only fault: a real path through the engine) gets Failed
-    with the reason; the jobs decoding beside it and those waiting for room finish as they would alone."""
+    """A job whose processing raises (the test-only fault: a real path through the engine) while a job
+    decodes beside it and another waits for room gets Failed with the reason; the other two finish with
+    what they give alone."""
     from gptcli.serving.engine import FAULT_ENV
 
     monkeypatch.setenv(FAULT_ENV, "boom")
     lm = lms["bpe"]
     engine = Engine(lm, max_rows=2).start()
     try:
-        settings = greedy(max_new_tokens=20, ignore_eos=True)
+        settings = greedy(max_new_tokens=30, ignore_eos=True)
+        running: list = []
         failed: list = []
+        waiting: list = []
+        first = threading.Event()
+
+        def sink(event) -> None:
+            running.append(event)
+            first.set()
+
+        engine.submit(Job(PROMPTS[:1], [encode_prompt(lm.tokenizer, PROMPTS[0])], settings, sink))
+        assert first.wait(30)
         engine.submit(Job(["boom"], [encode_prompt(lm.tokenizer, "boom")], settings, failed.append))
-        together = completions(engine, PROMPTS[:4], settings, stagger=0)
+        engine.submit(Job(PROMPTS[1:2], [encode_prompt(lm.tokenizer, PROMPTS[1])], settings, waiting.append))
+        deadline = time.monotonic() + 60
+        while not (waiting and isinstance(waiting[-1], (Done, Failed))) and time.monotonic() < deadline:
+            time.sleep(0.01)
         assert [type(e) for e in failed] == [Failed]
         assert "injected fault" in failed[0].message and "generation failed" in failed[0].message
-        assert [c.token_ids for c in together] == [c.token_ids for c in complete(lm, PROMPTS[:4], settings)]
+        alone = complete(lm, PROMPTS[:2], settings, batch_size=1)
+        for events, reference in zip((running, waiting), alone, strict=True):
+            assert isinstance(events[-1], Done)
+            (done,) = [e for e in events if isinstance(e, Completion)]
+            assert done.token_ids == reference.token_ids
     finally:
         engine.stop()
 
