@@ -127,7 +127,8 @@ def run_worker(kind: str, folder: Path) -> dict[str, float]:
     line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
     if proc.returncode != 0 or line is None:
         sys.exit(f"{kind} worker failed:\n{proc.stderr[-2000:]}")
-    return json.loads(line.removeprefix("RESULT "))
+    result: dict[str, float] = json.loads(line.removeprefix("RESULT "))
+    return result
 
 
 def main() -> None:

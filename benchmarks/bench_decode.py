@@ -23,7 +23,9 @@ import argparse
 import os
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 # As gptcli's commands do (gptcli/cli/_common.py), before torch loads, for both sides: on a shared
 # machine spinning OpenMP threads make every parallel kernel wait a scheduler slice.
@@ -95,10 +97,11 @@ def kernel_seconds(net, rounds: int = 7) -> float:
 
 def layer_in(net, index: int) -> int:
     """Input width of the `index`-th of `matmuls(net)`: the MLP's output projection reads 4x the width."""
-    return 4 * net.config.n_embd if index % 4 == 3 and index < 4 * net.config.n_layer else net.config.n_embd
+    width = int(net.config.n_embd)
+    return 4 * width if index % 4 == 3 and index < 4 * net.config.n_layer else width
 
 
-def alternatives(net32) -> list[list[object]]:
+def alternatives(net32) -> list[list[str]]:
     """Per-token matmul time of kernels gptcli does not use, on the same weights: why it picked its own."""
     import torch
     import torch.nn.functional as F
@@ -110,7 +113,7 @@ def alternatives(net32) -> list[list[object]]:
     rows = []
 
     def run(name: str, layers: list, note: str) -> None:
-        inputs = {}
+        inputs: dict[tuple[int, torch.dtype], torch.Tensor] = {}
         for _, width, dtype in layers:
             inputs.setdefault((width, dtype), torch.randn(1, width, dtype=dtype))
         calls = [(fn, inputs[(width, dtype)]) for fn, width, dtype in layers]
@@ -169,7 +172,7 @@ QUALITY_PROMPTS = [
 ]
 
 
-def quality(folder: Path, text: str) -> list[list[object]]:
+def quality(folder: Path, text: str) -> list[list[str]]:
     """How far bf16, int8 and int4 move a model's numbers from fp32: perplexity of `text`, the top-10
     probabilities and KL divergence after a few prompts, and greedy ids."""
     import torch
@@ -184,7 +187,7 @@ def quality(folder: Path, text: str) -> list[list[object]]:
     base_ppl = score_text(base, text).perplexity
     base_ids = [d.token_ids for d in complete(base, QUALITY_PROMPTS, greedy)]
     rows = [["fp32", f"{base_ppl:.3f}", "", "", "", "", ""]]
-    variants = (
+    variants: tuple[tuple[str, dict[str, Any]], ...] = (
         ("bf16", {"dtype": "bfloat16"}),
         ("int8", {"quantize": "int8"}),
         ("int4", {"quantize": "int4"}),
@@ -220,6 +223,56 @@ def quality(folder: Path, text: str) -> list[list[object]]:
             ]
         )
     return rows
+
+
+def speed_rows(
+    modes: list[str],
+    refs: list[str],
+    lms: list[str],
+    rate: dict[tuple[str, str], float],
+    tokens: dict[tuple[str, str], int],
+    ceilings: dict[str, float],
+    bounds: dict[str, float],
+) -> list[list[str]]:
+    """The speed table: transformers' rows, then gptcli's beside its goal, kernel ceiling and bound."""
+    rows: list[list[str]] = []
+    for mode in modes:
+        base = rate[("transformers float32", mode)]
+        for precision in refs:
+            key = ("transformers " + precision, mode)
+            if key in rate:
+                note = f" ({tokens[key]} tokens)" if key in tokens else ""
+                rows.append(
+                    [key[0] + note, mode, f"{rate[key]:.1f}", f"{rate[key] / base:.2f}", "", "", "", ""]
+                )
+        for precision in lms:
+            r = rate[("gptcli " + precision, mode)]
+            goal = GOALS[precision]
+            met = "yes" if r / base >= goal else f"no ({r / base / goal:.0%} of it)"
+            rows.append(
+                [
+                    "gptcli " + precision,
+                    mode,
+                    f"{r:.1f}",
+                    f"{r / base:.2f}",
+                    f"≥ {goal} {met}",
+                    f"{ceilings[precision]:.1f}",
+                    f"{r / ceilings[precision]:.0%}",
+                    f"{bounds[precision]:.0f} ({r / bounds[precision]:.0%})",
+                ]
+            )
+    return rows
+
+
+def print_agreement(ids: dict[tuple[str, str], list[int]], new: int) -> None:
+    """How far each run's greedy ids agree with gptcli fp32's, and fp32's with transformers'."""
+    greedy32 = ids[("gptcli float32", "greedy")]
+    identical = greedy32 == ids[("transformers float32", "greedy")]
+    print(f"fp32 greedy ids identical to transformers generate: {identical}")
+    for precision in ("bfloat16", "int8", "int4"):
+        other = ids[("gptcli " + precision, "greedy")]
+        same = next((i for i, (a, b) in enumerate(zip(other, greedy32, strict=True)) if a != b), len(other))
+        print(f"gptcli {precision} greedy ids equal to fp32 for the first {same} of {new} tokens")
 
 
 def main() -> None:
@@ -269,7 +322,7 @@ def main() -> None:
     for model in refs.values():
         model.generation_config.eos_token_id = None  # 128 tokens, as gptcli's --ignore-eos
 
-    modes = {
+    modes: dict[str, dict[str, Any]] = {
         # Without lookup decoding (on by default for greedy): the goal is set without it, and
         # bench_lookup.py reports it separately.
         "greedy": {"greedy": True, "lookup": 0},
@@ -277,7 +330,7 @@ def main() -> None:
     }
     ids: dict[tuple[str, str], list[int]] = {}
 
-    def ours(precision: str, mode: str):
+    def ours(precision: str, mode: str) -> Callable[[], None]:
         settings = resolve_settings(None, max_new_tokens=new, ignore_eos=True, **modes[mode])
 
         def run() -> None:
@@ -287,7 +340,7 @@ def main() -> None:
 
         return run
 
-    def theirs(precision: str, mode: str, tokens: int):
+    def theirs(precision: str, mode: str, tokens: int) -> Callable[[], None]:
         model = refs[precision]
         sample = {"do_sample": False} if mode == "greedy" else {"do_sample": True, "top_k": 50, "top_p": 1.0}
 
@@ -309,7 +362,7 @@ def main() -> None:
     # transformers bf16 is so slow on a CPU without bf16 instructions (Conv1D's [in, out] layout) that
     # it runs greedy only, on 16 tokens.
     tokens = {("transformers bfloat16", "greedy"): min(new, 16)}
-    variants = {}
+    variants: dict[tuple[str, str], Callable[[], None]] = {}
     for mode in modes:
         for precision in refs:
             key = ("transformers " + precision, mode)
@@ -326,7 +379,8 @@ def main() -> None:
     # kernels run on one thread, as gptcli's decoding steps of one sequence do (decoding.torch_threads);
     # the bandwidth is what all threads read.
     bandwidth = read_bandwidth()
-    ceilings, bounds = {}, {}
+    ceilings: dict[str, float] = {}
+    bounds: dict[str, float] = {}
     with torch_threads(1):
         for precision, lm in lms.items():
             ceilings[precision] = 1 / kernel_seconds(lm.net)
@@ -344,32 +398,7 @@ def main() -> None:
         f"{new} new tokens per run, {args.rounds} rounds, medians; read bandwidth {bandwidth / 1e9:.1f} GB/s"
     )
     print()
-    rows = []
-    for mode in modes:
-        base = rate[("transformers float32", mode)]
-        for precision in refs:
-            key = ("transformers " + precision, mode)
-            if key in rate:
-                note = f" ({tokens[key]} tokens)" if key in tokens else ""
-                rows.append(
-                    [key[0] + note, mode, f"{rate[key]:.1f}", f"{rate[key] / base:.2f}", "", "", "", ""]
-                )
-        for precision in lms:
-            r = rate[("gptcli " + precision, mode)]
-            goal = GOALS[precision]
-            met = "yes" if r / base >= goal else f"no ({r / base / goal:.0%} of it)"
-            rows.append(
-                [
-                    "gptcli " + precision,
-                    mode,
-                    f"{r:.1f}",
-                    f"{r / base:.2f}",
-                    f"≥ {goal} {met}",
-                    f"{ceilings[precision]:.1f}",
-                    f"{r / ceilings[precision]:.0%}",
-                    f"{bounds[precision]:.0f} ({r / bounds[precision]:.0%})",
-                ]
-            )
+    rows = speed_rows(list(modes), list(refs), list(lms), rate, tokens, ceilings, bounds)
     print_table(
         [
             "variant",
@@ -384,13 +413,7 @@ def main() -> None:
         rows,
     )
     print()
-    greedy32 = ids[("gptcli float32", "greedy")]
-    identical = greedy32 == ids[("transformers float32", "greedy")]
-    print(f"fp32 greedy ids identical to transformers generate: {identical}")
-    for precision in ("bfloat16", "int8", "int4"):
-        other = ids[("gptcli " + precision, "greedy")]
-        same = next((i for i, (a, b) in enumerate(zip(other, greedy32, strict=True)) if a != b), len(other))
-        print(f"gptcli {precision} greedy ids equal to fp32 for the first {same} of {new} tokens")
+    print_agreement(ids, new)
     print()
     print("Kernels not chosen (weight matmuls of one token alone, the same weights):")
     print_table(["kernel", "ceiling tok/s", "why not"], others)

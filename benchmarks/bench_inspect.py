@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+from typing import Any
 
 # As gptcli's commands do (gptcli/cli/_common.py), before torch loads, for both sides: on a shared
 # machine spinning OpenMP threads make every parallel kernel wait a scheduler slice.
@@ -51,9 +52,9 @@ def main() -> None:
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     text = generated_text(text_tokens * 6, seed=5)
     ids = tokenizer.encode(text)[:text_tokens]
-    text = tokenizer.decode(ids)
+    text = str(tokenizer.decode(ids))
     ids = tokenizer.encode(text)
-    results: dict[str, object] = {}
+    results: dict[str, Any] = {}  # each variant's output, compared below
 
     def topk_ours() -> None:
         for _ in range(calls):

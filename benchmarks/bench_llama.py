@@ -29,7 +29,10 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
+from typing import Any
 
 from common import CACHE, alternate, machine, median, model_folder, print_table
 
@@ -67,7 +70,7 @@ def gguf_files(llama: Path, folder: Path, kinds: list[str]) -> dict[str, Path]:
         "c.Model.get_vocab_base_pre = lambda self, tokenizer: 'gpt-2'\n"
         "sys.argv = ['convert_hf_to_gguf.py', *sys.argv[2:]]; c.main()\n"
     )
-    files = {}
+    files: dict[str, Path] = {}
     for kind in kinds:
         target = out_dir / f"{kind}.gguf"
         if not target.is_file():
@@ -92,6 +95,61 @@ def llama_rate(llama: Path, gguf: Path, threads: int, tokens: int) -> float:
     command += ["-t", str(threads), "-r", "1", "-o", "json"]
     done = subprocess.run(command, check=True, capture_output=True, text=True)
     return float(json.loads(done.stdout)[0]["avg_ts"])
+
+
+Key = tuple[str, str, int | None]  # (program, weights, threads; None: gptcli's own choice)
+Variant = Callable[[], float | None]  # one run: llama-bench returns its own rate, gptcli's call None
+
+
+def measure(variants: dict[Key, Variant], rounds: int, tokens: int) -> dict[Key, float]:
+    """Median tokens per second of each variant over `rounds` alternating rounds."""
+    rates: dict[Key, list[float]] = {key: [] for key in variants}
+
+    # llama-bench reports its own rate (its load excluded); gptcli's is tokens over the call's time.
+    def timed(key: Key) -> Callable[[], None]:
+        def run() -> None:
+            value = variants[key]()
+            if value is not None:
+                rates[key].append(value)
+
+        return run
+
+    for key in variants:
+        if key[0] == "gptcli":
+            variants[key]()  # warm-up
+    times = alternate({key: timed(key) for key in variants}, rounds)
+    return {
+        key: median(rates[key]) if key[0] == "llama.cpp" else tokens / median(t) for key, t in times.items()
+    }
+
+
+def table_rows(
+    precisions: list[str], thread_counts: list[int], rate: dict[Key, float], chosen: dict[str, int]
+) -> list[list[str]]:
+    """Rows of the table: gptcli at each thread count beside llama.cpp's best, per precision."""
+    rows = []
+    for precision in precisions:
+        kind, goal = PAIRS[precision]
+        theirs = {t: rate.get(("llama.cpp", kind, t)) for t in thread_counts}
+        best_theirs = max((r for r in theirs.values() if r), default=None)
+        ours_auto = rate[("gptcli", precision, None)]
+        for threads in [None, *thread_counts]:
+            r = rate[("gptcli", precision, threads)]
+            label = f"auto ({chosen[precision]})" if threads is None else str(threads)
+            ratio = f"{r / best_theirs:.2f}" if best_theirs else ""
+            met = ""
+            if threads is None and goal is not None and best_theirs:
+                met = f"≥ {goal}: " + (
+                    "yes" if r / best_theirs >= goal else f"no ({r / best_theirs / goal:.0%})"
+                )
+            rows.append([f"gptcli {precision}", label, f"{r:.1f}", ratio, met])
+        for threads, their_rate in theirs.items():
+            if their_rate:
+                rows.append([f"llama.cpp {kind}", str(threads), f"{their_rate:.1f}", "", ""])
+        if precision == "int4" and ("gptcli", "int8", None) in rate:
+            int8 = rate[("gptcli", "int8", None)]
+            rows.append(["gptcli int4 / gptcli int8", "auto", f"{ours_auto / int8:.2f}x", "", "≥ 1.3"])
+    return rows
 
 
 def main() -> None:
@@ -126,10 +184,12 @@ def main() -> None:
     settings = resolve_settings(
         None, max_new_tokens=args.tokens, ignore_eos=True, temperature=1.0, top_k=50, top_p=1.0, seed=1234
     )
-    variants = {}
-    chosen = {}
+    variants: dict[Key, Variant] = {}
+    chosen: dict[str, int] = {}
     for precision in precisions:
-        kwargs = {"quantize": precision} if precision.startswith("int") else {"dtype": precision}
+        kwargs: dict[str, Any] = (
+            {"quantize": precision} if precision.startswith("int") else {"dtype": precision}
+        )
         for threads in [None, *thread_counts]:
             lm = load_model(str(folder), device="cpu", threads=threads, **kwargs)
             if threads is None:
@@ -148,28 +208,10 @@ def main() -> None:
         kind = PAIRS[precision][0]
         if kind in ggufs:
             for threads in thread_counts:
-                variants[("llama.cpp", kind, threads)] = lambda g=ggufs[kind], t=threads: llama_rate(
-                    args.llama, g, t, args.tokens
+                variants[("llama.cpp", kind, threads)] = partial(
+                    llama_rate, args.llama, ggufs[kind], threads, args.tokens
                 )
-    rates: dict[tuple, list[float]] = {key: [] for key in variants}
-
-    # llama-bench reports its own rate (its load excluded); gptcli's is tokens over the call's time.
-    def timed(key):
-        def run() -> None:
-            value = variants[key]()
-            if key[0] == "llama.cpp":
-                rates[key].append(value)
-
-        return run
-
-    for key in variants:
-        if key[0] == "gptcli":
-            variants[key]()  # warm-up
-    times = alternate({key: timed(key) for key in variants}, rounds)
-    rate = {
-        key: median(rates[key]) if key[0] == "llama.cpp" else args.tokens / median(t)
-        for key, t in times.items()
-    }
+    rate = measure(variants, rounds, args.tokens)
 
     print()
     print(f"machine at the start: {started}")
@@ -177,28 +219,7 @@ def main() -> None:
     print(f"CPU flags: {cpu_summary()}")
     print(f"model: GPT-2-124M shape ({folder}); {args.tokens} sampled tokens; {rounds} rounds, medians")
     print(f"gptcli's decode threads as chosen on this machine: {chosen}")
-    rows = []
-    for precision in precisions:
-        kind, goal = PAIRS[precision]
-        theirs = {t: rate.get(("llama.cpp", kind, t)) for t in thread_counts}
-        best_theirs = max((r for r in theirs.values() if r), default=None)
-        ours_auto = rate[("gptcli", precision, None)]
-        for threads in [None, *thread_counts]:
-            r = rate[("gptcli", precision, threads)]
-            label = f"auto ({chosen[precision]})" if threads is None else str(threads)
-            ratio = f"{r / best_theirs:.2f}" if best_theirs else ""
-            met = ""
-            if threads is None and goal is not None and best_theirs:
-                met = f"≥ {goal}: " + (
-                    "yes" if r / best_theirs >= goal else f"no ({r / best_theirs / goal:.0%})"
-                )
-            rows.append([f"gptcli {precision}", label, f"{r:.1f}", ratio, met])
-        for threads, r in theirs.items():
-            if r:
-                rows.append([f"llama.cpp {kind}", str(threads), f"{r:.1f}", "", ""])
-        if precision == "int4" and ("gptcli", "int8", None) in rate:
-            int8 = rate[("gptcli", "int8", None)]
-            rows.append(["gptcli int4 / gptcli int8", "auto", f"{ours_auto / int8:.2f}x", "", "≥ 1.3"])
+    rows = table_rows(precisions, thread_counts, rate, chosen)
     print_table(["program, weights", "threads", "tokens/s", "× llama.cpp (its best threads)", "goal"], rows)
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import os
+from functools import partial
 from pathlib import Path
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
@@ -80,8 +81,8 @@ def main() -> None:
             complete(lm, prompt, resolve_settings(None, greedy=True, max_new_tokens=8))  # warm up
             times = alternate(
                 {
-                    "plain": lambda plain=plain: run(plain, "plain"),
-                    "lookup": lambda looked=looked: run(looked, "lookup"),
+                    "plain": partial(run, plain, "plain"),
+                    "lookup": partial(run, looked, "lookup"),
                 },
                 rounds,
             )

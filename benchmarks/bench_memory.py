@@ -26,6 +26,7 @@ from common import machine, median, model_folder, print_table, weights_bytes
 def peak_rss(cmd: list[str]) -> int:
     """Peak resident set size of the process `cmd`, in bytes."""
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    assert proc.stderr is not None  # stderr=PIPE
     _, status, usage = os.wait4(proc.pid, 0)
     proc.returncode = os.waitstatus_to_exitcode(status)
     if proc.returncode != 0:

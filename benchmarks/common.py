@@ -14,8 +14,9 @@ import random
 import statistics
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from pathlib import Path
+from typing import TypeVar
 
 VOCAB = 50257
 CACHE = Path(os.environ.get("GPTCLI_BENCH_CACHE", "/tmp/gptcli-bench"))
@@ -58,7 +59,8 @@ def build_tokenizer(trained_vocab: int = 8000):
     # Ids the merges never produce: they give the embedding and output layers GPT-2's shape.
     for i in range(len(vocab), VOCAB):
         vocab[f"<unused{i}>"] = i
-    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in trained["merges"]]
+    pairs = (m.split(" ") if isinstance(m, str) else m for m in trained["merges"])
+    merges = [(a, b) for a, b in pairs]
     full = Tokenizer(models.BPE(vocab=vocab, merges=merges))
     full.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     full.decoder = decoders.ByteLevel()
@@ -94,7 +96,8 @@ def model_folder(n_layer: int = 12, n_head: int = 12, n_embd: int = 768) -> Path
     partial = folder.with_name(folder.name + ".partial")
     GPT2LMHeadModel(config).save_pretrained(partial)
     tokenizer.save_pretrained(partial)
-    from transformers import GPT2TokenizerFast
+    # GPT2TokenizerFast is exported lazily; transformers' __init__ hides the name from mypy
+    from transformers import GPT2TokenizerFast  # type: ignore[attr-defined]
 
     gpt2_tokenizer = GPT2TokenizerFast.from_pretrained(partial)
     for name in ("tokenizer.json", "tokenizer_config.json"):
@@ -111,11 +114,14 @@ def weights_bytes(folder: Path) -> int:
 # --- Timing -------------------------------------------------------------------------------------------
 
 
-def alternate(variants: dict[str, Callable[[], object]], rounds: int) -> dict[str, list[float]]:
+K = TypeVar("K", bound=Hashable)
+
+
+def alternate(variants: Mapping[K, Callable[[], object]], rounds: int) -> dict[K, list[float]]:
     """Seconds per call of each variant, the variants taking turns (ABC, CBA, ABC...) so that drift in
     the machine's speed hits them alike."""
     names = list(variants)
-    times: dict[str, list[float]] = {name: [] for name in names}
+    times: dict[K, list[float]] = {name: [] for name in names}
     for r in range(rounds):
         for name in names if r % 2 == 0 else names[::-1]:
             start = time.perf_counter()
@@ -124,11 +130,11 @@ def alternate(variants: dict[str, Callable[[], object]], rounds: int) -> dict[st
     return times
 
 
-def median(values: list[float]) -> float:
+def median(values: Sequence[float]) -> float:
     return statistics.median(values)
 
 
-def spread(values: list[float]) -> str:
+def spread(values: Sequence[float]) -> str:
     """min–max of the runs, to show how noisy they were."""
     return f"{min(values):.3g}–{max(values):.3g}"
 
@@ -189,7 +195,7 @@ def machine() -> str:
     )
 
 
-def print_table(headers: list[str], rows: list[list[object]]) -> None:
+def print_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> None:
     """A Markdown table (pastes into docs/performance.md as is)."""
     cells = [[str(c) for c in row] for row in rows]
     widths = [max(len(h), *(len(r[i]) for r in cells)) for i, h in enumerate(headers)]

@@ -285,7 +285,8 @@ def _cpu_bf16() -> bool:
 def _onednn_linear(x: torch.Tensor, packed: Any, bias: torch.Tensor | None) -> torch.Tensor:
     import torch
 
-    return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+    out: torch.Tensor = torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+    return out
 
 
 class Conv1D:
@@ -714,7 +715,8 @@ class GPT2:
             x = F.layer_norm(x, (x.shape[-1],), *self.ln_f, eps)
         if logits_to_keep:
             x = x[:, -logits_to_keep:]
-        return self.lm_head(x)
+        logits: torch.Tensor = self.lm_head(x)
+        return logits
 
     def _block(
         self,
@@ -766,7 +768,8 @@ class GPT2:
         residual = x
         if at is None:
             h = F.layer_norm(x, (width,), *block.ln_2, eps)
-            return residual + block.mlp_proj(gelu_new(block.c_fc(h)))
+            mlp: torch.Tensor = block.mlp_proj(gelu_new(block.c_fc(h)))
+            return residual + mlp
         h = _layer_norm(x, block.ln_2, eps, at.sub("ln2."))
         post = at("mlp.hook_post", gelu_new(at("mlp.hook_pre", block.c_fc(h))))
         return at("hook_resid_post", residual + at("hook_mlp_out", block.mlp_proj(post)))
@@ -990,4 +993,5 @@ def final_logits(net: GPT2, x: torch.Tensor) -> torch.Tensor:
     import torch.nn.functional as F
 
     x = F.layer_norm(x, (net.config.n_embd,), *net.ln_f, net.config.layer_norm_epsilon)
-    return net.lm_head(x).float()
+    logits: torch.Tensor = net.lm_head(x)
+    return logits.float()

@@ -165,7 +165,7 @@ def test_views(lms) -> None:
     heads = attention_grids(attention_weights(lms["bert"], "今天天气"), layer=2)[0]
     assert heads.rows == ["head 0", "head 1", "mean"]
     mean = heads.values[2]
-    assert np.allclose(mean, np.mean(heads.values[:2], axis=0))
+    assert np.allclose(np.array(mean, dtype=float), np.mean(np.array(heads.values[:2], dtype=float), axis=0))
     patterns = attention_grids(result)
     assert len(patterns) == 2 and patterns[0].rows[0] == "0 [CLS]"
     assert patterns[0].values[0][1:] == [None] * 4  # the first query sees only itself

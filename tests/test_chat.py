@@ -148,7 +148,7 @@ def test_the_repl_on_a_terminal(long_model: Path, tmp_path: Path) -> None:
         """Type a line and wait for the next prompt; what the terminal showed in between."""
         term.sendline(line)
         term.expect_exact("\r\n> ")
-        return term.before
+        return str(term.before)
 
     try:
         term.expect("/help for commands, Ctrl-D to leave")

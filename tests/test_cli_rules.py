@@ -41,7 +41,7 @@ def test_argument_file_and_stdin_mean_the_same_text(
         result = cli(*args, *more, stdin=stdin)
         assert result.code == 0, result.err
         if command != "complete":
-            return result.out
+            return str(result.out)
         timeless = {
             k: v for k, v in json.loads(result.out).items() if k not in ("seconds", "tokens_per_second")
         }

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -27,13 +28,15 @@ def compare_json(cli, *args: object) -> dict:
     result = cli("compare", *args, "--json")
     assert result.code == 0, result.err
     (line,) = result.out.splitlines()
-    return json.loads(line)
+    record: dict = json.loads(line)
+    return record
 
 
 def score_json(cli, model: Path, text: str) -> dict:
     result = cli("score", "-m", model, text, "--json")
     assert result.code == 0, result.err
-    return json.loads(result.out)
+    record: dict = json.loads(result.out)
+    return record
 
 
 def test_a_model_compared_with_itself_changes_nothing(cli, bpe_model: Path) -> None:
@@ -117,7 +120,9 @@ def test_a_fine_tune_shows_positive_change_on_its_training_text(cli, bpe_model: 
     corpus = tmp_path / "train.txt"
     corpus.write_text(text * 8, encoding="utf-8")
     out_dir = tmp_path / "tuned"
-    config = dict(steps=25, batch_size=4, block_size=32, lr=3e-3, val_split=0.0, seed=0, log_every=25)
+    config: dict[str, Any] = dict(
+        steps=25, batch_size=4, block_size=32, lr=3e-3, val_split=0.0, seed=0, log_every=25
+    )
     train(TrainConfig(data=[str(corpus)], model=str(bpe_model), out_dir=out_dir, **config))
 
     out = compare_json(cli, bpe_model, out_dir, text.strip())

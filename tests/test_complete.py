@@ -15,6 +15,7 @@ import pytest
 from forked import fork_main
 
 from gptcli.generation.tokens import TokenText
+from gptcli.loading.models import as_contract
 
 # Random fixtures at a high temperature emit many byte tokens, so characters get split across tokens.
 HOT = ("--temperature", "3", "--top-k", "0", "--top-p", "1")
@@ -26,9 +27,10 @@ def json_lines(out: str) -> list[dict]:
 
 def split_characters(model: Path, ids: list[int], text: str) -> list[str]:
     """Characters of `text` that no single token of `ids` holds whole: their bytes came in pieces."""
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
-    names = TokenText(AutoTokenizer.from_pretrained(model))
+    tokenizer: PreTrainedTokenizerBase = AutoTokenizer.from_pretrained(model)
+    names = TokenText(as_contract(tokenizer))
     pieces = [names.bytes(token) for token in ids]
     return [
         ch for ch in text if ord(ch) > 127 and ch != "\ufffd" and not any(ch.encode() in p for p in pieces)
@@ -99,12 +101,14 @@ def test_echo_stdin_and_file(cli, bpe_model: Path, tmp_path: Path) -> None:
 
 def test_bert_continuation_of_an_english_word_starts_with_a_space(cli, bert_model: Path) -> None:
     """WordPiece tokens carry no spaces: `--echo` must not glue the first new word to the prompt's last."""
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
     from gptcli.generation.tokens import Detokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(bert_model)
-    world, numbers = tokenizer.convert_tokens_to_ids(["world", "numbers"])
+    tokenizer: PreTrainedTokenizerBase = AutoTokenizer.from_pretrained(bert_model)
+    ids = tokenizer.convert_tokens_to_ids(["world", "numbers"])
+    assert isinstance(ids, list)
+    world, numbers = ids
     cases = {
         "Hello": " world numbers",
         "Hello ": "world numbers",
@@ -112,7 +116,7 @@ def test_bert_continuation_of_an_english_word_starts_with_a_space(cli, bert_mode
         "": "world numbers",
     }
     for after, expected in cases.items():
-        detok = Detokenizer(tokenizer, after=after)
+        detok = Detokenizer(as_contract(tokenizer), after=after)
         assert detok.push(world) + detok.push(numbers) == expected, after
     # And the command: --echo prints the prompt, then exactly the text --json reports.
     base = ("-m", bert_model, "-n", "12", "--seed", "3", "--ignore-eos", *HOT)

@@ -137,6 +137,7 @@ def test_fp32_weights_move_to_huge_pages_with_the_same_values(models: dict[str, 
     """The weights every step reads are copied once into memory advised for huge pages (the file's
     pages are given back), the same numbers."""
     lm = load_model(str(models["bpe"]), device="cpu")
+    assert lm.net is not None
     pages = lm.net._pages
     if pages.buffer is None:
         pytest.skip("no MADV_HUGEPAGE here")
@@ -151,6 +152,7 @@ def test_fp32_weights_move_to_huge_pages_with_the_same_values(models: dict[str, 
         assert torch.equal(weight, reference[name]), name
     assert pages.used <= len(pages.buffer)
     bf16 = load_model(str(models["bpe"]), device="cpu", dtype="bfloat16")
+    assert bf16.net is not None
     assert bf16.net.blocks[0].c_fc.weight_dtype == torch.bfloat16 and bf16.net._pages.buffer is None
 
 
@@ -242,6 +244,7 @@ def test_batched_steps_on_packed_weights_compute_the_same(models) -> None:
     from gptcli.gpt2 import BATCHED_ROWS
 
     plain, packed = load_model(str(models["bpe"])), load_model(str(models["bpe"]))
+    assert packed.net is not None
     packed.net.pack_for_batches()
     assert packed.net.blocks[0].c_fc.packed is not None
     prompts = [p for p in PROMPTS * 3][: BATCHED_ROWS + 2]

@@ -37,7 +37,8 @@ KINDS = ["bpe", "short", "builtin", "saved GPT2TokenizerFast", "saved tokenizer.
 def saved_folders(models: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """Folders as users have them: written by transformers 5's save_pretrained (which adds
     add_prefix_space, errors and a null pad_token to tokenizer_config.json), and by gptcli finetune."""
-    from transformers import GPT2TokenizerFast, PreTrainedTokenizerFast
+    # GPT2TokenizerFast is exported lazily; transformers' __init__ hides the name from mypy
+    from transformers import GPT2TokenizerFast, PreTrainedTokenizerFast  # type: ignore[attr-defined]
 
     from gptcli.cli import run
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -14,7 +15,7 @@ from gptcli.training.instruct import make_examples
 
 import tiny
 
-RECORDS = [
+RECORDS: list[dict[str, Any]] = [
     {"prompt": "Question: how is the weather today?\nAnswer:", "completion": " The weather is nice today."},
     {"prompt": "Say hello.\n", "completion": "Hello world!"},
     {
@@ -179,7 +180,7 @@ def test_grad_accumulation_gives_the_one_big_batch_gradient(model_and_tokenizer,
 
     cfg = TrainConfig(batch_size=2, grad_accum=3, clip=0.0)
     ddp = Dist(0, 0, 1, torch.device("cpu"))
-    run = SimpleNamespace(
+    run: Any = SimpleNamespace(  # a stand-in for training.loop.Run: only the fields train_step reads
         cfg=cfg, ddp=ddp, optimizer=Recording(model.parameters(), lr=0.0), data=TrainData(examples, order),
         net=model, model=model, scaler=torch.amp.GradScaler("cpu", enabled=False), no_sync=nullcontext,
         autocast=nullcontext(), at=Position(), global_batch=6,

@@ -161,12 +161,17 @@ def test_target_token_rank_and_probability(lms, references) -> None:
     vectors = [stream["input"][0], *stream["output"]]
     for row, x in zip(result.rows, vectors, strict=True):
         logprobs = decode(ref, x)
+        assert row.target is not None
         for position, cell in enumerate(row.target):
             lp = logprobs[position, target]
             assert cell["id"] == target and abs(cell["logprob"] - float(lp)) < 1e-4
             assert cell["rank"] == int((logprobs[position] > lp).sum()) + 1
     several = logit_lens(lm, PROMPTS["bpe"], k=1, token="龙龙龙")
-    assert several.target_pieces > 1 and several.target["id"] == lm.tokenizer.encode("龙龙龙")[0]
+    assert (
+        several.target_pieces > 1
+        and several.target is not None
+        and several.target["id"] == lm.tokenizer.encode("龙龙龙")[0]
+    )
 
 
 def test_json_schema(folders, cli) -> None:
@@ -380,7 +385,8 @@ def _render(label: str):
     grid = Grid("", ["r"], [label], [[0.5]], [[label]], [[""]])
     fig = figure([grid], title=label)
     fig.canvas.draw()
-    return np.asarray(fig.canvas.buffer_rgba()).copy()
+    # Agg draws it (gptcli.inspection.pictures picks Agg); matplotlib types the canvas as the base class
+    return np.asarray(fig.canvas.buffer_rgba()).copy()  # type: ignore[attr-defined]
 
 
 def test_cjk_labels_are_drawn_as_characters() -> None:
@@ -436,7 +442,8 @@ def test_a_picture_without_a_cjk_font_shows_bytes_everywhere_and_nothing_spills(
     lines = [line for t in texts for line in t.get_text().split("\n")]
     assert all(drawable(line) == line for line in lines), lines
     width = fig.bbox.x1
-    for title in (fig._suptitle, fig.axes[0].title):
+    # get_suptitle() gives only the text; the Text artist, whose extent we need, has no public getter
+    for title in (fig._suptitle, fig.axes[0].title):  # type: ignore[attr-defined]
         box = title.get_window_extent(renderer)
         assert box.x0 >= -1 and box.x1 <= width + 1, (title.get_text(), box)
     ax = fig.axes[0]

@@ -7,6 +7,7 @@ import json
 import os
 import signal
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -15,7 +16,7 @@ from gptcli.training.loop import train
 
 import tiny
 
-SMALL = {"batch_size": 4, "block_size": 32, "log_every": 1, "seed": 0}
+SMALL: dict[str, Any] = {"batch_size": 4, "block_size": 32, "log_every": 1, "seed": 0}
 
 
 @pytest.fixture(scope="module")

@@ -91,7 +91,8 @@ def test_every_cell_equals_patching_one_run_at_a_time(traced_lms, references, na
             for p in range(len(clean_ids)):
                 logits, _ = run(ref, corrupt_ids, [(grid, layer, p, clean[(grid, layer)][p])])
                 expected = (ld(logits) - ld(corrupt_logits)) / denominator
-                assert abs(result.scores[grid][layer][p] - expected) < 1e-4, (grid, layer, p)
+                score = result.scores[grid][layer][p]
+                assert score is not None and abs(score - expected) < 1e-4, (grid, layer, p)
 
 
 def head_patched(model, ids: list[int], clean_z: torch.Tensor, layer: int, head: int) -> torch.Tensor:
@@ -107,7 +108,8 @@ def head_patched(model, ids: list[int], clean_z: torch.Tensor, layer: int, head:
     handle = model.transformer.h[layer].attn.c_proj.register_forward_pre_hook(swap)
     try:
         with torch.no_grad():
-            return model(torch.tensor([ids])).logits[0, -1]
+            logits: torch.Tensor = model(torch.tensor([ids])).logits
+            return logits[0, -1]
     finally:
         handle.remove()
 
@@ -135,7 +137,8 @@ def test_every_head_equals_patching_its_output_with_transformers(traced_lms, ref
             logits = head_patched(ref, corrupt_ids, clean_z[layer], layer, head)
             ld = float(logits[target] - logits[foil])
             expected = (ld - result.corrupt_diff) / (result.clean_diff - result.corrupt_diff)
-            assert abs(result.heads[layer][head] - expected) < 1e-4, (layer, head)
+            score = result.heads[layer][head]
+            assert score is not None and abs(score - expected) < 1e-4, (layer, head)
 
 
 @pytest.mark.parametrize("name", ["bpe", "hf"])
@@ -157,7 +160,7 @@ def test_patching_the_clean_run_into_itself_changes_nothing(traced_lms) -> None:
     lm = traced_lms["bpe"]
     ids = encode(lm, CLEAN).ids
     setup = prepare(lm, ids, ids)
-    cells = [
+    cells: list[tuple[Patch, ...]] = [
         (Patch(point, layer, (p,)),)
         for point in GRIDS.values()
         for layer in range(2)
@@ -192,7 +195,7 @@ def test_noise_on_the_subject(traced_lms, references, name: str) -> None:
         lds.append(float(logits[target] - logits[foil]))
     assert abs(result.corrupt_diff - sum(lds) / 3) < 1e-4
     assert result.scores["resid_pre"][0][1] == pytest.approx(1, abs=1e-4)  # the clean subject restores all
-    assert all(abs(v) < 1e-5 for p, v in enumerate(result.scores["resid_pre"][0]) if p != 1)
+    assert all(v is not None and abs(v) < 1e-5 for p, v in enumerate(result.scores["resid_pre"][0]) if p != 1)
 
 
 def test_json_schema(traced_folders, cli) -> None:

@@ -82,6 +82,7 @@ def test_probabilities_stay_close_to_fp32(
 
 def test_int8_stores_the_matmul_weights_as_int8(bpe_model: Path) -> None:
     lm = load_model(str(bpe_model), device="cpu", quantize="int8")
+    assert lm.net is not None  # gptcli's own GPT-2 runs it
     block = lm.net.blocks[0]
     assert {type(m) for m in (block.c_attn, block.attn_proj, block.c_fc, block.mlp_proj)} == {Int8Linear}
     assert lm.net.lm_head.weight.dtype == torch.int8
@@ -153,6 +154,7 @@ def test_int4_linear_is_close_to_the_float_product() -> None:
 
 def test_int4_stores_the_matmul_weights_in_four_bits(bpe_model: Path) -> None:
     lm = load_model(str(bpe_model), device="cpu", quantize="int4")
+    assert lm.net is not None  # gptcli's own GPT-2 runs it
     block = lm.net.blocks[0]
     assert {type(m) for m in (block.c_attn, block.attn_proj, block.c_fc, block.mlp_proj)} == {Int4Linear}
     assert isinstance(lm.net.lm_head, Int8Linear) and lm.quantize == "int4"  # the output layer: 8 bits
@@ -174,6 +176,7 @@ def test_bf16_on_a_cpu_with_bf16_runs_on_packed_weights(bpe_model: Path) -> None
     from gptcli.gpt2 import Linear
 
     lm = load_model(str(bpe_model), device="cpu", dtype="bfloat16")
+    assert lm.net is not None  # gptcli's own GPT-2 runs it
     layer = lm.net.blocks[0].c_fc
     assert layer.packed is not None and layer.weight is None  # one copy: the packed one
     assert lm.net.lm_head.weight is not None  # the output layer's table also serves the embeddings

@@ -119,7 +119,15 @@ def checkpoint(out: Path) -> dict | None:
     path = out / "checkpoint.pt"
     if not path.exists():
         return None
-    return torch.load(path, map_location="cpu", weights_only=True)
+    state: dict = torch.load(path, map_location="cpu", weights_only=True)
+    return state
+
+
+def saved_step(out: Path) -> int:
+    """The step of the checkpoint in `out`, which must be there."""
+    state = checkpoint(out)
+    assert state is not None, f"no checkpoint in {out}"
+    return int(state["step"])
 
 
 def metrics(out: Path) -> list[dict]:
@@ -243,7 +251,7 @@ def test_sigterm_then_a_full_disk_then_resume_equals_the_uninterrupted_run(
     wait_for_step(out, 4, child)
     os.kill(child.pid, signal.SIGTERM)
     assert child.wait(timeout=30) == 130, child.stderr
-    kept = checkpoint(out)["step"]
+    kept = saved_step(out)
     assert 4 <= kept < STEPS and max(r["step"] for r in metrics(out)) == kept
     assert f"interrupted at step {kept}/{STEPS}" in child.stderr and "--resume" in child.stderr
     assert "Error" not in child.stderr and "Traceback" not in child.stderr
@@ -259,7 +267,7 @@ def test_sigterm_then_a_full_disk_then_resume_equals_the_uninterrupted_run(
     assert f"the checkpoint of step {kept} is kept and --resume continues from it" in last
     assert sum(line.startswith("Error:") for line in full.stderr.splitlines()) == 1
     assert "Traceback" not in full.stderr
-    assert digest(out / "checkpoint.pt") == before and checkpoint(out)["step"] == kept
+    assert digest(out / "checkpoint.pt") == before and saved_step(out) == kept
     assert leftovers(out) == []
 
     resumed = finetune(bpe_model, corpus, out, "--resume")

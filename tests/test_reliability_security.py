@@ -35,7 +35,7 @@ def corpus(tmp_path: Path) -> Path:
 
 
 # Every command that loads a model, and how each gets one: (label, argv before the model folder, after).
-LOADERS = [
+LOADERS: list[tuple[str, list[str], list[str]]] = [
     ("topk", ["topk", "hi", "-m"], []),
     ("score", ["score", "hi", "-m"], []),
     ("complete", ["complete", "hi", "-n", "2", "-m"], []),
@@ -338,6 +338,6 @@ def test_finetune_writes_only_in_outdir_and_the_caches(bpe_model: Path, corpus: 
     stray = sorted(p for p in created if not p.startswith(allowed) and (root / p).is_file())
     assert stray == []
     empty_dirs = sorted(p for p in created if not p.startswith(allowed) and (root / p).is_dir())
-    for folder in empty_dirs:
-        assert not any(p.is_file() for p in (root / folder).rglob("*")), folder
+    for name in empty_dirs:
+        assert not any(p.is_file() for p in (root / name).rglob("*")), name
     assert tree(bpe_model) == model_before  # the base model's folder is only read

@@ -5,7 +5,6 @@ and the request fields they send (logit_bias, stream_options.include_usage).
 
 from __future__ import annotations
 
-import importlib
 import json
 import math
 from pathlib import Path
@@ -108,8 +107,7 @@ CONTEXTS = [
 
 
 def loglikelihoods(lm, requests: list[tuple[str, str]]) -> list[tuple[float, bool]]:
-    # (imported by name: lm_eval ships no type information)
-    Instance = importlib.import_module("lm_eval.api.instance").Instance
+    from lm_eval.api.instance import Instance
 
     instances = [
         Instance(request_type="loglikelihood", doc={}, arguments=(context, continuation), idx=i)
@@ -124,7 +122,7 @@ def test_lm_eval_local_completions_equals_its_hf_backend(server, folder, monkeyp
     prompts per request, gives the log-likelihoods and greedy flags of its own `hf` backend on the same
     folder, to 1e-4."""
     pytest.importorskip("lm_eval")
-    get_model = importlib.import_module("lm_eval.api.registry").get_model
+    from lm_eval.api.registry import get_model
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     requests = [(c, x) for c, x in CONTEXTS if c]  # (hf refuses an empty context with no prefix token)

@@ -42,7 +42,8 @@ def step_json(cli, *args: object) -> tuple[list[dict], dict, str]:
 def complete_json(cli, *args: object) -> dict:
     result = cli("complete", *args, "--json")
     assert result.code == 0, result.err
-    return json.loads(result.out)
+    record: dict = json.loads(result.out)
+    return record
 
 
 @pytest.mark.parametrize("fixture", ["bpe", "bert"])
@@ -93,12 +94,16 @@ def test_cached_steps_and_undo_equal_a_recompute(lms, path: str) -> None:
 
     def recomputed() -> torch.Tensor:
         with torch.inference_mode():
-            return lm.logits(torch.tensor([session.ids]))[0, -1].float()
+            logits: torch.Tensor = lm.logits(torch.tensor([session.ids]))
+            return logits[0, -1].float()
 
     tops = []
     for choice in [0, 3, "s", 1, 0, "s", 2]:
         tops.append(session.top(5))
-        session.sample() if choice == "s" else session.choose(choice)
+        if isinstance(choice, int):
+            session.choose(choice)
+        else:
+            session.sample()
         assert torch.allclose(session.logits, recomputed(), atol=1e-5)
     for _ in range(3):
         session.undo()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import io
 import itertools
 import json
 import os
@@ -13,6 +14,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -41,7 +43,7 @@ def metrics(out: Path) -> list[dict]:
 def checkpoint_step(out: Path) -> int:
     import torch
 
-    return torch.load(out / "checkpoint.pt", map_location="cpu", weights_only=True)["step"]
+    return int(torch.load(out / "checkpoint.pt", map_location="cpu", weights_only=True)["step"])
 
 
 def corpus_loss(model, tokenizer, text: str) -> float:
@@ -49,7 +51,7 @@ def corpus_loss(model, tokenizer, text: str) -> float:
 
     ids = torch.tensor([tokenizer(text, add_special_tokens=False)["input_ids"][:120]])
     with torch.no_grad():
-        return model(input_ids=ids, labels=ids).loss.item()
+        return float(model(input_ids=ids, labels=ids).loss.item())
 
 
 def test_loss_falls_and_the_output_is_a_model_folder(cli, bpe_model: Path, corpus: Path, tmp_path: Path):
@@ -91,9 +93,10 @@ def test_loss_falls_and_the_output_is_a_model_folder(cli, bpe_model: Path, corpu
         corpus_loss(tiny.reference_model(lm), lm.tokenizer, tiny.TEXT)
         < corpus_loss(base, lm.tokenizer, tiny.TEXT) - 0.3
     )
-    prompt = lm.tokenizer("今天天气", return_tensors="pt")
-    greedy = tiny.reference_model(lm).generate(**prompt, max_new_tokens=8, do_sample=False)
-    ids = prompt["input_ids"]
+    ids = torch.tensor([lm.tokenizer("今天天气")["input_ids"]])
+    greedy = tiny.reference_model(lm).generate(
+        input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False
+    )
     with torch.no_grad():  # the reference: argmax, one token at a time, no cache
         for _ in range(8):
             ids = torch.cat([ids, trained(input_ids=ids).logits[:, -1:].argmax(-1)], dim=1)
@@ -106,7 +109,9 @@ def test_resume_after_sigkill_gives_the_same_losses(bpe_model: Path, corpus: Pat
 
     Dropout stays on (the fixture's 0.1), so this also checks that the RNG streams are restored.
     """
-    common = dict(data=[str(corpus)], model=str(bpe_model), steps=30, batch_size=4, block_size=32)
+    common: dict[str, Any] = dict(
+        data=[str(corpus)], model=str(bpe_model), steps=30, batch_size=4, block_size=32
+    )
     common |= dict(lr=1e-3, save_every=10, log_every=1, eval_every=15, seed=5)
     reference = train(TrainConfig(out_dir=tmp_path / "ref", **common))
     assert not reference.interrupted
@@ -394,15 +399,21 @@ def test_every_finetune_option_defaults_to_trainconfig() -> None:
     assert checked == len(params) == 44
 
 
+def found(pattern: str, text: str) -> re.Match[str]:
+    match = re.search(pattern, text)
+    assert match is not None, (pattern, text)
+    return match
+
+
 def test_the_numbers_of_tokens_agree(cli, bpe_model: Path, corpus: Path, tmp_path: Path) -> None:
     """The start line and the data notes count the same tokens, and say what each number is."""
     import re
 
     result = cli("finetune", corpus, "-m", bpe_model, "-o", tmp_path / "out", *SMALL, "--steps", "1")
     assert result.code == 0, result.err
-    tokenized = int(re.search(r"tokenized 1 document: ([\d,]+) tokens", result.err)[1].replace(",", ""))
+    tokenized = int(found(r"tokenized 1 document: ([\d,]+) tokens", result.err)[1].replace(",", ""))
     train, val, block = map(
-        int, re.search(r"(\d+) training \+ (\d+) validation blocks of (\d+)", result.err).groups()
+        int, found(r"(\d+) training \+ (\d+) validation blocks of (\d+)", result.err).groups()
     )
     left = re.search(r"the last ([\d,]+) tokens make a short final block", result.err)
     left_over = int(left[1].replace(",", "")) if left else 0
@@ -512,13 +523,11 @@ def test_a_closed_stderr_never_stops_training(bpe_model: Path, corpus: Path, tmp
     assert max(r["step"] for r in metrics(out)) == 60
 
 
-class _ReaderGoneAt(__import__("io").TextIOWrapper):
+class _ReaderGoneAt(io.TextIOWrapper):
     """fd 2 of a forked child whose pipe's only reader (`read_end`, held by the child alone) goes away
     just before the first line that starts with `cue` is written: that write meets a real EPIPE."""
 
     def __init__(self, read_end: int, cue: str) -> None:
-        import io
-
         super().__init__(io.FileIO(2, "w", closefd=False), encoding="utf-8", write_through=True)
         self.read_end, self.cue = read_end, cue
 

@@ -59,7 +59,9 @@ def byte_level_tokenizer(vocab_size: int = 400):
 def bert_char_tokenizer():
     """A BERT-style Chinese tokenizer: one token per CJK character, [CLS]/[SEP]/[PAD]/[UNK]/[MASK]."""
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
-    from transformers import BertTokenizerFast
+
+    # BertTokenizerFast is exported lazily; transformers' __init__ hides the name from mypy
+    from transformers import BertTokenizerFast  # type: ignore[attr-defined]
 
     specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
     chars = sorted({c for c in TEXT.lower() if not c.isspace()})

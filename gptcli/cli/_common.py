@@ -30,7 +30,7 @@ class _FlagsWithoutValues:
     and a repeatable option or argument shows the type of one value (typer would show `<list[str]>`)."""
 
     def get_params(self, ctx: Any) -> list[Any]:
-        params = super().get_params(ctx)  # type: ignore[misc]
+        params: list[Any] = super().get_params(ctx)  # type: ignore[misc]
         for param in params:
             if param.metavar is not None:
                 continue

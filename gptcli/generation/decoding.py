@@ -463,7 +463,8 @@ class KVStepper:
         )
         self.cache = out.cache
         # float32 whatever the weights: the reference numerics for sampling, penalties and logprobs.
-        return out.logits[:, -keep:, :].float() if keep else out.logits[:, -1, :].float()
+        logits: torch.Tensor = out.logits[:, -keep:, :] if keep else out.logits[:, -1, :]
+        return logits.float()
 
 
 @contextmanager

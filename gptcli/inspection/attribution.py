@@ -253,9 +253,10 @@ def _unembedding(lm: LoadedModel, ids: list[int]) -> torch.Tensor:
     index = torch.tensor(ids, device=lm.device)
     if runs_gptcli(lm):
         assert lm.net is not None
-        return lm.net.lm_head.rows(index).float()  # tied to the embeddings (GPT-2)
-    head = lm.model.get_output_embeddings()
-    return head.weight[index].float()
+        rows: torch.Tensor = lm.net.lm_head.rows(index)  # tied to the embeddings (GPT-2)
+    else:
+        rows = lm.model.get_output_embeddings().weight[index]
+    return rows.float()
 
 
 def _output_bias(lm: LoadedModel, target: int, foil: int | None) -> float:

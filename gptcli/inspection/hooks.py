@@ -82,7 +82,8 @@ def run_with_hooks(
     handles = _attach(model, int(lm.config.num_attention_heads), hooks)
     try:
         with eager_attention(model, any(name.endswith("attn.hook_pattern") for name in hooks)):
-            return model(input_ids=input_ids, logits_to_keep=logits_to_keep).logits
+            logits: torch.Tensor = model(input_ids=input_ids, logits_to_keep=logits_to_keep).logits
+            return logits
     finally:
         for handle in handles:
             handle.remove()

@@ -295,7 +295,7 @@ def _rows_of_cache(setup: Setup) -> int:
         return TOKENS_PER_PASS
     keys = setup.prefix.keys
     row = 2 * keys[:, :1].numel() * keys.element_size()
-    return max(1, KV_BYTES // row)
+    return max(1, KV_BYTES // int(row))
 
 
 def _patched_logits(

@@ -40,7 +40,7 @@ class Adapter:
 
     @property
     def scale(self) -> float:
-        r, alpha = self.config["r"], self.config["lora_alpha"]
+        r, alpha = int(self.config["r"]), float(self.config["lora_alpha"])
         return alpha / math.sqrt(r) if self.config.get("use_rslora") else alpha / r
 
 

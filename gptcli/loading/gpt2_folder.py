@@ -128,7 +128,7 @@ class Tokenizer:
         self.name_or_path = str(path)
         self.class_name = class_name  # what `gptcli info` reports: the class transformers would build
         self._specials = specials
-        self._full: Any = None
+        self._full: PreTrainedTokenizerBase | None = None
 
     def transformers_tokenizer(self) -> PreTrainedTokenizerBase:
         """transformers' tokenizer of the same folder (imports transformers on the first call)."""
@@ -183,11 +183,15 @@ class Tokenizer:
     def encode(self, text: str, *, add_special_tokens: bool = True) -> list[int]:
         # encode_batch lets go of the GIL while it works (encode does not): a server tokenizing a long
         # prompt in a worker thread keeps answering (16 prompts of 2 MB stalled it 29 s), and it is as fast.
-        return self.backend_tokenizer.encode_batch([text], add_special_tokens=add_special_tokens)[0].ids
+        ids: list[int] = self.backend_tokenizer.encode_batch([text], add_special_tokens=add_special_tokens)[
+            0
+        ].ids
+        return ids
 
     def decode(self, token_ids: int | Iterable[int], *, skip_special_tokens: bool = False) -> str:
         ids = [token_ids] if isinstance(token_ids, int) else [int(i) for i in token_ids]
-        return self.backend_tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
+        text: str = self.backend_tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
+        return text
 
     def convert_ids_to_tokens(self, ids: int | Iterable[int]) -> Any:
         if isinstance(ids, int):
@@ -195,10 +199,11 @@ class Tokenizer:
         return [self.backend_tokenizer.id_to_token(int(i)) for i in ids]
 
     def get_vocab(self) -> dict[str, int]:
-        return self.backend_tokenizer.get_vocab(with_added_tokens=True)
+        vocab: dict[str, int] = self.backend_tokenizer.get_vocab(with_added_tokens=True)
+        return vocab
 
     def __len__(self) -> int:
-        return self.backend_tokenizer.get_vocab_size(with_added_tokens=True)
+        return int(self.backend_tokenizer.get_vocab_size(with_added_tokens=True))
 
 
 def _json(path: Path) -> dict[str, Any] | None:

@@ -143,7 +143,8 @@ class LoadedModel:
                 position_ids=position_ids,
                 logits_to_keep=logits_to_keep,
             )
-            return out.logits
+            logits: torch.Tensor = out.logits
+            return logits
         mask = None
         if attention_mask is not None and not bool(attention_mask.all()):
             mask = attention_mask.bool()
@@ -519,7 +520,10 @@ def load_transformers_model(
     _quiet_transformers()
     adapter = find_adapter(path)
     if adapter is not None:  # the base with the adapter merged by PEFT
-        return load_merged_transformers_model(adapter, dtype).to(device)
+        # PEFT's merge_and_unload is typed as returning a bare nn.Module; it is the base's model class.
+        merged: PreTrainedModel = load_merged_transformers_model(adapter, dtype)
+        merged.to(device)  # type: ignore[arg-type]  # in place; transformers' decorator hides .to's signature
+        return merged
     try:
         model = AutoModelForCausalLM.from_pretrained(
             path,
@@ -532,7 +536,8 @@ def load_transformers_model(
         weights = next(iter(sorted(path.glob("*.safetensors"))), path / _PICKLE_WEIGHTS[0])
         raise GptcliError(f"could not load the model weights from {weights}: {first_line(exc)}") from exc
     model.eval()
-    return model.to(device)  # type: ignore[arg-type]  # transformers' decorator hides nn.Module.to's signature
+    model.to(device)  # type: ignore[arg-type]  # transformers' decorator hides nn.Module.to's signature
+    return model
 
 
 def _only_pickle(path: Path) -> bool:

@@ -104,7 +104,8 @@ class Int8Linear:
             out = out.to(self.dtype)
             if self.bias is not None:
                 out = out + self.bias
-        return out.view(*x.shape[:-1], out.shape[-1])
+        shaped: torch.Tensor = out.view(*x.shape[:-1], out.shape[-1])
+        return shaped
 
     def rows(self, ids: torch.Tensor) -> torch.Tensor:
         """Rows `ids` of the dequantized weight: an embedding lookup in the same table."""
@@ -186,7 +187,8 @@ class Int4Linear:
         out = out[:, : self.out].to(self.dtype)
         if self.bias is not None:
             out = out + self.bias
-        return out.view(*x.shape[:-1], self.out)
+        shaped: torch.Tensor = out.view(*x.shape[:-1], self.out)
+        return shaped
 
     def rows(self, ids: torch.Tensor) -> torch.Tensor:
         """Rows `ids` of the dequantized weight: an embedding lookup in the same table."""

@@ -42,13 +42,12 @@ from gptcli.serving.schemas import (
 )
 from gptcli.textio import decode_utf8
 
-_R = TypeVar("_R")
-
 MAX_BODY = 4 * 2**20  # bytes of a request body: 4 MiB is thousands of contexts of text
 _THREADS = 4  # worker threads for tokenizing and parsing (each thread's malloc arena stays: keep them few)
 STREAM_BUFFER = 16  # events per completion a stream may hold unsent before its rows pause
 
 Log = Callable[[str], None]
+T = TypeVar("T")
 
 
 @dataclass
@@ -84,7 +83,7 @@ class State:
         loop = asyncio.get_running_loop()
         loop.call_later(grace, lambda: loop.run_in_executor(None, self.engine.stop))
 
-    async def in_thread(self, fn: Callable[..., _R], *args: Any) -> _R:
+    async def in_thread(self, fn: Callable[..., T], *args: Any) -> T:
         return await anyio.to_thread.run_sync(fn, *args, limiter=self.limiter)
 
 

@@ -227,7 +227,8 @@ def save_checkpoint(state: dict[str, Any], out_dir: Path, previous: int | None) 
 def load_checkpoint(path: Path) -> dict[str, Any]:
     """Our own checkpoint: tensors, numbers and strings only, so the weights_only loader reads it."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        state: dict[str, Any] = torch.load(path, map_location="cpu", weights_only=True)
+        return state
     except Exception as exc:
         raise GptcliError(f"cannot read the checkpoint {path}: {first_line(exc)}") from exc
 

@@ -102,7 +102,8 @@ class Blocks:
     def read(self, which: np.ndarray) -> np.ndarray:
         """The blocks numbered `which`, as an int64 array of shape (len(which), block_size + 1)."""
         offsets = self.starts[which][:, None] + np.arange(self.block_size + 1)
-        return self.tokens[offsets].astype(np.int64)
+        blocks: np.ndarray = self.tokens[offsets].astype(np.int64)
+        return blocks
 
     def batch(self, which: np.ndarray) -> Batch:
         """Inputs and next-token labels of the blocks numbered `which`."""
@@ -238,7 +239,10 @@ def split_document(text: str, piece_chars: int = PIECE_CHARS) -> list[str]:
 
 def _encode(tokenizer: PreTrainedTokenizerBase, texts: list[str]) -> list[list[int]]:
     # No special tokens: BERT-style tokenizers would wrap every piece in [CLS] ... [SEP].
-    return tokenizer(texts, add_special_tokens=False, return_attention_mask=False)["input_ids"]
+    ids: list[list[int]] = tokenizer(texts, add_special_tokens=False, return_attention_mask=False)[
+        "input_ids"
+    ]
+    return ids
 
 
 def splits_exactly(tokenizer: PreTrainedTokenizerBase) -> bool:
@@ -455,7 +459,8 @@ def split_validation(blocks: Blocks, fraction: float) -> tuple[Blocks, Blocks | 
 def held_out(count: int, fraction: float) -> np.ndarray:
     """Which of `count` items a validation split of `fraction` holds out: every 1/fraction-th."""
     index = np.arange(count)
-    return np.floor((index + 1) * fraction) > np.floor(index * fraction)
+    chosen: np.ndarray = np.floor((index + 1) * fraction) > np.floor(index * fraction)
+    return chosen
 
 
 class BatchOrder:

@@ -98,7 +98,8 @@ class Dist:
         kind, value = box[0]
         if kind == "error":
             raise GptcliError(value)
-        return value
+        result: T = value  # what fn() returned on rank 0, passed through the pickled broadcast
+        return result
 
     def close(self) -> None:
         if self.enabled and dist.is_initialized():

@@ -618,4 +618,4 @@ def estimate_val_loss(
             total[1] += batch.targets
     model.train()
     loss_sum, targets = ddp.sum(total).tolist()
-    return loss_sum / max(targets, 1)
+    return float(loss_sum) / max(float(targets), 1.0)
