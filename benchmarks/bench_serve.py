@@ -20,6 +20,21 @@ core).
     python benchmarks/bench_serve.py            # GPT-2-124M shape, 3 rounds (a few minutes)
     python benchmarks/bench_serve.py --quick    # a small model, 3 rounds (about a minute)
 
+Then time to first token with a long prompt arriving mid-batch (issue 22): 8 streams decode, a prompt
+of about 870 tokens arrives, and 16 short streaming requests (4 tokens each) follow it 25 ms apart; each
+short request's time to first token (sending to the first chunk with text), p50 and p99 over --rounds
+rounds, and the running streams' longest gap between two chunks. Twice, each on its own server: prompts
+prefilled a chunk of 256 tokens per step (the engine's default, PREFILL_CHUNK), and whole (chunking off,
+as before issue 22). The servers are started through gptcli.serving.serve, since `gptcli serve` has
+no option for the chunk size.
+
+--transformers (issue 22, item 4): what batching would give a model that runs through transformers
+(gptcli's engine serves those one request at a time): the same model saved with
+scale_attn_by_inverse_layer_idx (which gptcli's GPT-2 does not run), one decoding step of 1 row and of
+16 rows through gptcli's Decoder for it (transformers' DynamicCache), 16 × the first / the second.
+
+    python benchmarks/bench_serve.py --transformers
+
 --flood (issue 23): 200 clients at once against a server started with --max-waiting 48, on 127.0.0.1
 only, each sending one request, bounded to 200 requests and --flood-seconds (180) in all: short prompts
 and long ones (about 400 tokens), whole and streamed; 10% leave after the first chunk, 10% read one
@@ -36,6 +51,7 @@ from __future__ import annotations
 
 import argparse
 import http.client
+import itertools
 import json
 import os
 import random
@@ -68,12 +84,28 @@ def prompts(count: int = CLIENTS, words: tuple[int, int] = (2, 10)) -> list[str]
     return out
 
 
-def start_server(folder: Path, *options: str) -> tuple[subprocess.Popen, str, int]:
-    """`gptcli serve` on a free port of 127.0.0.1; (process, host, port) once /health answers."""
+# A server whose engine prefills at most `chunk` prompt tokens per step (0: whole prompts).
+LAUNCH = """
+import sys
+from gptcli.loading.models import load_model
+from gptcli.serving import serve
+chunk = int(sys.argv[2]) or None
+def listening(url):
+    print("serving at " + url, file=sys.stderr, flush=True)
+serve(load_model(sys.argv[1]), port=0, on_listening=listening, log=lambda line: None, prefill_chunk=chunk)
+"""
+
+
+def start_server(folder: Path, *options: str, chunk: int | None = None) -> tuple[subprocess.Popen, str, int]:
+    """`gptcli serve` on a free port of 127.0.0.1 (`chunk`: gptcli.serving.serve with that prefill
+    chunk instead); (process, host, port) once /health answers."""
     repo = Path(__file__).resolve().parent.parent
     env = {**os.environ, "PYTHONPATH": str(repo)}
+    command = ["-m", "gptcli", "serve", "-m", str(folder), "--port", "0", *options]
+    if chunk is not None:
+        command = ["-c", LAUNCH, str(folder), str(chunk)]
     process = subprocess.Popen(
-        [sys.executable, "-m", "gptcli", "serve", "-m", str(folder), "--port", "0", *options],
+        [sys.executable, *command],
         stderr=subprocess.PIPE,
         text=True,
         env=env,
@@ -105,7 +137,7 @@ def request(host: str, port: int, method: str, path: str, body: dict | None = No
         data = None if body is None else json.dumps(body).encode()
         connection.request(method, path, body=data, headers={"Content-Type": "application/json"})
         response = connection.getresponse()
-        answer = json.loads(response.read())
+        answer: dict = json.loads(response.read())
         if response.status != 200:
             raise SystemExit(f"{path}: {response.status} {answer}")
         return answer
@@ -176,6 +208,7 @@ class Ceiling:
         from gptcli.generation.decoding import torch_threads
         from gptcli.gpt2 import CachedDecoder
 
+        assert self.lm.net is not None
         decoder = CachedDecoder(self.lm.net, batch, 16 + self.steps)
         decoder.prefill(torch.randint(0, 5000, (batch, 16)), None, torch.arange(16).expand(batch, 16))
         token = torch.randint(0, 5000, (batch, 1))
@@ -184,6 +217,137 @@ class Ceiling:
             for i in range(self.steps):
                 decoder.step(token, torch.full((batch, 1), 16 + i))
             return time.perf_counter() - start
+
+
+RUNNING = 8  # streams decoding when the long prompt arrives
+SHORT = 16  # short streaming requests after it
+CHUNKS = {"chunked prefill (256 tokens a step)": 256, "whole prompts (chunking off)": 0}
+
+
+def stream_times(host: str, port: int, prompt: str, max_tokens: int) -> list[float]:
+    """Stream `max_tokens` greedy tokens; the times (perf_counter) of the chunks with text, and of the
+    request's sending first."""
+    body = {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True, "stream": True}
+    connection = http.client.HTTPConnection(host, port, timeout=600)
+    times = [time.perf_counter()]
+    try:
+        connection.request("POST", "/v1/completions", json.dumps(body), {"Content-Type": "application/json"})
+        response = connection.getresponse()
+        assert response.status == 200, response.read()
+        for line in response:
+            if line.startswith(b"data: {") and json.loads(line[6:])["choices"][0]["text"]:
+                times.append(time.perf_counter())
+    finally:
+        connection.close()
+    return times
+
+
+def long_prompt_round(host: str, port: int, long: str, short: list[str]) -> tuple[list[float], float]:
+    """One round: the short requests' times to first token, and the running streams' longest gap."""
+    running: list[list[float]] = [[] for _ in range(RUNNING)]
+    firsts: list[float] = [0.0] * SHORT
+
+    def run(i: int) -> None:
+        running[i] = stream_times(host, port, short[i % len(short)], 96)
+
+    def ask(i: int) -> None:
+        times = stream_times(host, port, short[i % len(short)], 4)
+        firsts[i] = times[1] - times[0]
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(RUNNING)]
+    for t in threads:
+        t.start()
+    time.sleep(0.5)  # the batch is decoding
+    arrived = time.perf_counter()
+    threads.append(
+        threading.Thread(target=request, args=(host, port, "POST", "/v1/completions", _long_body(long)))
+    )
+    threads[-1].start()
+    for i in range(SHORT):
+        time.sleep(0.025)
+        threads.append(threading.Thread(target=ask, args=(i,)))
+        threads[-1].start()
+    for t in threads:
+        t.join()
+    gaps = [b - a for times in running for a, b in itertools.pairwise(times[1:]) if b > arrived]
+    return firsts, max(gaps, default=0.0)
+
+
+def _long_body(prompt: str) -> dict:
+    return {"prompt": prompt, "max_tokens": 8, "temperature": 0, "ignore_eos": True}
+
+
+def long_prompt_ttft(folder: Path, rounds: int) -> list[list[object]]:
+    """Table rows: for each way of prefilling, short requests' TTFT p50/p99 and the running streams'
+    longest gap, with a prompt of about 870 tokens arriving mid-batch."""
+    short = prompts()
+    (long,) = prompts(1, words=(340, 360))
+    rows: list[list[object]] = []
+    for name, chunk in CHUNKS.items():
+        process, host, port = start_server(folder, chunk=chunk)
+        try:
+            complete(host, port, short[0])  # warm up
+            firsts: list[float] = []
+            gaps: list[float] = []
+            for _ in range(rounds):
+                ttft, gap = long_prompt_round(host, port, long, short)
+                firsts += ttft
+                gaps.append(gap)
+        finally:
+            process.terminate()
+            process.wait(30)
+        firsts.sort()
+        rows.append(
+            [
+                name,
+                f"{_quantile(firsts, 0.5) * 1000:.0f} / {_quantile(firsts, 0.99) * 1000:.0f} ms",
+                f"{max(gaps) * 1000:.0f} ms",
+            ]
+        )
+    return rows
+
+
+def transformers_ceiling(folder: Path, rounds: int) -> None:
+    """Steps of 1 and of 16 rows of a transformers-run copy of the model (module docstring)."""
+    import shutil
+
+    import torch
+
+    from gptcli.generation.decoding import open_decoder, torch_threads
+    from gptcli.loading.models import load_model
+
+    other = folder.with_name(folder.name + "-inverse-layer-idx")
+    if not other.is_dir():
+        shutil.copytree(folder, other)
+        config = json.loads((other / "config.json").read_text())
+        (other / "config.json").write_text(json.dumps({**config, "scale_attn_by_inverse_layer_idx": True}))
+    lm = load_model(str(other))
+    assert lm.runtime == "transformers", lm.runtime
+    steps = 8
+
+    def decode(batch: int) -> float:
+        decoder = open_decoder(lm, batch, 16 + steps)
+        decoder.prefill(torch.randint(0, 5000, (batch, 16)), None, torch.arange(16).expand(batch, 16))
+        token = torch.randint(0, 5000, (batch, 1))
+        with torch_threads(1 if batch == 1 else None):
+            start = time.perf_counter()
+            for i in range(steps):
+                decoder.step(token, torch.full((batch, 1), 16 + i))
+            return (time.perf_counter() - start) / steps * 1000
+
+    ms: dict[int, list[float]] = {1: [], CLIENTS: []}
+    with torch.inference_mode():
+        decode(1), decode(CLIENTS)  # warm up
+        for _ in range(rounds):
+            for batch in ms:
+                ms[batch].append(decode(batch))
+    one, many = median(ms[1]), median(ms[CLIENTS])
+    print(f"transformers runtime ({other.name}), {rounds} rounds")
+    print(machine())
+    print(
+        f"a step of 1 row: {one:.1f} ms; of {CLIENTS} rows: {many:.1f} ms; batching {CLIENTS} requests would "
+        f"give at most {CLIENTS * one / many:.2f}× the one-at-a-time decoding throughput"
+    )
 
 
 FLOOD_CLIENTS = 200
@@ -326,15 +490,25 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--flood", action="store_true", help="200 clients at once (issue 23)")
     parser.add_argument("--flood-seconds", type=float, default=180.0)
+    parser.add_argument("--ttft-only", action="store_true", help="only the long-prompt TTFT figures")
+    parser.add_argument(
+        "--transformers", action="store_true", help="what batching would give transformers' models"
+    )
     args = parser.parse_args()
     folder = model_folder(4, 4, 256) if args.quick else model_folder()
     if args.flood:
         flood(folder, args.flood_seconds)
         return
+    if args.transformers:
+        transformers_ceiling(folder, args.rounds)
+        return
+    if args.ttft_only:
+        print_ttft(folder, args)
+        return
     texts = prompts()
     from gptcli.loading.gpt2_folder import load
 
-    prompt_tokens = sum(len(load(folder)[2].encode(t)) for t in texts) / len(texts)  # type: ignore[index]
+    prompt_tokens = sum(len(load(folder)[2].encode(t)) for t in texts) / len(texts)  # type: ignore[index,misc]
     process, host, port = start_server(folder)
     ceiling = Ceiling(folder)
     try:
@@ -367,13 +541,13 @@ def main() -> None:
     print(f"gptcli serve, {shape}: {CLIENTS} clients × {NEW_TOKENS} greedy tokens, {args.rounds} rounds")
     print(machine())
     print()
-    wall = [
+    wall: list[object] = [
         "wall time (s)",
         f"{alone:.2f} ({spread(times['one at a time'])})",
         f"{together:.2f} ({spread(times['concurrent'])})",
         f"{together / alone:.2f}×",
     ]
-    speed = [
+    speed: list[object] = [
         "throughput (tokens/s)",
         f"{tokens / alone:.1f}",
         f"{tokens / together:.1f}",
@@ -389,6 +563,17 @@ def main() -> None:
         f"{many:.0f} ms, so sharing steps gives at most {CLIENTS * one / many:.2f}× (each prompt's prefill, "
         "on average {:.1f} tokens here, is not shared)".format(prompt_tokens)
     )
+    print()
+    print_ttft(folder, args)
+
+
+def print_ttft(folder: Path, args: argparse.Namespace) -> None:
+    rows = long_prompt_ttft(folder, args.rounds)
+    print(
+        f"a prompt of about 870 tokens arrives while {RUNNING} streams decode; {SHORT} short streaming "
+        f"requests follow it 25 ms apart ({args.rounds} rounds)"
+    )
+    print_table(["", "short requests' time to first token p50 / p99", "running streams' longest gap"], rows)
 
 
 if __name__ == "__main__":

@@ -163,6 +163,7 @@ def test_prompt_logprobs_are_the_model_distribution(lms) -> None:
         reference = torch.log_softmax(tiny.reference_model(lm)(torch.tensor([ids])).logits[0].float(), dim=-1)
         assert scored.entries[0] is None and len(scored.entries) == len(ids)
         for j, entry in enumerate(scored.entries[1:], 1):
+            assert entry is not None
             assert entry["id"] == ids[j]
             assert abs(entry["logprob"] - reference[j - 1, ids[j]].item()) < 1e-5
             best = reference[j - 1].topk(3)
@@ -257,5 +258,112 @@ def test_a_paused_job_leaves_the_batch_and_resumes_with_the_same_numbers(lms) ->
             assert [c.token_ids for c in done] == [c.token_ids for c in alone]
             assert [c.text for c in done] == [c.text for c in alone]
             assert engine.stats()["paused"] == 0
+    finally:
+        engine.stop()
+
+
+def test_a_long_prompt_is_prefilled_in_chunks_while_the_others_decode(lms) -> None:
+    """A prompt longer than prefill_chunk goes in a chunk per step: a row already decoding gets tokens
+    between the chunks, and every row still equals `complete` alone (greedy ids, logprobs to 1e-5)."""
+    lm = lms["bpe"]
+    long_prompt = "今天天气很好，我们去公园散步吧。" * 4
+    long_ids = encode_prompt(lm.tokenizer, long_prompt)
+    assert 60 < len(long_ids) < lm.context_length - 16
+    engine = Engine(lm, prefill_chunk=8).start()
+    try:
+        settings = greedy(max_new_tokens=12, logprobs=2)
+        runner_settings = greedy(max_new_tokens=60, ignore_eos=True)
+        during: list[int] = []  # engine.chunks when each of the running row's tokens arrived
+        first = threading.Event()
+        finished = threading.Event()
+        running: list = []
+
+        def sink(event) -> None:
+            running.append(event)
+            if isinstance(event, Token):
+                during.append(engine.chunks)
+                first.set()
+            if isinstance(event, Done):
+                finished.set()
+
+        engine.submit(Job(["a"], [encode_prompt(lm.tokenizer, "a")], runner_settings, sink))
+        assert first.wait(30)
+        (long_done,) = [e for e in engine.stream([long_prompt], settings) if isinstance(e, Completion)]
+        assert finished.wait(30)
+        total = engine.chunks
+        assert total == -(-len(long_ids) // 8)
+        assert any(0 < seen < total for seen in during)  # the running row decoded between chunks
+        (alone,) = complete(lm, [long_prompt], settings, batch_size=1)
+        assert long_done.token_ids == alone.token_ids
+        for x, y in zip(alone.logprobs or [], long_done.logprobs or [], strict=True):
+            assert x["id"] == y["id"] and abs(x["logprob"] - y["logprob"]) < 1e-5
+        (runner_done,) = [e for e in running if isinstance(e, Completion)]
+        assert runner_done.token_ids == complete(lm, ["a"], runner_settings)[0].token_ids
+    finally:
+        engine.stop()
+
+
+def test_a_failing_job_fails_alone(lms, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A job whose processing raises (the test-only fault: a real path through the engine) while a job
+    decodes beside it and another waits for room gets Failed with the reason; the other two finish with
+    what they give alone."""
+    from gptcli.serving.engine import FAULT_ENV
+
+    monkeypatch.setenv(FAULT_ENV, "boom")
+    lm = lms["bpe"]
+    engine = Engine(lm, max_rows=2).start()
+    try:
+        settings = greedy(max_new_tokens=30, ignore_eos=True)
+        running: list = []
+        failed: list = []
+        waiting: list = []
+        first = threading.Event()
+
+        def sink(event) -> None:
+            running.append(event)
+            first.set()
+
+        engine.submit(Job(PROMPTS[:1], [encode_prompt(lm.tokenizer, PROMPTS[0])], settings, sink))
+        assert first.wait(30)
+        engine.submit(Job(["boom"], [encode_prompt(lm.tokenizer, "boom")], settings, failed.append))
+        engine.submit(Job(PROMPTS[1:2], [encode_prompt(lm.tokenizer, PROMPTS[1])], settings, waiting.append))
+        deadline = time.monotonic() + 60
+        while not (waiting and isinstance(waiting[-1], (Done, Failed))) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert [type(e) for e in failed] == [Failed]
+        assert "injected fault" in failed[0].message and "generation failed" in failed[0].message
+        alone = complete(lm, PROMPTS[:2], settings, batch_size=1)
+        for events, reference in zip((running, waiting), alone, strict=True):
+            assert isinstance(events[-1], Done)
+            (done,) = [e for e in events if isinstance(e, Completion)]
+            assert done.token_ids == reference.token_ids
+    finally:
+        engine.stop()
+
+
+def test_a_job_transformers_cannot_run_fails_alone(lms) -> None:
+    """On the one-job-at-a-time path too (lm.runtime "transformers"): a prompt the model cannot run (an
+    id past its embedding table), waiting behind a running job, fails alone when its turn comes; the
+    job running before it and the one waiting behind it are answered as alone."""
+    lm = lms["hf"]
+    engine = Engine(lm).start()
+    try:
+        settings = greedy(max_new_tokens=24, ignore_eos=True)
+        ids = [encode_prompt(lm.tokenizer, p) for p in PROMPTS[:2]]
+        before: list = []
+        bad: list = []
+        after: list = []
+        engine.submit(Job(PROMPTS[:1], ids[:1], settings, before.append))
+        engine.submit(Job(["?"], [[len(lm.tokenizer) + 1000]], settings, bad.append))
+        engine.submit(Job(PROMPTS[1:2], ids[1:2], settings, after.append))
+        deadline = time.monotonic() + 60
+        while not (after and isinstance(after[-1], (Done, Failed))) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert [type(e) for e in bad] == [Failed] and "generation failed" in bad[0].message
+        alone = complete(lm, PROMPTS[:2], settings, batch_size=1)
+        for events, reference in zip((before, after), alone, strict=True):
+            assert isinstance(events[-1], Done)
+            (done,) = [e for e in events if isinstance(e, Completion)]
+            assert done.token_ids == reference.token_ids
     finally:
         engine.stop()

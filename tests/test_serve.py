@@ -81,7 +81,8 @@ class Server:
         return self
 
     def health(self) -> dict:
-        return httpx.get(self.url + "/health", timeout=10).json()
+        state: dict = httpx.get(self.url + "/health", timeout=10).json()
+        return state
 
     def idle(self, timeout: float = 20) -> dict:
         """/health once no row decodes and no job waits."""
@@ -608,8 +609,8 @@ def test_reliability_under_mixed_load(server) -> None:
             if data[-1] != "[DONE]" or text != expected_text[prompt]:
                 failures.append(f"stream {prompt!r}: {text!r}")
         elif kind == "bad":
-            method, path, body, status, _ = rng.choice([b for b in BAD if b[3] != 413])
-            response = send(server, method, path, body)
+            method, path, bad_body, status, _ = rng.choice([b for b in BAD if b[3] != 413])
+            response = send(server, method, path, bad_body)
             if response.status_code != status or "error" not in response.json():
                 failures.append(f"bad {path}: {response.status_code}")
         else:

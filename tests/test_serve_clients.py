@@ -113,7 +113,8 @@ def loglikelihoods(lm, requests: list[tuple[str, str]]) -> list[tuple[float, boo
         Instance(request_type="loglikelihood", doc={}, arguments=(context, continuation), idx=i)
         for i, (context, continuation) in enumerate(requests)
     ]
-    return lm.loglikelihood(instances)
+    results: list[tuple[float, bool]] = lm.loglikelihood(instances)
+    return results
 
 
 def test_lm_eval_local_completions_equals_its_hf_backend(server, folder, monkeypatch) -> None:

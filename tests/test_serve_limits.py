@@ -381,3 +381,57 @@ def test_sigterm_gives_a_grace_period_then_503_and_an_error_event(folder: Path) 
     assert stopping.process.wait(30) in (0, -signal.SIGTERM, 128 + signal.SIGTERM)
     assert not any("Traceback" in line or "CancelledError" in line for line in stopping.lines)
     assert log_lines(stopping, r'"POST /v1/completions" 503 ')
+
+
+def test_a_failing_request_gets_a_500_and_the_others_go_on(
+    folder: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A request whose processing raises mid-batch (the engine's test-only fault, a real code path) gets
+    a 500 with the reason; a stream decoding beside it and a request waiting for room (--max-batch 2)
+    finish with what they give alone."""
+    monkeypatch.setenv("GPTCLI_ENGINE_FAULT", "boom")
+    server = Server("-m", str(folder), "--max-batch", "2").ready()
+    try:
+        body = {"max_tokens": 60, "temperature": 0, "ignore_eos": True}
+        url = server.url + "/v1/completions"
+        streamed: list[str] = []
+        first = threading.Event()
+
+        def stream() -> None:
+            with httpx.stream(
+                "POST", url, json={**body, "prompt": "The weather", "stream": True}, timeout=60
+            ) as r:
+                for line in r.iter_lines():
+                    if line.startswith("data: {"):
+                        streamed.append(json.loads(line[6:])["choices"][0]["text"])
+                        first.set()
+
+        reader = threading.Thread(target=stream)
+        reader.start()
+        assert first.wait(30)
+        answers: dict[str, httpx.Response] = {}
+
+        def post(prompt: str) -> None:
+            answers[prompt] = httpx.post(url, json={**body, "prompt": prompt}, timeout=60)
+
+        posts = [threading.Thread(target=post, args=(p,)) for p in ("boom", "今天")]
+        for t in posts:
+            t.start()
+        for t in [*posts, reader]:
+            t.join(60)
+        failed = answers["boom"]
+        assert failed.status_code == 500
+        error = failed.json()["error"]
+        assert "injected fault" in error["message"] and error["code"] == "generation_failed"
+        assert (
+            answers["今天"].status_code == 200 and answers["今天"].json()["usage"]["completion_tokens"] == 60
+        )
+        for prompt, text in (
+            ("The weather", "".join(streamed)),
+            ("今天", answers["今天"].json()["choices"][0]["text"]),
+        ):
+            alone = httpx.post(url, json={**body, "prompt": prompt}, timeout=60)
+            assert text == alone.json()["choices"][0]["text"]
+        assert server.idle()["rows"] == 0
+    finally:
+        server.stop()

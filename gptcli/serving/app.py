@@ -27,7 +27,7 @@ from starlette.types import Message, Receive, Scope, Send
 
 from gptcli.errors import GptcliError, UsageError, first_line
 from gptcli.loading.models import LoadedModel
-from gptcli.serving.engine import SHUTTING_DOWN, Busy, Done, Engine, Event, Failed, Job, Token
+from gptcli.serving.engine import PREFILL_CHUNK, SHUTTING_DOWN, Busy, Done, Engine, Event, Failed, Job, Token
 from gptcli.serving.guard import RETRY_AFTER, Gone, Guard, api_error, http_error, note, stopping_error
 from gptcli.serving.metrics import CONTENT_TYPE, Metrics
 from gptcli.serving.plans import Plan, check_ids, plan_chat, plan_completion, tokenize_text
@@ -57,6 +57,7 @@ class Options:
     api_key: str | None = None
     model_id: str | None = None  # the name /v1/models gives (None: the model's, without a local path)
     max_rows: int = 32
+    prefill_chunk: int | None = PREFILL_CHUNK  # longest prompt prefilled in one step (None: any)
     max_waiting: int | None = None  # jobs waiting for room beyond the batch; past it, 429
     timeout: float = 30.0  # seconds to send a body, or for a stream's client to take the next piece
     allowed_hosts: frozenset[str] | None = None  # Host names accepted (None: any)
@@ -69,7 +70,7 @@ class State:
         self.lm = lm
         self.options = options
         self.log = log
-        self.engine = Engine(lm, max_rows=options.max_rows)
+        self.engine = Engine(lm, max_rows=options.max_rows, prefill_chunk=options.prefill_chunk)
         self.model_id = options.model_id or public_name(lm.name)
         self.metrics = Metrics(self.engine.stats, self.engine.kv_budget)
         self.stopping = False

@@ -1,60 +1,64 @@
 """Continuous batching: many requests share one decode loop, joining and leaving it step by step.
 
-`Engine` owns the model on one thread. Callers `submit` a `Job` (prompts already tokenized, decoding
-`Settings`, and a `sink` that receives the job's events) from any thread, and may `cancel` it. At each
-step the engine takes in the jobs that arrived, decodes one token for every row of every running job
-together, sends each row's events, and drops the rows that are done.
+Callers `submit` a `Job` (prompts already tokenized, decoding `Settings`, and a `sink` that receives
+the job's events) from any thread, and may `cancel`, `pause` or `resume` it. Two parts run it:
 
-A joining prompt is prefilled on its own, exactly as `gptcli complete` prefills it, and its keys and
-values are gathered with the running rows into one right-aligned cache (gptcli.gpt2.KVCache.gather):
-left padding marked in the mask, positions counted per row. So a row computes what it computes alone,
-whoever shares its steps, and a seeded row draws from its own generator (seed + sample) as in the CLI.
-Rows, picking and taking tokens, stop texts, the UTF-8-safe text, the finished Completion and the
-KV budget are gptcli.generation.decoding's, as for `complete`.
+- the scheduler (`Engine`, here): the request states (each Job's rows admitted, running, done), the
+  waiting line and admission (first come first served, as many rows as --max-batch and the KV budget
+  allow), the events each job is sent, and failures;
+- the runner (gptcli.serving.runner.Runner): the model, the batch's KV cache and its rows; it prefills
+  a prompt (or a chunk of one), merges rows into the batch, parks paused ones, picks every row's token
+  and runs one step.
+
+Threads. The engine thread (`Engine._run`) owns the waiting line, the request states and the whole
+runner: every model call and every tensor of the batch are touched by it alone, so nothing takes a
+lock. Any other thread may only call `submit` (which puts the job into the inbox, a thread-safe
+queue), `stop`, `waiting`/`stats` (snapshots), and a job's `cancel`/`pause`/`resume`, which set a flag
+that the engine thread reads at its next step. Sinks are called on the engine thread and must not
+block: the server's put each event on its event loop's queue, and JSON, SSE and the response bodies
+are made there, on the event loop, off the model's thread. Detokenizing and stop texts stay here
+(decoding.take, about 6 µs a token: docs/serve.md), since a stop text ends its row at that step.
+
+One step of the loop: take in the jobs that arrived; admit waiting rows (a prompt longer than
+`prefill_chunk` tokens goes in one chunk per step, so the running rows still decode one token between
+two chunks, and short prompts behind it join without waiting for it: vLLM's chunked prefill, one row
+at a time); pick and take every running row's token and send its events; drop rows that are done;
+run the model once on the batch. A joining row computes what it computes alone (its cache is gathered
+right-aligned, left padding masked, positions counted per row) and a seeded row draws from its own
+generator, so every answer equals `gptcli complete`'s. Rows, picking and taking tokens, stop texts, the
+UTF-8-safe text, the finished Completion and the KV budget are gptcli.generation.decoding's.
+
+Failures stay with their job: a job whose prompt scoring, prefill or token taking raises gets a Failed
+event with the reason (the server answers 500) and leaves; the others, running or waiting, go on. An
+error in the batch's own step fails the jobs with rows in it, never the waiting or paused ones.
 
 Models that gptcli.gpt2 does not run (lm.runtime "transformers": their DynamicCache) decode one job at
-a time: a job waits until the batch is empty, then its rows decode together as in `generate.stream`.
+a time: a job waits until the batch is empty, then its rows decode together as in `generate.stream`
+(docs/serve.md says why, with figures).
 """
 
 from __future__ import annotations
 
-import dataclasses
+import os
 import queue
 import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
-from gptcli.batching import left_pad, pad_id
 from gptcli.errors import GptcliError, UsageError, first_line
-from gptcli.generation.decoding import (
-    KV_BUDGET,
-    Completion,
-    Row,
-    eos_ids,
-    finish,
-    generator,
-    kv_bytes,
-    logprob_entry,
-    new_row,
-    open_decoder,
-    penalty_state,
-    pick,
-    seed_for,
-    take,
-    torch_threads,
-)
+from gptcli.generation.decoding import KV_BUDGET, Completion, eos_ids, finish, seed_for, take
 from gptcli.generation.sampling import Settings
-from gptcli.generation.tokens import TokenText
 from gptcli.gpt2 import BATCHED_ROWS
+from gptcli.serving.runner import Joining, Runner, Slot
 
 if TYPE_CHECKING:
-    import torch
-
     from gptcli.contracts import LogprobEntry
     from gptcli.loading.models import LoadedModel
+
+_T = TypeVar("_T")
 
 # --- Events (what a job's sink receives, in order) ----------------------------------------------------
 
@@ -90,6 +94,15 @@ class Done:
 
 
 SHUTTING_DOWN = "the server is shutting down"  # the Failed message of the jobs `stop` ends
+
+# Longest prompt prefilled in one go: longer ones go a chunk per step, so the running rows keep
+# decoding and short prompts behind it join. Smaller chunks cut the wait between two tokens but run the
+# weights once more per chunk; docs/serve.md has the figures of benchmarks/bench_serve.py.
+PREFILL_CHUNK = 256
+
+# A test-only fault (a real code path, not a mock): a row whose prompt contains this variable's text
+# raises when its first token is taken, as a bug in one row's processing would.
+FAULT_ENV = "GPTCLI_ENGINE_FAULT"
 
 
 class Busy(GptcliError):
@@ -128,9 +141,11 @@ class Job:
     submitted: float = field(default_factory=time.perf_counter)
     seed: int | None = None  # resolved at submit: the settings' seed, or a fresh one when sampling
     _engine: Engine | None = field(default=None, repr=False)
-    _next: int = 0  # the next row (prompt-major) not yet in the batch
+    # The engine thread's bookkeeping (the scheduler's and the runner's; no other thread reads it):
+    next_row: int = field(default=0, repr=False)  # the next row (prompt-major) not yet in the batch
+    prefilled: dict[int, Any] = field(default_factory=dict, repr=False)  # prompt -> (cache, logits)
+    prefilling: Any = field(default=None, repr=False)  # (decoder, tokens fed) of a prompt in chunks
     _running: int = 0  # rows in the batch
-    _prefilled: dict[int, Any] = field(default_factory=dict, repr=False)  # prompt -> (cache, logits)
     _scored: bool = False  # the PromptLogprobs were sent
 
     @property
@@ -155,19 +170,6 @@ class Job:
             self._engine._wake()
 
 
-@dataclass(eq=False)
-class _Slot:
-    """One row of the batch: a sample being decoded, its job, and what drawing its tokens needs."""
-
-    job: Job
-    row: Row
-    position: int  # tokens of this row in the cache: the position of the next one fed
-    generator: torch.Generator | None = None
-    seen: torch.Tensor | None = None  # [vocab] bool: in the text so far (repetition penalty)
-    counts: torch.Tensor | None = None  # [vocab]: times generated so far (presence/frequency penalties)
-    done: bool = False
-
-
 def check_max_batch(max_rows: int) -> None:
     """Refuse a --max-batch (the engine's `max_rows`) below 1: a usage error wherever it comes from."""
     if max_rows < 1:
@@ -175,34 +177,49 @@ def check_max_batch(max_rows: int) -> None:
 
 
 class Engine:
-    """The model's one decode loop, shared by every job: start(), submit() jobs, stop()."""
+    """The scheduler of the model's one decode loop, shared by every job: start(), submit() jobs, stop()."""
 
-    def __init__(self, lm: LoadedModel, *, max_rows: int = 32) -> None:
-        """`max_rows`: most rows decoded together (fewer when their KV cache would pass KV_BUDGET)."""
+    def __init__(
+        self, lm: LoadedModel, *, max_rows: int = 32, prefill_chunk: int | None = PREFILL_CHUNK
+    ) -> None:
+        """`max_rows`: most rows decoded together (fewer when their KV cache would pass KV_BUDGET).
+        `prefill_chunk`: most prompt tokens prefilled between two decoding steps (None: whole prompts)."""
         check_max_batch(max_rows)
+        if prefill_chunk is not None and prefill_chunk < 1:
+            raise UsageError(f"the prefill chunk must be at least 1 token (got {prefill_chunk})")
         self.lm = lm
         self.max_rows = max_rows
+        self.prefill_chunk = prefill_chunk
         self.kv_budget = KV_BUDGET  # most bytes the batch's KV cache may take
+        self._fault = os.environ.get(FAULT_ENV) or None
         self._inbox: queue.SimpleQueue[Job | None] = queue.SimpleQueue()
-        self._waiting: deque[Job] = deque()
-        self._jobs: dict[Job, None] = {}  # every job taken in and not over: what a failure must tell
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._run, name="gptcli-engine", daemon=True)
-        self._names = TokenText(lm.tokenizer)
         self._eos = eos_ids(lm)
-        self._pad = pad_id(lm.tokenizer)
-        # The batch, touched by the engine thread only.
-        self._slots: list[_Slot] = []
-        self._parked: list[tuple[_Slot, Any, torch.Tensor]] = []  # rows of paused jobs: cache, logits
-        self._decoder: Any = None
-        self._logits: torch.Tensor | None = None  # [rows, vocab], float32: each row's next pick
+        # The engine thread's alone:
+        self._waiting: deque[Job] = deque()
+        self._jobs: dict[Job, None] = {}  # every job taken in and not over: what a failure must tell
+        self.runner = Runner(lm, prefill_chunk)
         if max_rows >= BATCHED_ROWS:
             # A server's steps are batched whenever requests overlap: oneDNN-packed weights run them
             # faster, for a second at start and a second copy of the matmul weights (docs/performance.md).
             lm.pack_for_batches()
-        self.steps = 0  # decoding steps run (for tests and benchmarks)
-        self.peak_rows = 0  # most rows decoded together
         self.tokens = 0  # tokens generated, all jobs together
+
+    @property
+    def steps(self) -> int:
+        """Decoding steps run (for tests and benchmarks)."""
+        return self.runner.steps
+
+    @property
+    def peak_rows(self) -> int:
+        """Most rows decoded together."""
+        return self.runner.peak_rows
+
+    @property
+    def chunks(self) -> int:
+        """Prefill chunks run (prompts longer than prefill_chunk)."""
+        return self.runner.chunks
 
     # -- the caller's side (any thread) ----------------------------------------------------------------
 
@@ -260,16 +277,14 @@ class Engine:
 
     def stats(self) -> dict[str, int]:
         """What the engine is doing now: rows decoding, rows paused (their readers are behind), jobs
-        waiting, tokens generated so far, and the bytes of the batch's KV cache."""
-        decoder = self._decoder
-        cache = getattr(decoder, "cache", None)
-        kv = 0 if cache is None else 2 * cache.keys.numel() * cache.keys.element_size()
+        waiting, tokens generated so far, and the bytes of the batch's KV cache (a snapshot)."""
+        runner = self.runner
         return {
-            "rows": sum(not s.done for s in self._slots),
-            "paused": len(self._parked),
+            "rows": sum(not s.done for s in runner.slots),
+            "paused": len(runner.parked),
             "waiting": len(self._waiting),
             "tokens": self.tokens,
-            "kv_bytes": kv,
+            "kv_bytes": runner.kv_bytes_now(),
         }
 
     def _wake(self) -> None:
@@ -283,14 +298,15 @@ class Engine:
         with torch.inference_mode():
             while not self._stopping.is_set():
                 try:
-                    self._take(block=not self._slots and not self._waiting and not self._resumable())
+                    idle = not self.runner.slots and not self._waiting and not self.runner.resumable()
+                    self._take(block=idle)
                     if self._stopping.is_set():
                         break
                     self._admit()
-                    if self._slots:
+                    if self.runner.slots:
                         self._decode_step()
-                except Exception as exc:  # a bug or out of memory: fail what runs, keep serving the rest
-                    self._fail_all(f"generation failed: {first_line(exc)}")
+                except Exception as exc:  # a bug outside any one job's work: fail what runs, serve on
+                    self._fail_all(_reason(exc))
         self._fail_all(SHUTTING_DOWN)
         while True:  # jobs submitted while stopping
             try:
@@ -322,17 +338,45 @@ class Engine:
         except Exception:  # whoever listened is gone (a closed event loop, say): stop the job
             job.cancelled = True
 
+    # Failures ------------------------------------------------------------------------------------------
+
+    def _fail_job(self, job: Job, exc: BaseException) -> None:
+        """This job alone failed (its scoring, prefill or a row's token): tell it why, let its rows go
+        at the next step (as a cancel's do), and leave the other jobs alone."""
+        if job in self._waiting:
+            self._waiting.remove(job)
+        job.prefilled.clear()
+        job.prefilling = None
+        if not job.cancelled:
+            self._send(job, Failed(_reason(exc)))
+        job.cancelled = True
+        self._jobs.pop(job, None)
+
+    def _fail_running(self, exc: BaseException) -> None:
+        """The batch's step raised: fail the jobs with rows in it; waiting and parked jobs go on."""
+        for job in dict.fromkeys(s.job for s in self.runner.slots):
+            self._fail_job(job, exc)
+        self.runner.clear()
+
     def _fail_all(self, message: str) -> None:
         """Tell every job not over yet that it failed, and start again with an empty batch."""
         jobs = list(self._jobs)
-        self._slots, self._decoder, self._logits = [], None, None
-        self._parked.clear()
+        self.runner.clear()
+        self.runner.parked.clear()
         self._waiting.clear()
         self._jobs.clear()
         for job in jobs:
             if not job.cancelled:
                 self._send(job, Failed(message))
             job.cancelled = True
+
+    def _guarded(self, job: Job, work: Callable[[Job], _T]) -> _T | None:
+        """`work(job)`, or None when it raised: then this job alone fails and the others go on."""
+        try:
+            return work(job)
+        except Exception as exc:
+            self._fail_job(job, exc)
+            return None
 
     # Admission: waiting jobs' rows join the batch -----------------------------------------------------
 
@@ -342,322 +386,140 @@ class Engine:
             self._waiting.remove(job)
         for job in [j for j in self._jobs if j.cancelled]:  # their rows leave at the next step
             del self._jobs[job]
-        joining = self._unpark()
+        joining = self.runner.unpark(self.max_rows)
         if not self._waiting and not joining:
             return
         if self.lm.runtime == "transformers":
             self._admit_one_job()
             return
-        while self._waiting:
-            job = self._waiting[0]
-            if self._ends_before_decoding(job):
+        # First come first served, except that one chunk of a long prompt is prefilled per step: the
+        # jobs behind it whose prompts go in whole are not kept waiting by it.
+        chunked = False
+        for job in list(self._waiting):
+            if self._guarded(job, self._ends_before_decoding) is not False:  # it left (or failed)
                 continue
-            if len(self._slots) + len(joining) >= self.max_rows:
+            full, chunked = self._admit_rows(job, joining, chunked)
+            if job.next_row == job.rows and job in self._waiting:
+                job.prefilled.clear()
+                self._waiting.remove(job)
+            if full:
                 break
-            slot, cache, logits = self._new_row(job)
-            if self._slots or joining:
-                rows = [*self._slots, *(s for s, _, _ in joining), slot]
-                if self._kv_bytes(rows) > KV_BUDGET:
-                    job._next -= 1  # not now: it waits for rows to leave
-                    break
+        if joining:
+            self.runner.merge(joining)
+
+    def _admit_rows(self, job: Job, joining: list[Joining], chunked: bool) -> tuple[bool, bool]:
+        """Bring the job's rows into `joining` while there is room; returns (whether the batch is full or
+        its KV budget spent, whether a chunk of a long prompt went in at this step)."""
+        runner = self.runner
+        while job.next_row < job.rows and not job.cancelled:
+            if len(runner.slots) + len(joining) >= self.max_rows:
+                return True, chunked
+            if runner.in_chunks(job):
+                if chunked:
+                    return False, chunked
+                chunked = True
+            made = self._guarded(job, runner.new_row)
+            if made is None:  # it failed, or a chunk of its prompt went in and the batch decodes first
+                return False, chunked
+            slot, cache, logits = made
+            if runner.slots or joining:
+                rows = [*runner.slots, *(s for s, _, _ in joining), slot]
+                if runner.kv_bytes(rows) > KV_BUDGET:
+                    job.next_row -= 1  # not now: it waits for rows to leave
+                    return True, chunked
             joining.append((slot, cache, logits))
             job._running += 1
-            if job._next == job.rows:
-                job._prefilled.clear()
-                self._waiting.popleft()
-        if joining:
-            self._merge(joining)
-
-    def _resumable(self) -> bool:
-        return any(not slot.job.paused or slot.job.cancelled for slot, _, _ in self._parked)
-
-    def _unpark(self) -> list[tuple[_Slot, Any, torch.Tensor]]:
-        """The parked rows whose jobs go on again (and room in the batch): they join as new rows do,
-        with the cache and logits they left with. Rows of cancelled jobs are let go."""
-        joining: list[tuple[_Slot, Any, torch.Tensor]] = []
-        parked: list[tuple[_Slot, Any, torch.Tensor]] = []
-        for slot, cache, logits in self._parked:
-            if slot.job.cancelled:
-                continue
-            if slot.job.paused or len(self._slots) + len(joining) >= self.max_rows:
-                parked.append((slot, cache, logits))
-            else:
-                joining.append((slot, cache, logits))
-        self._parked = parked
-        return joining
-
-    def _park_paused(self) -> None:
-        """Rows of paused jobs leave the batch with a copy of their cache and logits (gptcli's GPT-2
-        only: transformers' caches cannot be split by row, so there a paused job's rows go on)."""
-        import torch
-
-        from gptcli.gpt2 import KVCache
-
-        if self.lm.runtime != "gptcli" or self._decoder is None or self._logits is None:
-            return
-        net = self.lm.net
-        assert net is not None
-        leaving = [i for i, s in enumerate(self._slots) if s.job.paused and not (s.done or s.job.cancelled)]
-        if not leaving:
-            return
-        for i in leaving:
-            slot = self._slots[i]
-            row = [(self._decoder.cache, i, slot.position)]
-            cache = KVCache.gather(net.config, row, slot.position)
-            self._parked.append((slot, cache, self._logits[i : i + 1].clone()))
-        keep = [i for i in range(len(self._slots)) if i not in set(leaving)]
-        self._slots = [self._slots[i] for i in keep]
-        if not keep:
-            self._decoder = self._logits = None
-            return
-        index = torch.tensor(keep, device=self.lm.device)
-        self._decoder.keep(index)
-        self._logits = self._logits[index]
-
-    def _new_row(self, job: Job) -> tuple[_Slot, Any, torch.Tensor]:
-        """The job's next row, with its prompt prefilled alone (once for all samples of the prompt)."""
-        import torch
-
-        from gptcli.gpt2 import CachedDecoder
-
-        index, sample = divmod(job._next, job.settings.num_samples)
-        job._next += 1
-        ids = list(job.prompt_ids[index])
-        if index not in job._prefilled:
-            job._prefilled.clear()  # rows are prompt-major: the previous prompt is done with
-            decoder = CachedDecoder(self.lm.net, 1, len(ids))  # type: ignore[arg-type]
-            input_ids = torch.tensor([ids], device=self.lm.device)
-            positions = torch.arange(len(ids), device=self.lm.device)[None]
-            # As `complete` prefills one prompt: no padding, no mask, SDPA's causal path.
-            job._prefilled[index] = (decoder.cache, decoder.prefill(input_ids, None, positions))
-        cache, logits = job._prefilled[index]
-        return self._slot(job, index, sample, logits.shape[-1]), cache, logits
-
-    def _slot(self, job: Job, index: int, sample: int, vocab: int) -> _Slot:
-
-        settings = job.settings
-        ids = list(job.prompt_ids[index])
-        row = new_row(
-            self.lm.tokenizer,
-            settings,
-            index=index,
-            sample=sample,
-            prompt=job.prompts[index],
-            prompt_ids=ids,
-            seed=job.seed,
-        )
-        slot = _Slot(job, row, position=len(ids))
-        if settings.sampling:
-            slot.generator = generator(self.lm.device, row.seed)
-        seen, counts = penalty_state(settings, [ids], vocab, self.lm.device)
-        slot.seen = None if seen is None else seen[0]
-        slot.counts = None if counts is None else counts[0]
-        return slot
-
-    def _kv_bytes(self, slots: list[_Slot]) -> int:
-        """Bytes of the KV cache a batch of these rows takes until its longest row is done."""
-        slots = [s for s in slots if not s.done]  # rows that are done leave when the others join
-        return kv_bytes(self.lm, len(slots), self._columns(slots))
-
-    def _columns(self, slots: list[_Slot]) -> int:
-        """Columns a right-aligned cache of these rows needs: the longest row now, plus the most steps
-        any of them may still take."""
-        width = max(s.position for s in slots)
-        more = max(
-            (s.job.settings.max_new_tokens - len(s.row.token_ids) for s in slots if not s.done), default=0
-        )
-        return width + max(0, min(more, self.lm.context_length))
-
-    def _merge(self, joining: list[tuple[_Slot, Any, torch.Tensor]]) -> None:
-        """One batch of the running rows that are not done and the joining ones, in one new cache."""
-        import torch
-
-        from gptcli.gpt2 import CachedDecoder, KVCache
-
-        net = self.lm.net
-        assert net is not None
-        kept = [i for i, s in enumerate(self._slots) if not s.done] if self._decoder is not None else []
-        parts = [(self._decoder.cache, i, self._slots[i].position) for i in kept]
-        parts += [(cache, 0, slot.position) for slot, cache, _ in joining]
-        slots = [self._slots[i] for i in kept] + [slot for slot, _, _ in joining]
-        cache = KVCache.gather(net.config, parts, self._columns(slots))
-        logits = [self._logits[kept]] if kept and self._logits is not None else []
-        logits += [row_logits for _, _, row_logits in joining]
-        self._decoder = CachedDecoder(net, 0, 0, cache=cache)
-        self._logits = torch.cat(logits)
-        self._slots = slots
-        self.peak_rows = max(self.peak_rows, len(slots))
+        return False, chunked
 
     def _admit_one_job(self) -> None:
         """transformers' models: the next job's rows decode as one batch once the batch is empty."""
-        if self._slots:
+        if self.runner.slots:
             return
         job = self._waiting[0]
-        if self._ends_before_decoding(job):
-            return
-        take = min(self.max_rows, job.rows - job._next)
-        slots = []
+        try:
+            if not self._ends_before_decoding(job):
+                self._start_one_job(job)
+        except Exception as exc:  # this job cannot be run: it fails alone
+            self.runner.clear()
+            self._fail_job(job, exc)
+
+    def _start_one_job(self, job: Job) -> None:
+        """As many of the job's rows as max_rows, prefilled together (left-padded) as the batch."""
+        take = min(self.max_rows, job.rows - job.next_row)
+        slots: list[Slot] = []
         for _ in range(take):
-            index, sample = divmod(job._next, job.settings.num_samples)
-            job._next += 1
-            slots.append(self._slot(job, index, sample, self.lm.config.vocab_size))
+            index, sample = divmod(job.next_row, job.settings.num_samples)
+            job.next_row += 1
+            slots.append(self.runner.slot(job, index, sample, self.lm.config.vocab_size))
         job._running += take
-        if job._next == job.rows:
+        if job.next_row == job.rows:
             self._waiting.popleft()
-        lengths = [s.position for s in slots]
-        input_ids, mask, positions = left_pad([s.row.prompt_ids for s in slots], self._pad, self.lm.device)
-        most = max(s.job.settings.max_new_tokens for s in slots)
-        self._decoder = open_decoder(
-            self.lm, len(slots), input_ids.shape[1] + min(most, self.lm.context_length)
-        )
-        self._logits = self._decoder.prefill(
-            input_ids, mask if min(lengths) < max(lengths) else None, positions
-        )
-        self._slots = slots
-        self.peak_rows = max(self.peak_rows, len(slots))
+        self.runner.start_together(slots)
 
     def _ends_before_decoding(self, job: Job) -> bool:
-        """Score the first waiting job's prompts (once); if it generates nothing, or was cancelled
-        meanwhile, it leaves the queue here (with Done when it was not cancelled): True."""
-        self._score_prompts(job)
+        """Score a waiting job's prompts (once); if it generates nothing, or was cancelled meanwhile, it
+        leaves the queue here (with Done when it was not cancelled): True."""
+        if job.prompt_logprobs is not None and not job._scored:
+            job._scored = True
+            for index, ids in enumerate(job.prompt_ids):
+                self._send(job, PromptLogprobs(index, self.runner.score(list(ids), job.prompt_logprobs)))
         if job.generate and not job.cancelled:
             return False
-        self._waiting.popleft()
+        self._waiting.remove(job)
         if not job.cancelled:
             self._send(job, Done())
         return True
 
-    def _score_prompts(self, job: Job) -> None:
-        """PromptLogprobs of every prompt of the job (once): one forward pass over each whole prompt."""
-        import torch
-
-        if job.prompt_logprobs is None or job._scored:
-            return
-        job._scored = True
-        k = job.prompt_logprobs
-        for index, ids in enumerate(job.prompt_ids):
-            logits = self.lm.logits(torch.tensor([ids], device=self.lm.device))[0].float()
-            logprobs = torch.log_softmax(logits, dim=-1)
-            targets = torch.tensor(ids[1:], device=self.lm.device)
-            chosen = logprobs[:-1].gather(1, targets[:, None])[:, 0].tolist()
-            top = torch.topk(logprobs[:-1], min(k, logprobs.shape[-1]), dim=-1) if k else None
-            entries: list[LogprobEntry | None] = [None]
-            for j, token in enumerate(ids[1:]):
-                alternatives = []
-                if top is not None:
-                    alternatives = list(zip(top.indices[j].tolist(), top.values[j].tolist(), strict=True))
-                entries.append(logprob_entry(self._names, token, chosen[j], alternatives))
-            self._send(job, PromptLogprobs(index, entries))
-
     # One step: pick every row's token, send events, drop rows that are done, run the model ------------
 
     def _decode_step(self) -> None:
-        import torch
-
-        for slot in self._slots:
+        runner = self.runner
+        for slot in runner.slots:
             if slot.job.cancelled and not slot.done:
                 slot.done = True
-        self._park_paused()
-        if not self._slots:
+        runner.park_paused()
+        if not runner.slots:
             return
-        tokens = self._pick_all()
+        tokens = runner.pick_all()
         now = time.perf_counter()
-        context = self.lm.context_length
-        for slot, token in zip(self._slots, tokens, strict=True):
-            if slot.done:
-                continue
-            job, row = slot.job, slot.row
-            self.tokens += 1
-            if slot.seen is not None:
-                slot.seen[token] = True
-            if slot.counts is not None:
-                slot.counts[token] += 1
-            eos = set() if job.settings.ignore_eos else self._eos
-            max_new = job.settings.max_new_tokens
-            text = take(row, token, eos=eos, max_new_tokens=max_new, context=context, now=now)
-            logprob = row.logprobs[-1] if row.logprobs else None
-            self._send(job, Token(row.index, row.sample, token, text, logprob))
-            if row.finish_reason is not None:
-                slot.done = True
-                job._running -= 1
-                self._send(job, finish(self.lm.tokenizer, row, job.settings, job.submitted))
-                if job._running == 0 and job._next == job.rows:
-                    self._send(job, Done())
-        tokens = self._drop_done(tokens)
-        if not self._slots:
-            self._decoder = self._logits = None
+        for slot, token in zip(runner.slots, tokens, strict=True):
+            if not (slot.done or slot.job.cancelled):
+                try:
+                    self._take_token(slot, token, now)
+                except Exception as exc:  # this row's processing failed: its job alone fails
+                    self._fail_job(slot.job, exc)
+        for slot in runner.slots:
+            slot.done = slot.done or slot.job.cancelled
+        tokens = runner.drop_done(tokens, bool(self._waiting) or not self._inbox.empty())
+        if not runner.slots:
             return
-        next_ids = torch.tensor(
-            [self._pad if s.done else t for s, t in zip(self._slots, tokens, strict=True)],
-            device=self.lm.device,
-        )
-        positions = torch.tensor([min(s.position, context - 1) for s in self._slots], device=self.lm.device)
-        # One row alone decodes on the threads measured fastest for it, as `complete` does.
-        with torch_threads(self.lm.decode_threads() if len(self._slots) == 1 else None):
-            self._logits = self._decoder.step(next_ids[:, None], positions[:, None])
-        for slot in self._slots:
-            slot.position += 1
-        self.steps += 1
+        try:
+            runner.step(tokens)
+        except Exception as exc:  # the batch's step raised: its jobs fail, the waiting ones go on
+            self._fail_running(exc)
 
-    def _pick_all(self) -> list[int]:
-        """Every row's next token (pad for rows that are done): rows with the same way of drawing are
-        drawn together, each with its own generator, by decoding.pick."""
-        import torch
-
-        assert self._logits is not None
-        tokens = [self._pad] * len(self._slots)
-        groups: dict[tuple[Settings, Any], list[int]] = {}
-        for i, slot in enumerate(self._slots):
-            if not slot.done:
-                bias = tuple(sorted(slot.job.logit_bias.items())) if slot.job.logit_bias else None
-                groups.setdefault((_how_drawn(slot.job.settings), bias), []).append(i)
-        for (settings, bias), rows in groups.items():
-            whole = len(rows) == len(self._slots)
-            index = torch.tensor(rows, device=self._logits.device)
-            logits = self._logits if whole else self._logits[index]
-            if bias is not None:  # OpenAI's: added before drawing, so the logprobs are of the biased logits
-                ids, values = zip(*bias, strict=True)
-                logits = logits.clone()
-                logits[:, list(ids)] += torch.tensor(values, dtype=logits.dtype, device=logits.device)
-            seen = counts = None
-            if settings.repetition_penalty != 1.0:
-                seen = torch.stack([self._slots[i].seen for i in rows])  # type: ignore[misc]
-            if settings.presence_penalty or settings.frequency_penalty:
-                counts = torch.stack([self._slots[i].counts for i in rows])  # type: ignore[misc]
-            # (every sampled row has its generator)
-            generators = [g for i in rows if (g := self._slots[i].generator) is not None]
-            picked, chosen, top = pick(
-                logits, settings, seen, generators, [True] * len(rows), self._pad, counts
-            )
-            for j, (i, token) in enumerate(zip(rows, picked.tolist(), strict=True)):
-                tokens[i] = token
-                row = self._slots[i].row
-                if row.logprobs is not None and chosen is not None:
-                    row.logprobs.append(logprob_entry(self._names, token, chosen[j], top[j] if top else []))
-        return tokens
-
-    def _drop_done(self, tokens: list[int]) -> list[int]:
-        """Let rows that are done leave the batch; returns the tokens of the rows that stay. Dropping
-        copies the cache, so not at every finish: once half the batch is done, when others wait to
-        join, or when a job was cancelled (its row is freed at once). Until then a finished row steps
-        with the pad token, as in generate."""
-        done = [s.done for s in self._slots]
-        if not any(done):
-            return tokens
-        cancelled = any(s.job.cancelled for s in self._slots)
-        if 2 * sum(done) >= len(done) or cancelled or self._waiting or not self._inbox.empty():
-            import torch
-
-            keep = [i for i, d in enumerate(done) if not d]
-            if keep and self._decoder is not None:
-                self._decoder.keep(torch.tensor(keep, device=self.lm.device))
-            self._slots = [self._slots[i] for i in keep]
-            tokens = [tokens[i] for i in keep]
-        return tokens
+    def _take_token(self, slot: Slot, token: int, now: float) -> None:
+        """Take the row's new token: penalties' state, its text, its events, and its end if it ends."""
+        job, row = slot.job, slot.row
+        if self._fault is not None and not row.token_ids and self._fault in row.prompt:
+            raise RuntimeError(f"injected fault ({FAULT_ENV}) in the row of prompt {row.index}")
+        self.tokens += 1
+        if slot.seen is not None:
+            slot.seen[token] = True
+        if slot.counts is not None:
+            slot.counts[token] += 1
+        eos = set() if job.settings.ignore_eos else self._eos
+        max_new, context = job.settings.max_new_tokens, self.lm.context_length
+        text = take(row, token, eos=eos, max_new_tokens=max_new, context=context, now=now)
+        logprob = row.logprobs[-1] if row.logprobs else None
+        self._send(job, Token(row.index, row.sample, token, text, logprob))
+        if row.finish_reason is not None:
+            slot.done = True
+            job._running -= 1
+            self._send(job, finish(self.lm.tokenizer, row, job.settings, job.submitted))
+            if job._running == 0 and job.next_row == job.rows:
+                self._send(job, Done())
 
 
-def _how_drawn(settings: Settings) -> Settings:
-    """The settings with only what picking a token depends on: rows that agree on it draw together."""
-    return dataclasses.replace(
-        settings, max_new_tokens=1, seed=None, stop=(), ignore_eos=False, num_samples=1, sources={}
-    )
+def _reason(exc: BaseException) -> str:
+    return f"generation failed: {first_line(exc)}"
