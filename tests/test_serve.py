@@ -507,6 +507,7 @@ def test_a_busy_port_fails_before_the_model_loads(cli) -> None:
         (["--api-key", " "], "--api-key"),
         (["--max-waiting", "-1"], "--max-waiting"),
         (["--max-connections", "0"], "--max-connections"),
+        (["--prefill-chunk", "-1"], "--prefill-chunk"),
         (["--timeout", "0"], "--timeout"),
         (["--grace", "nan"], "--grace"),
     ],

@@ -22,7 +22,7 @@ from gptcli.cli._common import (
     warn,
 )
 from gptcli.loading.models import check_quantize, check_threads
-from gptcli.serving import GRACE_SECONDS, MAX_CONNECTIONS, MAX_WAITING, TIMEOUT_SECONDS
+from gptcli.serving import GRACE_SECONDS, MAX_CONNECTIONS, MAX_WAITING, PREFILL_CHUNK, TIMEOUT_SECONDS
 
 _EXAMPLES = """\
 [bold]Examples[/bold]
@@ -64,6 +64,15 @@ def serve(
     max_connections: Annotated[
         int, typer.Option("--max-connections", help="Most connections open at once; past it, 503.")
     ] = MAX_CONNECTIONS,
+    prefill_chunk: Annotated[
+        int,
+        typer.Option(
+            "--prefill-chunk",
+            metavar="TOKENS",
+            help="Most prompt tokens prefilled between two decoding steps of the running rows "
+            "(0: whole prompts at once).",
+        ),
+    ] = PREFILL_CHUNK,
     timeout: Annotated[
         float,
         typer.Option(
@@ -116,6 +125,8 @@ def serve(
         raise UsageError(f"--max-connections must be at least 1 (got {max_connections})")
     if max_waiting < 0:
         raise UsageError(f"--max-waiting must be at least 0 (got {max_waiting})")
+    if prefill_chunk < 0:
+        raise UsageError(f"--prefill-chunk must be at least 0 (got {prefill_chunk})")
     for name, seconds in (("--timeout", timeout), ("--grace", grace)):
         if not 0 < seconds < 86400:  # NaN fails both
             raise UsageError(f"{name} must be a number of seconds above 0 and below a day (got {seconds})")
@@ -143,6 +154,7 @@ def serve(
             on_listening=listening,
             max_rows=max_batch,
             max_waiting=max_waiting,
+            prefill_chunk=prefill_chunk or None,
             max_connections=max_connections,
             timeout=timeout,
             grace=grace,

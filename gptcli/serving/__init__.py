@@ -29,6 +29,7 @@ GRACE_SECONDS = 5
 MAX_CONNECTIONS = 1000  # open at once; past it, a new connection gets a 503 and is closed
 TIMEOUT_SECONDS = 30  # to send a request (head, body), or to take the next piece of a stream
 MAX_WAITING = 256  # requests waiting for room in the batch; past it, 429
+PREFILL_CHUNK = 256  # prompt tokens prefilled between two decoding steps of the running rows
 BACKLOG = 128  # connections the kernel holds for accept
 
 

@@ -27,7 +27,8 @@ from starlette.types import Message, Receive, Scope, Send
 
 from gptcli.errors import GptcliError, UsageError, first_line
 from gptcli.loading.models import LoadedModel
-from gptcli.serving.engine import PREFILL_CHUNK, SHUTTING_DOWN, Busy, Done, Engine, Event, Failed, Job, Token
+from gptcli.serving import PREFILL_CHUNK
+from gptcli.serving.engine import SHUTTING_DOWN, Busy, Done, Engine, Event, Failed, Job, Token
 from gptcli.serving.guard import RETRY_AFTER, Gone, Guard, api_error, http_error, note, stopping_error
 from gptcli.serving.metrics import CONTENT_TYPE, Metrics
 from gptcli.serving.plans import Plan, check_ids, plan_chat, plan_completion, tokenize_text

@@ -52,6 +52,7 @@ from gptcli.errors import GptcliError, UsageError, first_line
 from gptcli.generation.decoding import KV_BUDGET, Completion, eos_ids, finish, seed_for, take
 from gptcli.generation.sampling import Settings
 from gptcli.gpt2 import BATCHED_ROWS
+from gptcli.serving import PREFILL_CHUNK
 from gptcli.serving.runner import Joining, Runner, Slot
 
 if TYPE_CHECKING:
@@ -98,7 +99,6 @@ SHUTTING_DOWN = "the server is shutting down"  # the Failed message of the jobs 
 # Longest prompt prefilled in one go: longer ones go a chunk per step, so the running rows keep
 # decoding and short prompts behind it join. Smaller chunks cut the wait between two tokens but run the
 # weights once more per chunk; docs/serve.md has the figures of benchmarks/bench_serve.py.
-PREFILL_CHUNK = 256
 
 # A test-only fault (a real code path, not a mock): a row whose prompt contains this variable's text
 # raises when its first token is taken, as a bug in one row's processing would.
