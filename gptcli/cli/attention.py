@@ -94,12 +94,10 @@ def attention(
         check_layer_head,
         parse_head,
     )
-    from gptcli.inspection.pictures import check_dpi, check_save_path
+    from gptcli.inspection.pictures import check_picture_options
 
     check_attention_options(layer=layer, head=head, query=query, rollout=rollout)
-    check_dpi(dpi)
-    if save is not None:
-        check_save_path(save)
+    check_picture_options(save, dpi)
     text = check_text(read_text(prompt, file))
     lm = load(model, device, dtype, allow_pickle, trust_remote_code)
     chosen_head = parse_head(head) if head is not None else None

@@ -82,12 +82,10 @@ def attribute(
         check_token_options,
         token_id,
     )
-    from gptcli.inspection.pictures import check_dpi, check_save_path
+    from gptcli.inspection.pictures import check_picture_options
 
     check_token_options(target=target, target_id=target_id, foil=foil, foil_id=foil_id)
-    check_dpi(dpi)
-    if save is not None:
-        check_save_path(save)
+    check_picture_options(save, dpi)
     text = check_text(read_text(prompt, file))
     lm = load(model, device, dtype, allow_pickle, trust_remote_code)
     result = run(

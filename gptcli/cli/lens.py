@@ -95,12 +95,10 @@ def lens(
     logprob` lines (with --token: that token's line per cell).
     """
     from gptcli.inspection.lens import check_lens_options, logit_lens
-    from gptcli.inspection.pictures import check_dpi, check_save_path
+    from gptcli.inspection.pictures import check_picture_options
 
     check_lens_options(k=k, positions=positions, at=at)
-    check_dpi(dpi)
-    if save is not None:
-        check_save_path(save)
+    check_picture_options(save, dpi)
     text = check_text(read_text(prompt, file))
     lm = load(model, device, dtype, allow_pickle, trust_remote_code)
     terminal = is_tty() and not json_

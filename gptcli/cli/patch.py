@@ -89,13 +89,11 @@ def patch(
     from gptcli.inspection.attribution import check_token_options, token_id
     from gptcli.inspection.patching import check_patch_options, patching_grids, same
     from gptcli.inspection.patching import patch as run
-    from gptcli.inspection.pictures import check_dpi, check_save_path
+    from gptcli.inspection.pictures import check_picture_options
 
     check_token_options(target=target, target_id=target_id, foil=foil, foil_id=foil_id)
     check_patch_options(noise=noise, corrupt=corrupt, subject=subject, samples=samples)
-    check_dpi(dpi)
-    if save is not None:
-        check_save_path(save)
+    check_picture_options(save, dpi)
     clean = check_text(clean)
     corrupt = None if corrupt is None else check_text(corrupt)
     lm = load(model, device, dtype, allow_pickle, trust_remote_code)

@@ -137,6 +137,13 @@ DPI = 110  # dots per inch of a PNG: a cell is 0.75 inch wide
 MAX_SIDE = 4096  # most pixels a PNG side gets: larger ones are drawn at a lower resolution
 
 
+def check_picture_options(save: Path | None, dpi: int) -> None:
+    """--save and --dpi of a command that draws: both checked before any model loads (exit 2)."""
+    check_dpi(dpi)
+    if save is not None:
+        check_save_path(save)
+
+
 def check_dpi(dpi: int) -> None:
     if not 20 <= dpi <= 600:
         raise UsageError(f"--dpi must be between 20 and 600 (got {dpi})")
