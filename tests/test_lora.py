@@ -177,3 +177,20 @@ def test_resume_with_lora_gives_the_same_run(bpe_model: Path, tmp_path: Path) ->
     b = load_file(tmp_path / "parts" / "adapter_model.safetensors")
     assert a.keys() == b.keys() and all(a[k].equal(b[k]) for k in a)
     assert whole.loss == second.loss
+
+
+def test_a_base_folder_named_like_a_hub_id_is_recorded_absolute(
+    bpe_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`-m models/tiny` is a folder, not the hub repo models/tiny: the adapter must find it from
+    any directory, so it records the absolute path."""
+    (tmp_path / "corpus.txt").write_text(tiny.TEXT, encoding="utf-8")
+    monkeypatch.chdir(bpe_model.parent.parent)
+    relative = f"{bpe_model.parent.name}/{bpe_model.name}"
+    cfg = TrainConfig(
+        data=[str(tmp_path / "corpus.txt")], out_dir=tmp_path / "adapter", model=relative,
+        steps=1, lora_rank=2, **SMALL,
+    )  # fmt: skip
+    train(cfg)
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == str(bpe_model.resolve())

@@ -149,7 +149,10 @@ def build_model(cfg: TrainConfig) -> tuple[PreTrainedTokenizerBase, PreTrainedMo
         raise GptcliError(f"could not load the model weights from {weights}: {first_line(exc)}") from exc
     if cfg.lora_rank:
         name = cfg.model or "builtin"
-        base = name if is_hub_id(name) and name != BUILTIN else str(path)
+        # A local folder wins over a hub id of the same shape ("models/tiny"): record it absolute, so
+        # the adapter still finds its base when used from another directory.
+        from_hub = is_hub_id(name) and name != BUILTIN and not Path(name).is_dir()
+        base = name if from_hub else str(path.resolve())
         return tokenizer, add_lora(model, cfg, base), notice
     return tokenizer, model, notice
 
