@@ -204,3 +204,23 @@ def test_bad_input_is_one_error_line(traced_folders, cli, args: list[str], messa
     out = cli("attribute", "今天天气很好", "-m", traced_folders["bpe"], *args)
     assert out.code == 2
     assert out.err.startswith("Error: ") and message in out.err and len(out.err.strip().splitlines()) == 1
+
+
+def test_a_model_without_a_final_layernorm_is_refused_in_plain_words(
+    traced_folders, cli, tmp_path: Path
+) -> None:
+    """A Llama's final norm is an RMSNorm: one usage error that says attribution needs a LayerNorm, not
+    the hook's internal name."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(traced_folders["bpe"])
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+        num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=32,
+    )  # fmt: skip
+    LlamaForCausalLM(config).save_pretrained(tmp_path / "llama")
+    tokenizer.save_pretrained(tmp_path / "llama")
+    out = cli("attribute", "今天天气很好", "-m", tmp_path / "llama")
+    assert out.code == 2
+    assert out.err.startswith("Error: attribution needs a final LayerNorm")
+    assert "hook" not in out.err and len(out.err.strip().splitlines()) == 1

@@ -148,6 +148,8 @@ def attribute(
     prompt = encode(lm, text)
     at = parse_positions(str(position), len(prompt.ids), "--at")[0]
     layers = num_layers(lm)
+    # Before the run: its hooks would otherwise refuse an RMSNorm model in their own terms.
+    gain, beta = _final_norm(lm)
     names = ["blocks.0.hook_resid_pre", "ln_final.hook_scale"]
     for layer in range(layers):
         names += [
@@ -162,7 +164,6 @@ def attribute(
             raise UsageError("the foil is the target token: their logit difference is 0 by definition")
         unembed = _unembedding(lm, [target] if foil is None else [target, foil])
         direction = unembed[0] if foil is None else unembed[0] - unembed[1]
-        gain, beta = _final_norm(lm)
         scale = cache["ln_final.hook_scale"][0, at].float()
         # (u - mean u) / s · (γ ⊙ d) = u · e, with e the gained direction centred and divided by s
         gained = gain * direction
