@@ -191,3 +191,10 @@ def test_the_repl_on_a_terminal(long_model: Path, tmp_path: Path) -> None:
             _, status = os.waitpid(pid, 0)
         os.close(master)
     assert os.waitstatus_to_exitcode(status) == 0
+
+
+def test_topk_of_zero_is_refused_in_chat_s_own_words(cli, bpe_model: Path) -> None:
+    result = cli("chat", "-m", bpe_model, "--greedy", "-n", "2", stdin="/topk 0\n/topk -3\n")
+    assert result.code == 0, result.err
+    assert result.err.count("Error: /topk takes a number of at least 1") == 2
+    assert "-k must" not in result.err and "Traceback" not in result.err

@@ -208,4 +208,6 @@ def _topk(session: Session, rest: str) -> None:
         k = int(rest) if rest else 10
     except ValueError:
         raise GptcliError(f"/topk takes a number (got {rest!r})") from None
+    if k < 1:  # checked here: the library's own message names topk's -k, not /topk
+        raise GptcliError(f"/topk takes a number of at least 1 (got {k})")
     print_tokens(session.top(k).tokens, table=is_tty())
