@@ -145,6 +145,23 @@ def test_help_shows_flags_without_a_value_and_every_command_has_examples(cli) ->
         assert len(commands) >= 2 and " · " not in " ".join(commands), name  # one example a line
 
 
+@pytest.mark.parametrize("name", ["attribute", "chat", "patch"])
+def test_a_command_s_help_wraps_at_the_terminal_not_at_the_docstring_s_line_breaks(
+    cli, monkeypatch: pytest.MonkeyPatch, name: str
+) -> None:
+    import inspect
+
+    from gptcli.cli import app
+
+    monkeypatch.setenv("COLUMNS", "1000")
+    result = cli(name, "--help")
+    callback = next(
+        c.callback for c in app.registered_commands if c.name == name or c.callback.__name__ == name
+    )
+    for paragraph in inspect.cleandoc(callback.__doc__ or "").split("\n\n"):
+        assert " ".join(paragraph.split()) in result.out, paragraph
+
+
 ORDER = {
     "Generate": ["complete", "chat", "step"],
     "Inspect": [

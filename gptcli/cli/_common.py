@@ -95,8 +95,11 @@ def command(
     def register(fn: Callable[..., Any]) -> Callable[..., Any]:
         # `gptcli --help` shows the docstring's first paragraph; joined into one line, so that it wraps
         # at the terminal's width instead of at the docstring's line breaks.
-        summary = inspect.cleandoc(fn.__doc__ or "").split("\n\n")[0]
-        kwargs.setdefault("short_help", " ".join(summary.split()))
+        paragraphs = inspect.cleandoc(fn.__doc__ or "").split("\n\n")
+        kwargs.setdefault("short_help", " ".join(paragraphs[0].split()))
+        # `gptcli CMD --help` too: rich markup mode keeps a docstring's line breaks, which wrapped at the
+        # terminal's width left a short line at each one.
+        kwargs.setdefault("help", "\n\n".join(" ".join(p.split()) for p in paragraphs))
 
         @functools.wraps(fn)
         def guarded(*args: Any, **kw: Any) -> Any:
