@@ -194,3 +194,11 @@ def test_a_base_folder_named_like_a_hub_id_is_recorded_absolute(
     train(cfg)
     config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
     assert config["base_model_name_or_path"] == str(bpe_model.resolve())
+
+
+def test_finetune_on_an_adapter_folder_says_to_merge_it_first(cli, adapter: Path, tmp_path: Path) -> None:
+    (tmp_path / "corpus.txt").write_text(tiny.TEXT, encoding="utf-8")
+    out = cli("finetune", tmp_path / "corpus.txt", "-m", adapter, "--steps", "1", "--out", tmp_path / "o")
+    assert out.code == 2
+    assert out.err.startswith("Error: ") and "is a LoRA adapter" in out.err and "gptcli merge" in out.err
+    assert len(out.err.strip().splitlines()) == 1

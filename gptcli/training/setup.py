@@ -21,6 +21,7 @@ from transformers import (
 
 from gptcli.errors import GptcliError, UsageError, first_line
 from gptcli.generation.tokens import unknown_token_id
+from gptcli.loading.adapters import is_adapter_folder
 from gptcli.loading.cpu import cpu_has_bf16
 from gptcli.loading.models import (
     BUILTIN,
@@ -123,6 +124,11 @@ def build_model(cfg: TrainConfig) -> tuple[PreTrainedTokenizerBase, PreTrainedMo
         return tokenizer, AutoModelForCausalLM.from_config(config, dtype=torch.float32), notice
 
     _, path, notice = resolve(cfg.model, allow_pickle=cfg.allow_pickle)
+    if is_adapter_folder(path):  # else check_model_folder calls it "not a model folder", no way out
+        raise UsageError(
+            f"{path} is a LoRA adapter, not a model: merge it first (gptcli merge {path} -o FOLDER), "
+            "then fine-tune FOLDER"
+        )
     safetensors = check_model_folder(
         path, allow_pickle=cfg.allow_pickle, trust_remote_code=cfg.trust_remote_code
     )
