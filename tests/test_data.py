@@ -171,3 +171,14 @@ def test_ranks_share_each_micro_step_like_one_process_with_a_bigger_batch() -> N
         one = order.take(shard_start(seen, micro, 0, 1, batch * world), batch * world)
         ranks = [order.take(shard_start(seen, micro, r, world, batch), batch) for r in range(world)]
         assert np.concatenate(ranks).tolist() == one.tolist()
+
+
+def test_half_an_instruction_record_asks_for_prompt_and_completion(tmp_path: Path) -> None:
+    """{"prompt": ...} alone is neither text nor instruction data: say what instruction data needs, not
+    that the line lacks 'text'."""
+    path = tmp_path / "i.jsonl"
+    path.write_text('{"prompt": "Say hi"}\n', encoding="utf-8")
+    with pytest.raises(
+        UsageError, match=r'i\.jsonl line 1 has .prompt.: instruction data needs both "prompt"'
+    ):
+        list(read_documents([str(path)]))

@@ -220,6 +220,8 @@ def _not_text(record: object, field: str) -> str:
         return f"is {_json_type(record)}, not an object with a {field!r} field"
     if field not in record:
         fields = ", ".join(map(repr, list(record)[:8])) or "none"
+        if "prompt" in record or "completion" in record:  # half an instruction record, not text
+            return f'has {fields}: instruction data needs both "prompt" and "completion" (or "messages")'
         return f"has no field {field!r} (its fields: {fields}; use --text-field NAME)"
     return f"has {_json_type(record[field])} in field {field!r}, not a string"
 
